@@ -1,0 +1,189 @@
+"""Pure block arithmetic: context, fit modes, grid alignment.
+
+Everything here is side-effect free so that it can be property-tested
+against the real scheduler. ROIs are `funlib.geometry.Roi` in world units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, cast
+
+from funlib.geometry import Coordinate, Roi
+
+from voxblock.errors import VoxblockError
+
+Fit = Literal["valid", "overhang", "shrink"]
+FITS: tuple[Fit, ...] = ("valid", "overhang", "shrink")
+
+
+def check_fit(fit: str) -> Fit:
+    if fit not in FITS:
+        raise VoxblockError(f"fit must be one of {', '.join(FITS)}; got {fit!r}")
+    return cast(Fit, fit)
+
+
+def parse_coordinate(text: str, ndim: int | None = None) -> Coordinate:
+    """'64,64,64' -> Coordinate; a single number is repeated to `ndim` axes."""
+    try:
+        values = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise VoxblockError(f"expected integers like 64,64,64; got {text!r}") from None
+    if not values:
+        raise VoxblockError(f"expected integers like 64,64,64; got {text!r}")
+    if len(values) == 1 and ndim is not None:
+        values = values * ndim
+    if ndim is not None and len(values) != ndim:
+        raise VoxblockError(f"{text!r} has {len(values)} values; the data has {ndim} spatial axes")
+    return Coordinate(values)
+
+
+def parse_roi(text: str, ndim: int | None = None) -> tuple[Coordinate, Coordinate]:
+    """'OFFSET:SHAPE' (e.g. '0,0,0:128,128,128') -> (offset, shape)."""
+    if ":" not in text:
+        raise VoxblockError(f"a ROI is OFFSET:SHAPE, e.g. 0,0,0:128,128,128; got {text!r}")
+    offset, shape = text.split(":", 1)
+    return parse_coordinate(offset, ndim), parse_coordinate(shape, ndim)
+
+
+def is_on_grid(roi: Roi, voxel_size: Coordinate) -> bool:
+    return all(o % v == 0 and s % v == 0 for o, s, v in zip(roi.offset, roi.shape, voxel_size))
+
+
+def check_on_grid(what: str, roi: Roi, voxel_size: Coordinate) -> None:
+    if not is_on_grid(roi, voxel_size):
+        raise VoxblockError(
+            f"{what} {roi} is off the voxel grid: its offset and shape must be "
+            f"multiples of the voxel size {tuple(voxel_size)}"
+        )
+
+
+def check_blocking_on_grid(blocking: Blocking, voxel_size: Coordinate) -> None:
+    check_on_grid("total ROI", blocking.total_roi, voxel_size)
+    check_on_grid("read ROI", blocking.read_roi, voxel_size)
+    check_on_grid("write ROI", blocking.write_roi, voxel_size)
+
+
+def context_of(read_roi: Roi, write_roi: Roi) -> tuple[Coordinate, Coordinate]:
+    """The context (below, above) that the read ROI adds around the write ROI."""
+    if read_roi.dims != write_roi.dims:
+        raise VoxblockError(
+            f"read ROI {read_roi} and write ROI {write_roi} have different dimensions"
+        )
+    if not read_roi.contains(write_roi):
+        raise VoxblockError(
+            f"the read ROI {read_roi} must contain the write ROI {write_roi} "
+            "(the read ROI is the write ROI plus its context)"
+        )
+    return write_roi.begin - read_roi.begin, read_roi.end - write_roi.end
+
+
+@dataclass(frozen=True)
+class Blocking:
+    """How a task tiles its total ROI: the documented semantics of daisy's fit modes.
+
+    Blocks start at `total_roi.begin` and step by the write shape. With
+    `valid`, a block is kept only if its read ROI lies in the total ROI; with
+    `overhang`, every block whose write ROI meets the written region is kept
+    unchanged (it may read and write past the border); with `shrink`, those
+    same blocks are clipped: the read ROI to the total ROI, the write ROI to
+    the written region (the total ROI less the context).
+    """
+
+    total_roi: Roi
+    read_roi: Roi
+    write_roi: Roi
+    fit: Fit = "valid"
+
+    def __post_init__(self) -> None:
+        check_fit(self.fit)
+        if self.total_roi.dims != self.read_roi.dims:
+            raise VoxblockError(
+                f"total ROI {self.total_roi} and read ROI {self.read_roi} have different dimensions"
+            )
+        context_of(self.read_roi, self.write_roi)
+        if self.write_roi.empty:
+            raise VoxblockError(f"the write ROI {self.write_roi} is empty")
+
+    @property
+    def context(self) -> tuple[Coordinate, Coordinate]:
+        return context_of(self.read_roi, self.write_roi)
+
+    @property
+    def target_roi(self) -> Roi:
+        """The region a task is meant to write: the total ROI less the context."""
+        below, above = self.context
+        return self.total_roi.grow(-below, -above)
+
+    def _candidates(self):
+        """Every grid position whose write ROI starts inside the target region."""
+        target = self.target_roi
+        if target.empty:
+            return
+        stride = self.write_roi.shape
+        counts = [-(-t // s) for t, s in zip(target.shape, stride)]
+        to_start = self.total_roi.begin - self.read_roi.begin
+        first_read, first_write = self.read_roi.shift(to_start), self.write_roi.shift(to_start)
+        for index in _grid(counts):
+            shift = Coordinate(i * s for i, s in zip(index, stride))
+            yield first_read.shift(shift), first_write.shift(shift)
+
+    def blocks(self) -> list[tuple[Roi, Roi]]:
+        """(read ROI, write ROI) of every block the task runs, in grid order."""
+        target = self.target_roi
+        result = []
+        for read, write in self._candidates():
+            if self.fit == "valid":
+                if self.total_roi.contains(read):
+                    result.append((read, write))
+            elif write.intersects(target):
+                if self.fit == "overhang":
+                    result.append((read, write))
+                else:
+                    result.append((read.intersect(self.total_roi), write.intersect(target)))
+        return result
+
+    @property
+    def written_roi(self) -> Roi:
+        """The bounding box of what the task writes, clipped to the target region."""
+        blocks = self.blocks()
+        if not blocks:
+            return Roi(self.total_roi.begin, (0,) * self.total_roi.dims)
+        begin = Coordinate(min(w.begin[d] for _, w in blocks) for d in range(self.total_roi.dims))
+        end = Coordinate(max(w.end[d] for _, w in blocks) for d in range(self.total_roi.dims))
+        return Roi(begin, end - begin).intersect(self.target_roi)
+
+    def chunk_misalignment(self, array_roi: Roi, chunk_world: Coordinate) -> str | None:
+        """Why two blocks could write into one chunk of an array, or None.
+
+        Blocks that run concurrently must each own whole chunks: two writers
+        of one chunk overwrite each other's half.
+        """
+        for d in range(self.total_roi.dims):
+            if self.write_roi.shape[d] % chunk_world[d] != 0:
+                return (
+                    f"the write block {tuple(self.write_roi.shape)} is not a multiple of the "
+                    f"output chunk {tuple(chunk_world)} (world units)"
+                )
+        for _, write in self.blocks()[:1]:
+            for d in range(self.total_roi.dims):
+                if (write.begin[d] - array_roi.begin[d]) % chunk_world[d] != 0:
+                    return (
+                        f"write blocks start at {tuple(write.begin)}, which is not on the "
+                        f"output's chunk grid (origin {tuple(array_roi.begin)}, chunk "
+                        f"{tuple(chunk_world)} world units)"
+                    )
+        return None
+
+
+def _grid(counts: list[int]):
+    if not counts:
+        yield ()
+        return
+    for i in range(counts[0]):
+        for rest in _grid(counts[1:]):
+            yield (i, *rest)
+
+
+def to_world(voxels: Coordinate, voxel_size: Coordinate) -> Coordinate:
+    return Coordinate(voxels) * Coordinate(voxel_size)

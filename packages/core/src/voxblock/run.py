@@ -1,0 +1,292 @@
+"""run_blockwise: prepare tasks, run them on a daisy server, report every failed block."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from funlib.geometry import Roi
+
+from voxblock.errors import VoxblockError
+from voxblock.rundir import RunDirectory, roi_record
+from voxblock.task import BlockwiseTask
+
+
+@dataclass
+class FailedBlock:
+    block_id: int
+    read_roi: dict[str, list[int]]
+    write_roi: dict[str, list[int]]
+    attempts: int
+    error: str
+
+
+@dataclass
+class TaskReport:
+    task_id: str
+    run_dir: str
+    total_blocks: int
+    processed: int
+    skipped: int
+    failed_blocks: list[FailedBlock] = field(default_factory=list)
+    orphaned: int = 0
+    worker_restarts: int = 0
+    timeouts: int = 0
+    abandoned: str | None = None
+    last_worker_error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return (
+            self.processed + self.skipped == self.total_blocks
+            and not self.failed_blocks
+            and self.abandoned is None
+        )
+
+
+@dataclass
+class RunReport:
+    tasks: list[TaskReport]
+
+    @property
+    def succeeded(self) -> bool:
+        return all(t.succeeded for t in self.tasks)
+
+    def summary(self) -> str:
+        lines = []
+        for t in self.tasks:
+            status = "done" if t.succeeded else "FAILED"
+            lines.append(
+                f"{t.task_id}: {status} - {t.processed} blocks processed, {t.skipped} already "
+                f"done, {len(t.failed_blocks)} failed, {t.orphaned} not run, of {t.total_blocks} "
+                f"({t.seconds:.1f} s; {t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
+            )
+            for failed in t.failed_blocks[:20]:
+                roi = failed.write_roi
+                lines.append(
+                    f"  block {failed.block_id} write ROI offset={tuple(roi['offset'])} "
+                    f"shape={tuple(roi['shape'])}: {failed.attempts} attempt(s), "
+                    f"last error: {failed.error}"
+                )
+            if len(t.failed_blocks) > 20:
+                lines.append(
+                    f"  ... and {len(t.failed_blocks) - 20} more in {t.run_dir}/report.json"
+                )
+            if t.abandoned:
+                lines.append(f"  task abandoned: {t.abandoned}")
+            if not t.succeeded:
+                lines.append(f"  worker logs: {t.run_dir}/logs")
+        return "\n".join(lines)
+
+
+def run_blockwise(
+    worker: Any,
+    total_roi: Roi,
+    read_roi: Roi,
+    write_roi: Roi,
+    num_workers: int = 16,
+    max_retries: int = 1,
+    timeout: float | None = None,
+    upstream_tasks: Sequence[BlockwiseTask] | None = None,
+    *args: Any,
+    progress: bool = True,
+    **kwargs: Any,
+) -> bool:
+    """Run `worker` blockwise; True only if every block succeeded or was already done.
+
+    Failed blocks are printed (ROI, attempts, last error) and kept in the run
+    directory's report.json. Arguments are those of `BlockwiseTask`.
+    """
+    task = BlockwiseTask(
+        worker,
+        total_roi,
+        read_roi,
+        write_roi,
+        num_workers,
+        max_retries,
+        timeout,
+        upstream_tasks,
+        *args,
+        **kwargs,
+    )
+    return run_tasks([task], progress=progress).succeeded
+
+
+def all_tasks(tasks: Sequence[BlockwiseTask]) -> list[BlockwiseTask]:
+    """The tasks and their upstream tasks, upstream first."""
+    ordered: list[BlockwiseTask] = []
+    visiting: set[int] = set()
+
+    def visit(task: BlockwiseTask) -> None:
+        if any(task is t for t in ordered):
+            return
+        if id(task) in visiting:
+            raise VoxblockError(f"upstream_tasks form a cycle through {task.task_id!r}")
+        visiting.add(id(task))
+        for up in task.upstream_tasks:
+            visit(up)
+        visiting.discard(id(task))
+        ordered.append(task)
+
+    for task in tasks:
+        visit(task)
+    return ordered
+
+
+def run_tasks(
+    tasks: Sequence[BlockwiseTask],
+    progress: bool = True,
+    host: str | None = None,
+    out: TextIO | None = None,
+) -> RunReport:
+    """Prepare every task (upstream first), run them as one daisy pipeline, report."""
+    import daisy.logging as daisy_logging
+    import daisy.v2 as daisy
+
+    ordered = all_tasks(tasks)
+    prepared: list[BlockwiseTask] = []
+    try:
+        for task in ordered:
+            task.prepare()
+            prepared.append(task)
+        ids = _unique_ids(ordered)
+        daisy_tasks = {id(t): t.daisy_task(ids[id(t)]) for t in ordered}
+        edges = [
+            (daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks
+        ]
+        pipeline = daisy.Pipeline(list(daisy_tasks.values()), edges)
+        log_dir = ordered[-1].run_dir.logs
+        previous_log_dir = daisy_logging.get_log_basedir()
+        daisy_logging.set_log_basedir(log_dir)
+        callbacks = InitCallbacks([t for t in ordered if t.init_callback_fn is not None])
+        started = time.monotonic()
+        try:
+            callbacks.start()
+            states = daisy.Server().run_blockwise(
+                pipeline, progress=progress, host=host, summary=False
+            )
+        finally:
+            callbacks.stop()
+            daisy_logging.set_log_basedir(previous_log_dir)
+        seconds = time.monotonic() - started
+        reports = [
+            _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds)
+            for t in ordered
+        ]
+    finally:
+        for task in prepared:
+            task.release()
+    report = RunReport(reports)
+    for task, task_report in zip(ordered, reports):
+        (task.run_dir.path / "report.json").write_text(json.dumps(asdict(task_report), indent=2))
+    stream = out if out is not None else sys.stdout
+    print(report.summary(), file=stream, flush=True)
+    if callbacks.errors:
+        raise RuntimeError("; ".join(callbacks.errors))
+    return report
+
+
+def _unique_ids(tasks: Sequence[BlockwiseTask]) -> dict[int, str]:
+    ids: dict[int, str] = {}
+    used: set[str] = set()
+    for task in tasks:
+        candidate, n = task.task_id, 1
+        while candidate in used:
+            n += 1
+            candidate = f"{task.task_id}-{n}"
+        used.add(candidate)
+        ids[id(task)] = candidate
+    return ids
+
+
+def _task_report(
+    task: BlockwiseTask, task_id: str, daisy_task: Any, state: Any, seconds: float
+) -> TaskReport:
+    failed = []
+    for block in daisy_task.failed_blocks():
+        block_id = int(block.block_id[1])
+        attempts = task.run_dir.failures(block_id)
+        error = (
+            attempts[-1]["error"]
+            if attempts
+            else (
+                (state.last_worker_error or "worker process died").strip().splitlines()[-1]
+                if state is not None
+                else "unknown"
+            )
+        )
+        failed.append(
+            FailedBlock(
+                block_id=block_id,
+                read_roi=roi_record(block.read_roi),
+                write_roi=roi_record(block.write_roi),
+                attempts=max(len(attempts), 1),
+                error=error,
+            )
+        )
+    if state is None:
+        return TaskReport(task_id, str(task.run_dir.path), task.num_blocks, 0, 0, failed)
+    return TaskReport(
+        task_id=task_id,
+        run_dir=str(task.run_dir.path),
+        total_blocks=int(state.total_block_count),
+        processed=int(state.completed_count) - int(state.skipped_count),
+        skipped=int(state.skipped_count),
+        failed_blocks=failed,
+        orphaned=int(state.orphaned_count),
+        worker_restarts=int(state.worker_restart_count),
+        timeouts=int(state.timeout_reclaim_count),
+        abandoned=state.abandon_reason if state.abandoned else None,
+        last_worker_error=state.last_worker_error,
+        seconds=seconds,
+    )
+
+
+class InitCallbacks:
+    """Driver side of the init-callback gate (see `compute.AfterInit`)."""
+
+    def __init__(self, tasks: Sequence[BlockwiseTask]) -> None:
+        self.pending = {id(t): t for t in tasks}
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def start(self) -> None:
+        if self.pending:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _loop(self) -> None:
+        import daisy.v2 as daisy
+
+        while self.pending and not self._stop.is_set():
+            for key, task in list(self.pending.items()):
+                directory: RunDirectory = task.run_dir
+                offered = directory.init_dir / "context.json"
+                if not offered.exists():
+                    continue
+                try:
+                    values = json.loads(offered.read_text())
+                except json.JSONDecodeError:
+                    continue  # still being written
+                del self.pending[key]
+                try:
+                    assert task.init_callback_fn is not None
+                    task.init_callback_fn(daisy.Context(**values))
+                except Exception as error:
+                    message = f"init_callback_fn of {task.task_id} failed: {error!r}"
+                    self.errors.append(message)
+                    (directory.init_dir / "failed").write_text(message)
+                else:
+                    (directory.init_dir / "done").write_text("ok")
+            self._stop.wait(0.02)

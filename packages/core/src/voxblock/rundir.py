@@ -1,0 +1,203 @@
+"""The run directory: what a run leaves on disk so that it can be resumed and read.
+
+    <run_dir>/task.json      the task's identity (worker, options, ROIs)
+    <run_dir>/lock           who is running it now (refuses a second run)
+    <run_dir>/tracking/      daisy's done markers and failure counts
+    <run_dir>/failures/      one JSON line per failed block attempt
+    <run_dir>/logs/          one .out/.err pair per worker process
+    <run_dir>/report.json    the summary of the last run
+
+By default it sits beside the output container (`volume.zarr.voxblock/
+<dataset>/`): inside a zarr container, foreign files break zarr's listing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from voxblock.errors import VoxblockError
+
+RUN_DIR_SUFFIX = ".voxblock"
+
+
+def default_run_dir(outputs: list[str], worker_name: str, task_key: str) -> Path:
+    from voxblock.arrays import ArrayName
+
+    if outputs:
+        first = ArrayName.parse(outputs[0])
+        return Path(str(first.container) + RUN_DIR_SUFFIX) / first.dataset
+    return Path("voxblock_runs") / f"{worker_name}-{task_key[:12]}"
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    path: Path
+
+    @property
+    def tracking(self) -> Path:
+        return self.path / "tracking"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def failures_dir(self) -> Path:
+        return self.path / "failures"
+
+    @property
+    def init_dir(self) -> Path:
+        return self.path / "init"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / "lock"
+
+    # -- identity -------------------------------------------------------------
+
+    def read_task(self) -> dict[str, Any] | None:
+        try:
+            return json.loads((self.path / "task.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_task(self, record: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.path / "task.json", json.dumps(record, indent=2, sort_keys=True))
+
+    def reset(self) -> None:
+        """Forget done blocks and failures: the next run starts over."""
+        for directory in (self.tracking, self.failures_dir, self.init_dir):
+            shutil.rmtree(directory, ignore_errors=True)
+        (self.path / "report.json").unlink(missing_ok=True)
+
+    # -- lock -----------------------------------------------------------------
+
+    def acquire_lock(self, description: str) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "what": description,
+        }
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._lock_holder()
+                if holder is not None and _is_stale(holder):
+                    self.lock_file.unlink(missing_ok=True)
+                    continue
+                who = (
+                    f"process {holder.get('pid')} on {holder.get('host')} since "
+                    f"{holder.get('started')}"
+                    if holder
+                    else "another process"
+                )
+                raise VoxblockError(
+                    f"another run ({who}) is writing {description}; two runs on one output "
+                    f"would interleave. If that run is dead, remove {self.lock_file}"
+                ) from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(owner, handle)
+            return
+        raise VoxblockError(f"could not take the lock {self.lock_file}")
+
+    def release_lock(self) -> None:
+        holder = self._lock_holder()
+        if holder is not None and holder.get("pid") == os.getpid():
+            self.lock_file.unlink(missing_ok=True)
+
+    def _lock_holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.lock_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    # -- failures -------------------------------------------------------------
+
+    def record_failure(self, block: Any, error: BaseException) -> None:
+        """Worker side: append one failed attempt of `block` (one line, atomic append)."""
+        self.failures_dir.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(
+            {
+                "block_id": int(block.block_id[1]),
+                "read_roi": roi_record(block.read_roi),
+                "write_roi": roi_record(block.write_roi),
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": "".join(traceback.format_exception(error))[-4000:],
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "time": time.time(),
+            }
+        )
+        fd = os.open(
+            self.failures_dir / f"{int(block.block_id[1])}.jsonl",
+            os.O_CREAT | os.O_APPEND | os.O_WRONLY,
+            0o644,
+        )
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+    def failures(self, block_id: int) -> list[dict[str, Any]]:
+        try:
+            text = (self.failures_dir / f"{block_id}.jsonl").read_text()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    # -- init callback gate ---------------------------------------------------
+
+    def announce_worker(self, context: dict[str, str]) -> None:
+        """Worker side: offer this worker's scheduler context to the init callback."""
+        self.init_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.init_dir / "context.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as handle:
+            json.dump(context, handle)
+
+    def wait_for_init(self, poll: float = 0.05, limit: float = 24 * 3600) -> None:
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            if (self.init_dir / "done").exists():
+                return
+            failed = self.init_dir / "failed"
+            if failed.exists():
+                raise RuntimeError(f"init_callback_fn failed: {failed.read_text()}")
+            time.sleep(poll)
+        raise TimeoutError("waited too long for init_callback_fn")
+
+
+def roi_record(roi: Any) -> dict[str, list[int]]:
+    return {"offset": [int(v) for v in roi.offset], "shape": [int(v) for v in roi.shape]}
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder.get("pid", -1)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

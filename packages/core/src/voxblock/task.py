@@ -1,0 +1,250 @@
+"""BlockwiseTask: validate everything, then compose a daisy task.
+
+daisy 2's Task is a compiled class, so a BlockwiseTask holds one rather
+than being one. Validation happens in two steps: the constructor checks
+what needs no data (worker, options, ROIs, numbers); `prepare()` checks the
+arrays and creates outputs, right before the run, after upstream tasks
+have prepared theirs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from funlib.geometry import Roi
+
+from voxblock.compute import AfterInit, Compute, Job, Local
+from voxblock.errors import VoxblockError
+from voxblock.geometry import Blocking, check_fit
+from voxblock.rundir import RunDirectory, default_run_dir
+from voxblock.workers import Preparation, Worker, make_worker, stable_hash
+
+DEFAULT_MAX_WORKER_RESTARTS = 10
+
+
+class BlockwiseTask:
+    """A worker run over `total_roi` in blocks of `read_roi` / `write_roi`.
+
+    `worker` is a registered worker name (`"threshold"`), a path to a
+    dacapo-style worker file, or a `Worker` instance. `total_roi` is the
+    total *read* ROI, as in daisy: blocks read inside it (or past it with
+    `fit="overhang"`) and write the part of it less the context.
+
+    Keyword-only task options (`fit`, `read_write_conflict`,
+    `check_function`, `init_callback_fn`) default to what the worker
+    defines. `run_dir`, `fresh`, `overwrite`, `compute`, `task_id` and
+    `max_worker_restarts` control the run; every other argument goes to the
+    worker.
+    """
+
+    def __init__(
+        self,
+        worker: str | Path | Worker,
+        total_roi: Roi,
+        read_roi: Roi,
+        write_roi: Roi,
+        num_workers: int = 16,
+        max_retries: int = 2,
+        timeout: float | None = None,
+        upstream_tasks: Sequence[BlockwiseTask] | None = None,
+        *args: Any,
+        fit: str | None = None,
+        read_write_conflict: bool | None = None,
+        check_function: Callable[[Any], bool]
+        | tuple[Callable[[Any], bool] | None, Callable[[Any], bool] | None]
+        | None = None,
+        init_callback_fn: Callable[[Any], None] | None = None,
+        task_id: str | None = None,
+        run_dir: str | Path | None = None,
+        fresh: bool = False,
+        overwrite: bool = False,
+        compute: Compute | None = None,
+        max_worker_restarts: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        for name, roi in (
+            ("total_roi", total_roi),
+            ("read_roi", read_roi),
+            ("write_roi", write_roi),
+        ):
+            if not isinstance(roi, Roi):
+                raise VoxblockError(
+                    f"{name} must be a funlib.geometry.Roi; got {type(roi).__name__}"
+                )
+        if not isinstance(num_workers, int) or num_workers < 1:
+            raise VoxblockError(f"num_workers must be an integer >= 1; got {num_workers!r}")
+        if not isinstance(max_retries, int) or max_retries < 0:
+            raise VoxblockError(f"max_retries must be an integer >= 0; got {max_retries!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise VoxblockError(
+                f"timeout must be a number of seconds > 0, or None; got {timeout!r}"
+            )
+        if max_worker_restarts is not None and max_worker_restarts < 0:
+            raise VoxblockError(f"max_worker_restarts must be >= 0; got {max_worker_restarts!r}")
+        upstream = list(upstream_tasks or [])
+        for up in upstream:
+            if not isinstance(up, BlockwiseTask):
+                raise VoxblockError(
+                    f"upstream_tasks must be BlockwiseTasks; got {type(up).__name__}"
+                )
+
+        self.worker = make_worker(worker, *args, **kwargs)
+        self.blocking = Blocking(
+            total_roi, read_roi, write_roi, check_fit(fit or self.worker.default_fit())
+        )
+        self.read_write_conflict = (
+            self.worker.default_read_write_conflict()
+            if read_write_conflict is None
+            else bool(read_write_conflict)
+        )
+        self.pre_check, self.post_check = _split_check(
+            check_function if check_function is not None else self.worker.check_function()
+        )
+        self.init_callback_fn = init_callback_fn or self.worker.init_callback_fn()
+        self.num_workers = num_workers
+        self.max_retries = max_retries
+        self.timeout = timeout
+        self.upstream_tasks = upstream
+        self.max_worker_restarts = (
+            max_worker_restarts
+            if max_worker_restarts is not None
+            else max(DEFAULT_MAX_WORKER_RESTARTS, 2 * num_workers * (max_retries + 1))
+        )
+        self.fresh = fresh
+        self.overwrite = overwrite
+        self.compute = compute or Local()
+        self.task_key = stable_hash(self.identity())
+        self.task_id = task_id or self.worker.worker_name or "task"
+        self.run_dir = RunDirectory(
+            Path(run_dir)
+            if run_dir is not None
+            else default_run_dir(self.worker.outputs(), self.task_id, self.task_key)
+        )
+        self._prepared = False
+
+    def identity(self) -> dict[str, Any]:
+        """What defines this task's result: a rerun with the same identity resumes."""
+        return {
+            "worker": self.worker.worker_name,
+            "options": self.worker.options(),
+            "total_roi": _roi(self.blocking.total_roi),
+            "read_roi": _roi(self.blocking.read_roi),
+            "write_roi": _roi(self.blocking.write_roi),
+            "fit": self.blocking.fit,
+        }
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocking.blocks())
+
+    def prepare(self) -> None:
+        """Check the arrays, create outputs, take the lock, decide resume or fresh.
+
+        Raises VoxblockError before anything is written if the input is bad.
+        """
+        if self._prepared:
+            return
+        description = ", ".join(self.worker.outputs()) or str(self.run_dir.path)
+        existed = self.run_dir.path.exists()
+        self.run_dir.acquire_lock(description)
+        try:
+            self.worker.prepare(
+                Preparation(
+                    blocking=self.blocking,
+                    task_key=self.task_key,
+                    num_workers=self.num_workers,
+                    overwrite=self.overwrite,
+                    provenance={
+                        "task": self.task_key,
+                        "worker": self.worker.worker_name,
+                        "run_dir": str(self.run_dir.path.resolve()),
+                    },
+                )
+            )
+        except BaseException:
+            self.run_dir.release_lock()
+            if not existed:
+                _remove_empty_tree(self.run_dir.path)
+            raise
+        recorded = self.run_dir.read_task()
+        if self.fresh or recorded is None or recorded.get("key") != self.task_key:
+            self.run_dir.reset()
+        self.run_dir.write_task(
+            {
+                "key": self.task_key,
+                "task_id": self.task_id,
+                "identity": self.identity(),
+                "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
+        )
+        self._prepared = True
+
+    def release(self) -> None:
+        self.run_dir.release_lock()
+        self._prepared = False
+
+    def daisy_task(self, task_id: str) -> Any:
+        """The daisy task that runs this one. Call after `prepare()`."""
+        import daisy.v2 as daisy
+
+        job = Job(worker=self.worker, run_dir=self.run_dir.path, post_check=self.post_check)
+        function = self.worker.spawn_function(lambda _worker: self.compute.process_function(job))
+        if self.init_callback_fn is not None:
+            function = AfterInit(function, self.run_dir.path)
+        return daisy.Task(
+            task_id,
+            self.blocking.total_roi,
+            self.blocking.read_roi,
+            self.blocking.write_roi,
+            process_function=function,
+            check_function=self.pre_check,
+            read_write_conflict=self.read_write_conflict,
+            fit=self.blocking.fit,
+            max_workers=self.num_workers,
+            max_retries=self.max_retries,
+            timeout=self.timeout,
+            tracking_path=str(self.run_dir.tracking),
+            max_worker_restarts=self.max_worker_restarts,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockwiseTask({self.task_id!r}, total_roi={self.blocking.total_roi}, "
+            f"write_roi={self.blocking.write_roi}, fit={self.blocking.fit!r}, "
+            f"num_workers={self.num_workers})"
+        )
+
+
+def _split_check(check: Any) -> tuple[Callable[[Any], bool] | None, Callable[[Any], bool] | None]:
+    """daisy's convention: one function checks before and after; a pair splits them."""
+    if check is None:
+        return None, None
+    if isinstance(check, (tuple, list)):
+        if len(check) != 2:
+            raise VoxblockError("check_function must be a function or a (pre, post) pair")
+        pre, post = check
+    else:
+        pre = post = check
+    for function in (pre, post):
+        if function is not None and not callable(function):
+            raise VoxblockError(f"check_function parts must be callable; got {function!r}")
+    return pre, post
+
+
+def _roi(roi: Roi) -> list[list[int]]:
+    return [list(roi.offset), list(roi.shape)]
+
+
+def _remove_empty_tree(path: Path) -> None:
+    """Remove directories left empty by a refused run (never files)."""
+    for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        parent = path.parent
+        if parent.name.endswith(".voxblock") and not any(parent.iterdir()):
+            parent.rmdir()

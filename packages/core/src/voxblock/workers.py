@@ -1,0 +1,388 @@
+"""The worker protocol, and finding workers by name or by file.
+
+A worker is a dataclass whose fields are its options. The driver calls
+`prepare()` once, before any block runs (validate, create outputs); every
+worker process calls `setup()` once (open arrays, load a model) and then
+`process(block)` for each block it is given. Workers are picklable: the
+driver ships the configured instance to each worker process.
+
+Workers are registered in the `voxblock.workers` entry-point group, so a
+third-party package adds one with a line in its pyproject.toml. A path to
+a Python file in the style of dacapo's worker files (`spawn_worker`,
+`start_worker`, module-level `fit`, `read_write_conflict`) also works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+from funlib.geometry import Coordinate, Roi
+from funlib.persistence import Array
+
+from voxblock import arrays
+from voxblock.errors import VoxblockError
+from voxblock.geometry import Blocking, Fit, check_blocking_on_grid
+
+ENTRY_POINT_GROUP = "voxblock.workers"
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A worker option: a dataclass field with a one-line help text for `--help`."""
+    metadata = {"help": help}
+    if default is dataclasses.MISSING and "default_factory" not in kwargs:
+        return field(metadata=metadata, **kwargs)
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What the driver knows when it prepares a worker: geometry and intent."""
+
+    blocking: Blocking
+    task_key: str
+    num_workers: int
+    overwrite: bool = False
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def concurrent(self) -> bool:
+        return self.num_workers > 1
+
+
+@dataclass
+class Worker:
+    """Base class of every worker. Subclasses are dataclasses of options."""
+
+    name: ClassVar[str] = ""
+    fit: ClassVar[Fit] = "valid"
+    read_write_conflict: ClassVar[bool] = False
+
+    def prepare(self, preparation: Preparation) -> None:
+        """Driver side, before any block: validate inputs, create outputs."""
+
+    def setup(self) -> None:
+        """Once per worker process: open arrays, load models."""
+
+    def process(self, block: Any) -> None:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The options that define this worker's result (part of the task key)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def outputs(self) -> list[str]:
+        """Names of the arrays this worker writes (for provenance and locking)."""
+        return []
+
+    def spawn_function(
+        self, launch: Callable[[Worker], Callable[..., None]]
+    ) -> Callable[..., None]:
+        """The daisy process function that starts one worker process."""
+        return launch(self)
+
+    def check_function(self) -> Any:
+        return None
+
+    def init_callback_fn(self) -> Callable[[Any], None] | None:
+        return None
+
+    @property
+    def worker_name(self) -> str:
+        return self.name
+
+    def default_fit(self) -> Fit:
+        return self.fit
+
+    def default_read_write_conflict(self) -> bool:
+        return self.read_write_conflict
+
+
+@dataclass
+class ArrayWorker(Worker):
+    """One input array in, one output array out: most workers are this.
+
+    A subclass sets `output_dtype` (and `output_channels` if it writes
+    channels) and implements `compute(data, block)`, which gets the input
+    over the block's read ROI (zero outside the input) and returns the
+    output over the write ROI or the read ROI.
+    """
+
+    input: str = option("", help="input array, CONTAINER/DATASET (e.g. volume.zarr/raw)")
+    output: str = option("", help="output array, CONTAINER/DATASET; created if missing")
+
+    fill_value: ClassVar[float] = 0
+
+    def check_input(self, source: Array) -> None:
+        """Raise VoxblockError if this worker cannot use `source` (dtype, channels)."""
+
+    def output_dtype(self, source: Array) -> np.dtype:
+        return np.dtype(source.dtype)
+
+    def output_channels(self, source: Array) -> tuple[int, ...]:
+        return ()
+
+    def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def outputs(self) -> list[str]:
+        return [self.output]
+
+    def prepare(self, preparation: Preparation) -> None:
+        if not self.input:
+            raise VoxblockError(f"worker {self.name!r} needs an input array (input=...)")
+        if not self.output:
+            raise VoxblockError(f"worker {self.name!r} needs an output array (output=...)")
+        if arrays.ArrayName.parse(self.input) == arrays.ArrayName.parse(self.output):
+            raise VoxblockError(f"input and output are the same array ({self.input})")
+        source = arrays.open_input(self.input)
+        check_blocking_on_grid(preparation.blocking, source.voxel_size)
+        self.check_input(source)
+        prepare_output(
+            preparation,
+            source,
+            arrays.OutputSpec(
+                name=arrays.ArrayName.parse(self.output),
+                dtype=np.dtype(self.output_dtype(source)),
+                roi=preparation.blocking.written_roi,
+                voxel_size=source.voxel_size,
+                channels=tuple(self.output_channels(source)),
+                axis_names=tuple(source.axis_names[source.channel_dims :]),
+                units=tuple(source.units),
+            ),
+        )
+
+    def setup(self) -> None:
+        self._source = arrays.open_input(self.input)
+        self._target = arrays.open_output(self.output)
+
+    def process(self, block: Any) -> None:
+        data = arrays.read(self._source, block.read_roi, fill_value=self.fill_value)
+        result = np.asarray(self.compute(data, block))
+        spatial = tuple(result.shape[result.ndim - block.write_roi.dims :])
+        write_shape = tuple(block.write_roi.shape / self._target.voxel_size)
+        if spatial != write_shape:
+            read_shape = tuple(block.read_roi.shape / self._target.voxel_size)
+            if spatial != read_shape:
+                raise ValueError(
+                    f"worker {self.name!r} returned spatial shape {spatial} for a block whose "
+                    f"write ROI is {write_shape} and read ROI is {read_shape} voxels"
+                )
+            result = crop_to(result, block.read_roi, block.write_roi, self._target.voxel_size)
+        arrays.write(self._target, block.write_roi, result.astype(self._target.dtype, copy=False))
+
+
+def crop_to(data: np.ndarray, data_roi: Roi, roi: Roi, voxel_size: Coordinate) -> np.ndarray:
+    begin = (roi.begin - data_roi.begin) / voxel_size
+    end = (roi.end - data_roi.begin) / voxel_size
+    spatial = tuple(slice(b, e) for b, e in zip(begin, end))
+    return data[(slice(None),) * (data.ndim - roi.dims) + spatial]
+
+
+def prepare_output(preparation: Preparation, source: Array, spec: arrays.OutputSpec) -> None:
+    """Check an output against what the task will write; create it if missing."""
+    blocking = preparation.blocking
+    if spec.roi.empty:
+        raise VoxblockError(
+            f"no block fits in the total ROI {blocking.total_roi} with read ROI "
+            f"{blocking.read_roi} and fit={blocking.fit!r}: nothing would be written"
+        )
+    if not source.roi.contains(blocking.target_roi.intersect(spec.roi)):
+        raise VoxblockError(
+            f"the region to write {blocking.target_roi} is not inside the input "
+            f"{source.roi} (the total ROI may extend past the input only by the context)"
+        )
+    action = arrays.check_output(spec, preparation.provenance, preparation.overwrite)
+    chunk = spec.chunk_shape or Coordinate(blocking.write_roi.shape / spec.voxel_size)
+    if action == "create":
+        target = arrays.create_output(spec, preparation.provenance, chunk)
+    else:
+        target = arrays.open_output(spec.name)
+    if preparation.concurrent:
+        chunk_world = arrays.spatial_chunk_shape(target) * target.voxel_size
+        problem = blocking.chunk_misalignment(target.roi, chunk_world)
+        if problem is not None:
+            raise VoxblockError(
+                f"output {spec.name}: {problem}; with more than one worker two blocks "
+                "would write the same chunk. Use a block size that is a multiple of the "
+                "chunk size, or num_workers=1"
+            )
+    if action == "overwrite":
+        arrays.record_provenance(spec.name, preparation.provenance)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, Coordinate)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
+    return repr(value)
+
+
+def stable_hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(_jsonable(data), sort_keys=True).encode()).hexdigest()
+
+
+# -- finding workers ----------------------------------------------------------
+
+
+def registered_workers() -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def worker_class(name: str) -> type[Worker]:
+    found = registered_workers()
+    if name not in found:
+        known = ", ".join(sorted(found)) or "none"
+        raise VoxblockError(
+            f"unknown worker {name!r}; registered workers: {known} "
+            "(install voxblock-workers for the standard ones, or pass a path to a worker file)"
+        )
+    cls = found[name].load()
+    if not (isinstance(cls, type) and issubclass(cls, Worker)):
+        raise VoxblockError(f"entry point {name!r} does not name a voxblock Worker class")
+    return cls
+
+
+def make_worker(worker: str | Path | Worker, *args: Any, **kwargs: Any) -> Worker:
+    """A configured worker from a registered name, a worker file, or an instance."""
+    if isinstance(worker, Worker):
+        if args or kwargs:
+            raise VoxblockError("options cannot be added to a worker instance; set them on it")
+        return worker
+    text = str(worker)
+    if text.endswith(".py") or Path(text).is_file():
+        return WorkerFile.load(Path(text), args, kwargs)
+    cls = worker_class(text)
+    if args:
+        raise VoxblockError(f"worker {text!r} takes options by keyword only; got {args!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise VoxblockError(
+            f"worker {text!r} has no option {', '.join(unknown)}; "
+            f"its options are: {', '.join(sorted(known))}"
+        )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise VoxblockError(f"worker {text!r}: {error}") from error
+
+
+@dataclass
+class WorkerFile(Worker):
+    """A dacapo-style worker file: `spawn_worker(*args, **kwargs)` returns the
+    0-arg function daisy runs in each worker process."""
+
+    path: str = ""
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path, args: tuple, kwargs: Mapping[str, Any]) -> WorkerFile:
+        module = load_worker_module(path)
+        for required in ("spawn_worker",):
+            if not hasattr(module, required):
+                raise VoxblockError(f"worker file {path} defines no {required}()")
+        instance = cls(path=str(path.resolve()), args=tuple(args), kwargs=dict(kwargs))
+        instance._module = module
+        return instance
+
+    @property
+    def module(self) -> ModuleType:
+        if getattr(self, "_module", None) is None:
+            self._module = load_worker_module(Path(self.path))
+        return self._module
+
+    @property
+    def worker_name(self) -> str:
+        return Path(self.path).stem
+
+    def default_fit(self) -> Fit:
+        return getattr(self.module, "fit", "valid")
+
+    def default_read_write_conflict(self) -> bool:
+        return bool(getattr(self.module, "read_write_conflict", False))
+
+    def options(self) -> dict[str, Any]:
+        return {"path": self.path, "args": _jsonable(self.args), "kwargs": _jsonable(self.kwargs)}
+
+    def outputs(self) -> list[str]:
+        return [
+            str(v)
+            for k, v in self.kwargs.items()
+            if k.startswith("output") and isinstance(v, str) and ".zarr" in v
+        ]
+
+    def spawn_function(
+        self, launch: Callable[[Worker], Callable[..., None]]
+    ) -> Callable[..., None]:
+        function = self.module.spawn_worker(*self.args, **self.kwargs)
+        if not callable(function):
+            raise VoxblockError(f"spawn_worker() in {self.path} did not return a function")
+        if inspect.signature(function).parameters:
+            required = [
+                p
+                for p in inspect.signature(function).parameters.values()
+                if p.default is inspect.Parameter.empty and p.kind != p.KEYWORD_ONLY
+            ]
+            if required:
+                raise VoxblockError(
+                    f"spawn_worker() in {self.path} must return a function of no arguments"
+                )
+        return function
+
+    def check_function(self) -> Any:
+        return getattr(self.module, "check_function", None)
+
+    def init_callback_fn(self) -> Callable[[Any], None] | None:
+        return getattr(self.module, "init_callback_fn", None)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_module", None)
+        return state
+
+
+def load_worker_module(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise VoxblockError(f"worker file {path} does not exist")
+    name = f"voxblock_worker_file_{stable_hash(str(path.resolve()))[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise VoxblockError(f"worker file {path} cannot be loaded as Python")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:
+        del sys.modules[name]
+        raise VoxblockError(f"worker file {path} failed to import: {error!r}") from error
+    import cloudpickle
+
+    # not importable by name in a worker process: ship its functions by value
+    cloudpickle.register_pickle_by_value(module)
+    return module

@@ -1,0 +1,1 @@
+"""Synthetic zarr volumes, hypothesis strategies and property checks for blockwise runs."""
