@@ -116,9 +116,7 @@ def read(array: Array, roi: Roi, fill_value: float = 0) -> np.ndarray:
     if not inside.empty:
         begin = (inside.begin - roi.begin) / array.voxel_size
         end = (inside.end - roi.begin) / array.voxel_size
-        target = (slice(None),) * array.channel_dims + tuple(
-            slice(b, e) for b, e in zip(begin, end)
-        )
+        target = (slice(None),) * array.channel_dims + tuple(slice(b, e) for b, e in zip(begin, end))
         data[target] = array._source_data[_slices(array, inside)]
     return data
 
@@ -131,9 +129,7 @@ def write(array: Array, roi: Roi, data: np.ndarray) -> None:
     if inside != roi:
         begin = (inside.begin - roi.begin) / array.voxel_size
         end = (inside.end - roi.begin) / array.voxel_size
-        data = data[
-            (slice(None),) * (data.ndim - roi.dims) + tuple(slice(b, e) for b, e in zip(begin, end))
-        ]
+        data = data[(slice(None),) * (data.ndim - roi.dims) + tuple(slice(b, e) for b, e in zip(begin, end))]
     array._source_data[_slices(array, inside)] = data
 
 
@@ -166,14 +162,11 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
         existing = open_ds(str(path), mode="r")
     except Exception as error:
         raise VoxblockError(
-            f"output {spec.name} exists but is not a readable array ({error}); "
-            "choose another output name"
+            f"output {spec.name} exists but is not a readable array ({error}); choose another output name"
         ) from error
     problems = []
     if existing.voxel_size != spec.voxel_size:
-        problems.append(
-            f"voxel size {tuple(existing.voxel_size)} (the input has {tuple(spec.voxel_size)})"
-        )
+        problems.append(f"voxel size {tuple(existing.voxel_size)} (the input has {tuple(spec.voxel_size)})")
     if np.dtype(existing.dtype) != np.dtype(spec.dtype):
         problems.append(f"dtype {existing.dtype} (this worker writes {np.dtype(spec.dtype)})")
     if channel_shape(existing) != tuple(spec.channels):
@@ -204,9 +197,7 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
     )
 
 
-def create_output(
-    spec: OutputSpec, provenance: Mapping[str, Any], chunk_shape: Coordinate
-) -> Array:
+def create_output(spec: OutputSpec, provenance: Mapping[str, Any], chunk_shape: Coordinate) -> Array:
     """Create the output array, chunked to `chunk_shape` voxels, and record who made it."""
     spatial = spec.roi.shape / spec.voxel_size
     channel_names = [f"c{i}^" for i in range(len(spec.channels))]

@@ -67,9 +67,7 @@ def check_blocking_on_grid(blocking: Blocking, voxel_size: Coordinate) -> None:
 def context_of(read_roi: Roi, write_roi: Roi) -> tuple[Coordinate, Coordinate]:
     """The context (below, above) that the read ROI adds around the write ROI."""
     if read_roi.dims != write_roi.dims:
-        raise VoxblockError(
-            f"read ROI {read_roi} and write ROI {write_roi} have different dimensions"
-        )
+        raise VoxblockError(f"read ROI {read_roi} and write ROI {write_roi} have different dimensions")
     if not read_roi.contains(write_roi):
         raise VoxblockError(
             f"the read ROI {read_roi} must contain the write ROI {write_roi} "

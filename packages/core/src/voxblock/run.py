@@ -75,9 +75,7 @@ class RunReport:
                     f"last error: {failed.error}"
                 )
             if len(t.failed_blocks) > 20:
-                lines.append(
-                    f"  ... and {len(t.failed_blocks) - 20} more in {t.run_dir}/report.json"
-                )
+                lines.append(f"  ... and {len(t.failed_blocks) - 20} more in {t.run_dir}/report.json")
             if t.abandoned:
                 lines.append(f"  task abandoned: {t.abandoned}")
             if not t.succeeded:
@@ -157,9 +155,7 @@ def run_tasks(
             prepared.append(task)
         ids = _unique_ids(ordered)
         daisy_tasks = {id(t): t.daisy_task(ids[id(t)]) for t in ordered}
-        edges = [
-            (daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks
-        ]
+        edges = [(daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks]
         pipeline = daisy.Pipeline(list(daisy_tasks.values()), edges)
         log_dir = ordered[-1].run_dir.logs
         previous_log_dir = daisy_logging.get_log_basedir()
@@ -168,16 +164,13 @@ def run_tasks(
         started = time.monotonic()
         try:
             callbacks.start()
-            states = daisy.Server().run_blockwise(
-                pipeline, progress=progress, host=host, summary=False
-            )
+            states = daisy.Server().run_blockwise(pipeline, progress=progress, host=host, summary=False)
         finally:
             callbacks.stop()
             daisy_logging.set_log_basedir(previous_log_dir)
         seconds = time.monotonic() - started
         reports = [
-            _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds)
-            for t in ordered
+            _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds) for t in ordered
         ]
     finally:
         for task in prepared:

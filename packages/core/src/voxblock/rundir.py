@@ -98,8 +98,7 @@ class RunDirectory:
                     self.lock_file.unlink(missing_ok=True)
                     continue
                 who = (
-                    f"process {holder.get('pid')} on {holder.get('host')} since "
-                    f"{holder.get('started')}"
+                    f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
                     if holder
                     else "another process"
                 )

@@ -71,30 +71,22 @@ class BlockwiseTask:
             ("write_roi", write_roi),
         ):
             if not isinstance(roi, Roi):
-                raise VoxblockError(
-                    f"{name} must be a funlib.geometry.Roi; got {type(roi).__name__}"
-                )
+                raise VoxblockError(f"{name} must be a funlib.geometry.Roi; got {type(roi).__name__}")
         if not isinstance(num_workers, int) or num_workers < 1:
             raise VoxblockError(f"num_workers must be an integer >= 1; got {num_workers!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
             raise VoxblockError(f"max_retries must be an integer >= 0; got {max_retries!r}")
         if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise VoxblockError(
-                f"timeout must be a number of seconds > 0, or None; got {timeout!r}"
-            )
+            raise VoxblockError(f"timeout must be a number of seconds > 0, or None; got {timeout!r}")
         if max_worker_restarts is not None and max_worker_restarts < 0:
             raise VoxblockError(f"max_worker_restarts must be >= 0; got {max_worker_restarts!r}")
         upstream = list(upstream_tasks or [])
         for up in upstream:
             if not isinstance(up, BlockwiseTask):
-                raise VoxblockError(
-                    f"upstream_tasks must be BlockwiseTasks; got {type(up).__name__}"
-                )
+                raise VoxblockError(f"upstream_tasks must be BlockwiseTasks; got {type(up).__name__}")
 
         self.worker = make_worker(worker, *args, **kwargs)
-        self.blocking = Blocking(
-            total_roi, read_roi, write_roi, check_fit(fit or self.worker.default_fit())
-        )
+        self.blocking = Blocking(total_roi, read_roi, write_roi, check_fit(fit or self.worker.default_fit()))
         self.read_write_conflict = (
             self.worker.default_read_write_conflict()
             if read_write_conflict is None
@@ -191,7 +183,7 @@ class BlockwiseTask:
         import daisy.v2 as daisy
 
         job = Job(worker=self.worker, run_dir=self.run_dir.path, post_check=self.post_check)
-        function = self.worker.spawn_function(lambda _worker: self.compute.process_function(job))
+        function = self.worker.spawn_function(self.compute.process_function(job))
         if self.init_callback_fn is not None:
             function = AfterInit(function, self.run_dir.path)
         return daisy.Task(

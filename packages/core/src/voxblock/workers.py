@@ -88,9 +88,7 @@ class Worker:
         """Names of the arrays this worker writes (for provenance and locking)."""
         return []
 
-    def spawn_function(
-        self, launch: Callable[[Worker], Callable[..., None]]
-    ) -> Callable[..., None]:
+    def spawn_function(self, launch: Callable[[Worker], Callable[..., None]]) -> Callable[..., None]:
         """The daisy process function that starts one worker process."""
         return launch(self)
 
@@ -281,8 +279,7 @@ def make_worker(worker: str | Path | Worker, *args: Any, **kwargs: Any) -> Worke
     unknown = sorted(set(kwargs) - known)
     if unknown:
         raise VoxblockError(
-            f"worker {text!r} has no option {', '.join(unknown)}; "
-            f"its options are: {', '.join(sorted(known))}"
+            f"worker {text!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(known))}"
         )
     try:
         return cls(**kwargs)
@@ -335,9 +332,7 @@ class WorkerFile(Worker):
             if k.startswith("output") and isinstance(v, str) and ".zarr" in v
         ]
 
-    def spawn_function(
-        self, launch: Callable[[Worker], Callable[..., None]]
-    ) -> Callable[..., None]:
+    def spawn_function(self, launch: Callable[[Worker], Callable[..., None]]) -> Callable[..., None]:
         function = self.module.spawn_worker(*self.args, **self.kwargs)
         if not callable(function):
             raise VoxblockError(f"spawn_worker() in {self.path} did not return a function")
@@ -348,9 +343,7 @@ class WorkerFile(Worker):
                 if p.default is inspect.Parameter.empty and p.kind != p.KEYWORD_ONLY
             ]
             if required:
-                raise VoxblockError(
-                    f"spawn_worker() in {self.path} must return a function of no arguments"
-                )
+                raise VoxblockError(f"spawn_worker() in {self.path} must return a function of no arguments")
         return function
 
     def check_function(self) -> Any:
