@@ -88,9 +88,9 @@ class Worker:
         """Names of the arrays this worker writes (for provenance and locking)."""
         return []
 
-    def spawn_function(self, launch: Callable[[Worker], Callable[..., None]]) -> Callable[..., None]:
-        """The daisy process function that starts one worker process."""
-        return launch(self)
+    def spawn_function(self, serve: Callable[[], None]) -> Callable[[], None]:
+        """The daisy process function of one worker process: voxblock's block loop by default."""
+        return serve
 
     def check_function(self) -> Any:
         return None
@@ -332,7 +332,7 @@ class WorkerFile(Worker):
             if k.startswith("output") and isinstance(v, str) and ".zarr" in v
         ]
 
-    def spawn_function(self, launch: Callable[[Worker], Callable[..., None]]) -> Callable[..., None]:
+    def spawn_function(self, serve: Callable[[], None]) -> Callable[[], None]:
         function = self.module.spawn_worker(*self.args, **self.kwargs)
         if not callable(function):
             raise VoxblockError(f"spawn_worker() in {self.path} did not return a function")
