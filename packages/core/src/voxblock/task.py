@@ -10,6 +10,7 @@ have prepared theirs.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -186,21 +187,25 @@ class BlockwiseTask:
         function = self.worker.spawn_function(self.compute.process_function(job))
         if self.init_callback_fn is not None:
             function = AfterInit(function, self.run_dir.path)
-        return daisy.Task(
-            task_id,
-            self.blocking.total_roi,
-            self.blocking.read_roi,
-            self.blocking.write_roi,
-            process_function=function,
-            check_function=self.pre_check,
-            read_write_conflict=self.read_write_conflict,
-            fit=self.blocking.fit,
-            max_workers=self.num_workers,
-            max_retries=self.max_retries,
-            timeout=self.timeout,
-            tracking_path=str(self.run_dir.tracking),
-            max_worker_restarts=self.max_worker_restarts,
-        )
+        with warnings.catch_warnings():
+            # daisy warns that a check_function costs a call per block; here it is
+            # the user's explicit choice, and done markers are on regardless.
+            warnings.filterwarnings("ignore", message=r"Task\(check_function", category=UserWarning)
+            return daisy.Task(
+                task_id,
+                self.blocking.total_roi,
+                self.blocking.read_roi,
+                self.blocking.write_roi,
+                process_function=function,
+                check_function=self.pre_check,
+                read_write_conflict=self.read_write_conflict,
+                fit=self.blocking.fit,
+                max_workers=self.num_workers,
+                max_retries=self.max_retries,
+                timeout=self.timeout,
+                tracking_path=str(self.run_dir.tracking),
+                max_worker_restarts=self.max_worker_restarts,
+            )
 
     def __repr__(self) -> str:
         return (

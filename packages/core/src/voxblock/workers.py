@@ -117,7 +117,13 @@ class ArrayWorker(Worker):
     channels) and implements `compute(data, block)`, which gets the input
     over the block's read ROI (zero outside the input) and returns the
     output over the write ROI or the read ROI.
+
+    Its default fit is `overhang`: border blocks keep their full size, read
+    zeros past the input and have their writes clipped to the output, so the
+    whole requested region is written.
     """
+
+    fit: ClassVar[Fit] = "overhang"
 
     input: str = option("", help="input array, CONTAINER/DATASET (e.g. volume.zarr/raw)")
     output: str = option("", help="output array, CONTAINER/DATASET; created if missing")

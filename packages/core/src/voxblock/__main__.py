@@ -1,0 +1,3 @@
+from voxblock.cli import main
+
+main()

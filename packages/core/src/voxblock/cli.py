@@ -1,0 +1,354 @@
+"""The `voxblock` command: run a worker, list workers, try the demo.
+
+Block sizes, context and ROIs are given in voxels here and converted with
+the input's voxel size. `voxblock run WORKER --help` lists the worker's own
+options, built from its dataclass fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+from funlib.geometry import Coordinate, Roi
+
+from voxblock import arrays
+from voxblock.errors import VoxblockError
+from voxblock.geometry import FITS, parse_coordinate, parse_roi
+from voxblock.workers import ArrayWorker, Worker, registered_workers, worker_class
+
+COMMON = {"input", "output"}
+
+
+def _run_options(function: Any) -> Any:
+    """The options every `voxblock run WORKER` command shares."""
+    options = [
+        click.option("--input", "input_", metavar="C/D", help="input array, CONTAINER/DATASET"),
+        click.option("--output", metavar="C/D", help="output array, CONTAINER/DATASET (created)"),
+        click.option(
+            "--block-size",
+            required=True,
+            metavar="Z,Y,X",
+            help="write block in voxels (one number for all axes); a multiple of the output chunk",
+        ),
+        click.option(
+            "--context",
+            default="0",
+            show_default=True,
+            metavar="Z,Y,X",
+            help="voxels read around each block on each side",
+        ),
+        click.option(
+            "--roi",
+            metavar="OFFSET:SHAPE",
+            help="region to write, in voxels, e.g. 0,0,0:256,256,256 [default: the whole input]",
+        ),
+        click.option("--workers", default=2, show_default=True, help="worker processes"),
+        click.option("--max-retries", default=2, show_default=True, help="retries of a failing block"),
+        click.option(
+            "--timeout",
+            type=float,
+            default=None,
+            help="seconds a block may take before its worker is killed and the block retried",
+        ),
+        click.option(
+            "--fit",
+            type=click.Choice(FITS),
+            default=None,
+            help="blocks at the border: valid (skip partial), overhang (full size, clipped "
+            "writes), shrink (clipped) [default: the worker's]",
+        ),
+        click.option(
+            "--run-dir",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="where done markers, logs and the report go [default: OUTPUT_CONTAINER.voxblock/DATASET]",
+        ),
+        click.option("--fresh", is_flag=True, help="forget done blocks and start over"),
+        click.option("--overwrite", is_flag=True, help="replace an output that holds other data"),
+        click.option("--no-progress", is_flag=True, help="no progress bar"),
+    ]
+    for decorate in reversed(options):
+        function = decorate(function)
+    return function
+
+
+def _field_option(field: dataclasses.Field, hint: Any) -> click.Option:
+    name = "--" + field.name.replace("_", "-")
+    help_text = field.metadata.get("help", "")
+    default = (
+        field.default
+        if field.default is not dataclasses.MISSING
+        else field.default_factory()  # type: ignore[misc]
+        if field.default_factory is not dataclasses.MISSING
+        else None
+    )
+    required = default is None and field.default is dataclasses.MISSING
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        hint, origin = args[0], typing.get_origin(args[0])
+    if hint is bool:
+        return click.Option(
+            [f"{name}/--no-{field.name.replace('_', '-')}"],
+            default=default,
+            show_default=True,
+            help=help_text,
+        )
+    if origin is typing.Literal:
+        return click.Option(
+            [name],
+            type=click.Choice([str(a) for a in typing.get_args(hint)]),
+            default=default,
+            show_default=True,
+            help=help_text,
+        )
+    if hint in (int, float, str):
+        return click.Option(
+            [name], type=hint, default=default, show_default=True, required=required, help=help_text
+        )
+    shown = json.dumps(default) if default not in (None, "") else None
+    return click.Option(
+        [name],
+        type=_JSON(),
+        default=shown,
+        show_default=True,
+        required=required,
+        help=(help_text + " (JSON, e.g. [1,2] or [[0,0,1],[0,1,0]])").strip(),
+    )
+
+
+class _JSON(click.ParamType):
+    name = "json"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            if "," in value:
+                return [json.loads(v) if v.strip().lstrip("-").isdigit() else v for v in value.split(",")]
+            return value
+
+
+def _worker_command(name: str, cls: type[Worker] | None) -> click.Command:
+    params: list[click.Parameter] = []
+    if cls is not None:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            if field.name in COMMON:
+                continue
+            params.append(_field_option(field, hints.get(field.name, str)))
+        doc = (cls.__doc__ or "").strip()
+    else:
+        params.append(
+            click.Option(
+                ["--option", "-o", "extra"],
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="keyword argument for spawn_worker (VALUE parsed as JSON when it can be)",
+            )
+        )
+        doc = f"Run the dacapo-style worker file {name}."
+
+    @_run_options
+    def command(**values: Any) -> None:
+        _run(name, cls, values)
+
+    return click.Command(name, params=params + command.__click_params__[::-1], callback=command, help=doc)
+
+
+def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
+    from voxblock.run import run_tasks
+    from voxblock.task import BlockwiseTask
+
+    input_name = values.pop("input_")
+    output_name = values.pop("output")
+    common = {
+        k: values.pop(k)
+        for k in (
+            "block_size",
+            "context",
+            "roi",
+            "workers",
+            "max_retries",
+            "timeout",
+            "fit",
+            "run_dir",
+            "fresh",
+            "overwrite",
+            "no_progress",
+        )
+    }
+    options: dict[str, Any] = {}
+    if cls is None:
+        for item in values.pop("extra", ()):
+            key, _, text = item.partition("=")
+            try:
+                options[key] = json.loads(text)
+            except json.JSONDecodeError:
+                options[key] = text
+    else:
+        options = {k: v for k, v in values.items() if v is not None}
+    if input_name is not None:
+        options["input"] = input_name
+    if output_name is not None:
+        options["output"] = output_name
+    try:
+        if cls is not None and issubclass(cls, ArrayWorker) and not input_name:
+            raise VoxblockError(f"worker {name!r} needs --input CONTAINER/DATASET")
+        if not input_name:
+            raise VoxblockError("--input is needed to know the voxel size and the ROI")
+        source = arrays.open_input(input_name)
+        total, read, write = rois_from_voxels(
+            source.roi,
+            source.voxel_size,
+            common["block_size"],
+            common["context"],
+            common["roi"],
+        )
+        task = BlockwiseTask(
+            name,
+            total,
+            read,
+            write,
+            common["workers"],
+            common["max_retries"],
+            common["timeout"],
+            None,
+            fit=common["fit"],
+            run_dir=common["run_dir"],
+            fresh=common["fresh"],
+            overwrite=common["overwrite"],
+            **options,
+        )
+        report = run_tasks([task], progress=not common["no_progress"])
+    except VoxblockError as error:
+        raise click.ClickException(str(error)) from None
+    if not report.succeeded:
+        sys.exit(1)
+
+
+def rois_from_voxels(
+    input_roi: Roi,
+    voxel_size: Coordinate,
+    block_size: str,
+    context: str,
+    roi: str | None,
+) -> tuple[Roi, Roi, Roi]:
+    """CLI voxels -> (total read ROI, read ROI, write ROI) in world units.
+
+    The total ROI is the region to write grown by the context, so border
+    blocks get their full context (read as zeros past the input).
+    """
+    ndim = len(voxel_size)
+    block = parse_coordinate(block_size, ndim) * voxel_size
+    margin = parse_coordinate(context, ndim) * voxel_size
+    if any(v < 0 for v in margin):
+        raise VoxblockError(f"--context must be >= 0; got {context}")
+    if any(v <= 0 for v in block):
+        raise VoxblockError(f"--block-size must be > 0; got {block_size}")
+    if roi is None:
+        region = input_roi
+    else:
+        offset, shape = parse_roi(roi, ndim)
+        region = Roi(offset * voxel_size, shape * voxel_size)
+    write = Roi(margin, block)
+    read = write.grow(margin, margin)
+    return region.grow(margin, margin), read, write
+
+
+class _WorkerGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(registered_workers())
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name.endswith(".py") or Path(name).is_file():
+            return _worker_command(name, None)
+        try:
+            return _worker_command(name, worker_class(name))
+        except VoxblockError as error:
+            raise click.UsageError(str(error)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="voxblock")
+def main() -> None:
+    """Run any worker block by block over volumes far larger than memory.
+
+    \b
+    Start with:
+      voxblock demo                   make a small volume and process it
+      voxblock workers                the workers installed
+      voxblock run WORKER --help      one worker's options
+    \b
+    A run writes done markers, per-worker logs and a report beside the
+    output container (volume.zarr.voxblock/DATASET); run the same command
+    again to resume after a crash: finished blocks are skipped.
+    """
+
+
+main.add_command(
+    _WorkerGroup(
+        "run",
+        help="Run a worker (a registered name, or a worker .py file) blockwise.\n\n"
+        "Example: voxblock run threshold --input v.zarr/pred --output v.zarr/mask "
+        "--block-size 64 --threshold 0.5 --workers 4",
+    )
+)
+
+
+@main.command("workers")
+def list_workers() -> None:
+    """List the workers installed (the voxblock.workers entry points)."""
+    found = registered_workers()
+    if not found:
+        click.echo("no workers installed (pip install voxblock-workers)")
+        return
+    for name in sorted(found):
+        try:
+            cls = worker_class(name)
+            summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+            where = found[name].value
+        except Exception as error:  # a broken plugin must not hide the others
+            summary, where = f"(cannot load: {error})", found[name].value
+        click.echo(f"{name:12s} {summary}  [{where}]")
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    default="voxblock_demo",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="where to write the demo volume",
+)
+@click.option("--size", default=128, show_default=True, help="edge of the cubic volume, voxels")
+@click.option("--block-size", default=32, show_default=True, help="edge of a block, voxels")
+@click.option("--workers", default=2, show_default=True, help="worker processes")
+@click.option("--no-progress", is_flag=True, help="no progress bar")
+def demo(directory: str, size: int, block_size: int, workers: int, no_progress: bool) -> None:
+    """Write a synthetic volume and process it blockwise, then check the result.
+
+    Uses the threshold worker when voxblock-workers is installed, else the
+    built-in scale worker. Run it twice: the second run resumes (nothing to do).
+    """
+    from voxblock.demo import run_demo
+
+    try:
+        ok = run_demo(Path(directory), size, block_size, workers, progress=not no_progress)
+    except VoxblockError as error:
+        raise click.ClickException(str(error)) from None
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""The `voxblock` command, run as a user would: a real process per call."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from funlib.persistence import open_ds, prepare_ds
+
+SHAPE = (20, 24, 24)
+VOXEL = (4, 2, 2)
+
+
+def voxblock(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "voxblock", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture
+def raw(tmp_path: Path) -> np.ndarray:
+    data = np.random.default_rng(3).random(SHAPE, dtype=np.float32)
+    array = prepare_ds(
+        str(tmp_path / "v.zarr" / "raw"),
+        shape=SHAPE,
+        offset=(8, 0, 4),
+        voxel_size=VOXEL,
+        chunk_shape=(8, 8, 8),
+        dtype=np.float32,
+    )
+    array._source_data[:] = data
+    return data
+
+
+def test_run_converts_voxels_covers_the_input_and_resumes(raw, tmp_path):
+    args = (
+        "run",
+        "scale",
+        "--input",
+        "v.zarr/raw",
+        "--output",
+        "v.zarr/out",
+        "--block-size",
+        "8",
+        "--context",
+        "1,2,0",
+        "--factor",
+        "3",
+        "--workers",
+        "2",
+        "--no-progress",
+    )
+    first = voxblock(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "27 blocks processed" in first.stdout
+    out = open_ds(str(tmp_path / "v.zarr" / "out"))
+    source = open_ds(str(tmp_path / "v.zarr" / "raw"))
+    assert out.roi == source.roi
+    assert out._source_data.chunks == (8, 8, 8)
+    np.testing.assert_allclose(out[out.roi], raw * 3, rtol=1e-6)
+    again = voxblock(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "0 blocks processed, 27 already done" in again.stdout
+    report = json.loads((tmp_path / "v.zarr.voxblock" / "out" / "report.json").read_text())
+    assert report["skipped"] == 27
+    assert list((tmp_path / "v.zarr.voxblock" / "out" / "logs" / "scale").glob("worker_*.out"))
+
+
+def test_run_a_sub_roi(raw, tmp_path):
+    result = voxblock(
+        "run",
+        "scale",
+        "--input",
+        "v.zarr/raw",
+        "--output",
+        "v.zarr/part",
+        "--block-size",
+        "8",
+        "--roi",
+        "2,0,2:8,16,8",
+        "--shift",
+        "1",
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    out = open_ds(str(tmp_path / "v.zarr" / "part"))
+    assert tuple(out.roi.offset) == (8, 0, 4) and tuple(out.roi.shape) == (32, 32, 16)
+    np.testing.assert_allclose(out[out.roi], raw[:8, :16, :8] + 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("run", "nosuchworker", "--block-size", "8"), "unknown worker 'nosuchworker'"),
+        (
+            ("run", "scale", "--input", "v.zarr/nope", "--output", "v.zarr/o", "--block-size", "8"),
+            "no dataset 'nope'",
+        ),
+        (
+            ("run", "scale", "--input", "v.zarr/raw", "--output", "v.zarr/o", "--block-size", "8,8"),
+            "has 2 values",
+        ),
+        (
+            (
+                "run",
+                "scale",
+                "--input",
+                "v.zarr/raw",
+                "--output",
+                "v.zarr/o",
+                "--block-size",
+                "8",
+                "--context",
+                "-1",
+            ),
+            "--context must be >= 0",
+        ),
+        (
+            ("run", "scale", "--input", "v.zarr/raw", "--output", "v.zarr/raw", "--block-size", "8"),
+            "same array",
+        ),
+        (
+            ("run", "scale", "--input", "raw", "--output", "v.zarr/o", "--block-size", "8"),
+            "CONTAINER/DATASET",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_writes_nothing(raw, tmp_path, args, message):
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    result = voxblock(*args, "--no-progress", cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_help_teaches_worker_options_with_defaults(tmp_path):
+    top = voxblock("--help", cwd=tmp_path)
+    assert top.returncode == 0 and "voxblock demo" in top.stdout
+    listed = voxblock("workers", cwd=tmp_path)
+    assert "scale" in listed.stdout
+    worker = voxblock("run", "scale", "--help", cwd=tmp_path)
+    assert worker.returncode == 0
+    assert "--factor" in worker.stdout and "[default: 1.0]" in worker.stdout
+    assert "--block-size" in worker.stdout and "--timeout" in worker.stdout
+
+
+def test_demo_runs_and_checks_itself(tmp_path):
+    result = voxblock(
+        "demo", "--size", "32", "--block-size", "16", "--no-progress", "--dir", "d", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "equals the whole-volume result: yes" in result.stdout
