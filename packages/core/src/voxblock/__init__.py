@@ -5,6 +5,7 @@ from voxblock.compute import Command, Compute, Local
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking
 from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
+from voxblock.segment import segment_blockwise
 from voxblock.task import BlockwiseTask
 from voxblock.workers import ArrayWorker, Preparation, Worker, option
 
@@ -24,4 +25,5 @@ __all__ = [
     "option",
     "run_blockwise",
     "run_tasks",
+    "segment_blockwise",
 ]

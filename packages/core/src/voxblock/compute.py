@@ -69,16 +69,45 @@ def serve_blocks(job: Job) -> None:
                 if block is None:
                     return
                 current = block
-                job.worker.process(block)
-                if job.post_check is not None and not job.post_check(block):
-                    raise BlockCheckFailed(
-                        f"check_function says block {block.block_id[1]} "
-                        f"(write ROI {block.write_roi}) is not done after processing"
-                    )
-        except Exception as error:
+                try:
+                    job.worker.process(block)
+                    if job.post_check is not None and not job.post_check(block):
+                        raise BlockCheckFailed(
+                            f"check_function says block {block.block_id[1]} "
+                            f"(write ROI {block.write_roi}) is not done after processing"
+                        )
+                except Exception as error:
+                    # record before daisy hears of the failure: after the last
+                    # attempt the run may end as soon as it does
+                    run_dir.record_failure(block, error)
+                    raise
+        except Exception:
             if current is None:
                 raise
-            run_dir.record_failure(current, error)
+
+
+@dataclass
+class ServeInProcess:
+    """daisy's block function for serial runs (`serial=True`): no processes, no TCP.
+
+    For debugging and for fast property tests of the pure logic; failures are
+    recorded like in a worker process and re-raised so daisy retries them.
+    """
+
+    job: Job
+    ready: bool = False
+
+    def __call__(self, block: Any) -> None:
+        if not self.ready:
+            self.job.worker.setup()
+            self.ready = True
+        try:
+            self.job.worker.process(block)
+            if self.job.post_check is not None and not self.job.post_check(block):
+                raise BlockCheckFailed(f"check_function says block {block.block_id[1]} is not done")
+        except Exception as error:
+            RunDirectory(Path(self.job.run_dir)).record_failure(block, error)
+            raise
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,8 @@ def is_on_grid(roi: Roi, voxel_size: Coordinate) -> bool:
 
 
 def check_on_grid(what: str, roi: Roi, voxel_size: Coordinate) -> None:
+    if roi.dims != len(voxel_size):
+        raise VoxblockError(f"{what} {roi} has {roi.dims} axes; the data has {len(voxel_size)} spatial axes")
     if not is_on_grid(roi, voxel_size):
         raise VoxblockError(
             f"{what} {roi} is off the voxel grid: its offset and shape must be "

@@ -142,8 +142,13 @@ def run_tasks(
     progress: bool = True,
     host: str | None = None,
     out: TextIO | None = None,
+    serial: bool = False,
 ) -> RunReport:
-    """Prepare every task (upstream first), run them as one daisy pipeline, report."""
+    """Prepare every task (upstream first), run them as one daisy pipeline, report.
+
+    `serial=True` runs every block in this process, one at a time (no
+    server, no worker processes): for debugging and fast tests.
+    """
     import daisy.logging as daisy_logging
     import daisy.v2 as daisy
 
@@ -154,7 +159,7 @@ def run_tasks(
             task.prepare()
             prepared.append(task)
         ids = _unique_ids(ordered)
-        daisy_tasks = {id(t): t.daisy_task(ids[id(t)]) for t in ordered}
+        daisy_tasks = {id(t): t.daisy_task(ids[id(t)], serial=serial) for t in ordered}
         edges = [(daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks]
         pipeline = daisy.Pipeline(list(daisy_tasks.values()), edges)
         log_dir = ordered[-1].run_dir.logs
@@ -162,15 +167,25 @@ def run_tasks(
         daisy_logging.set_log_basedir(log_dir)
         callbacks = InitCallbacks([t for t in ordered if t.init_callback_fn is not None])
         started = time.monotonic()
+        started_at = time.time()
         try:
-            callbacks.start()
-            states = daisy.Server().run_blockwise(pipeline, progress=progress, host=host, summary=False)
+            if serial:
+                for task in ordered:
+                    if task.init_callback_fn is not None:
+                        task.init_callback_fn(daisy.Context(task_id=ids[id(task)], worker_id=0))
+                states = daisy.run_blockwise(
+                    pipeline, multiprocessing=False, progress=False, summary=False, return_states=True
+                )
+            else:
+                callbacks.start()
+                states = daisy.Server().run_blockwise(pipeline, progress=progress, host=host, summary=False)
         finally:
             callbacks.stop()
             daisy_logging.set_log_basedir(previous_log_dir)
         seconds = time.monotonic() - started
         reports = [
-            _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds) for t in ordered
+            _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds, started_at)
+            for t in ordered
         ]
     finally:
         for task in prepared:
@@ -199,12 +214,13 @@ def _unique_ids(tasks: Sequence[BlockwiseTask]) -> dict[int, str]:
 
 
 def _task_report(
-    task: BlockwiseTask, task_id: str, daisy_task: Any, state: Any, seconds: float
+    task: BlockwiseTask, task_id: str, daisy_task: Any, state: Any, seconds: float, started_at: float = 0.0
 ) -> TaskReport:
     failed = []
     for block in daisy_task.failed_blocks():
         block_id = int(block.block_id[1])
-        attempts = task.run_dir.failures(block_id)
+        # this run's attempts only (a resumed run keeps earlier runs' records)
+        attempts = [a for a in task.run_dir.failures(block_id) if a.get("time", 0.0) >= started_at]
         error = (
             attempts[-1]["error"]
             if attempts
@@ -219,7 +235,9 @@ def _task_report(
                 block_id=block_id,
                 read_roi=roi_record(block.read_roi),
                 write_roi=roi_record(block.write_roi),
-                attempts=max(len(attempts), 1),
+                # daisy fails a block after max_retries + 1 failed attempts; attempts that
+                # died with their worker (SIGKILL, timeout) leave no record
+                attempts=max(len(attempts), task.max_retries + 1),
                 error=error,
             )
         )

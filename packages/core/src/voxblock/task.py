@@ -17,7 +17,7 @@ from typing import Any
 
 from funlib.geometry import Roi
 
-from voxblock.compute import AfterInit, Compute, Job, Local
+from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
 from voxblock.rundir import RunDirectory, default_run_dir
@@ -179,13 +179,16 @@ class BlockwiseTask:
         self.run_dir.release_lock()
         self._prepared = False
 
-    def daisy_task(self, task_id: str) -> Any:
+    def daisy_task(self, task_id: str, serial: bool = False) -> Any:
         """The daisy task that runs this one. Call after `prepare()`."""
         import daisy.v2 as daisy
 
         job = Job(worker=self.worker, run_dir=self.run_dir.path, post_check=self.post_check)
-        function = self.worker.spawn_function(self.compute.process_function(job))
-        if self.init_callback_fn is not None:
+        if serial:
+            function: Any = ServeInProcess(job)
+        else:
+            function = self.worker.spawn_function(self.compute.process_function(job))
+        if self.init_callback_fn is not None and not serial:
             function = AfterInit(function, self.run_dir.path)
         with warnings.catch_warnings():
             # daisy warns that a check_function costs a call per block; here it is

@@ -1,0 +1,53 @@
+"""Overlaps between a block's labels and its neighbours' fragments, as merge edges.
+
+A block labels its whole read ROI. In the context (the read ROI less its
+own write ROI) it sees fragments that neighbouring blocks already wrote:
+wherever one of its labels and a neighbour's fragment cover the same voxel,
+they are the same object (for a local function such as connected
+components), so the pair is an edge. Overlap counts and sizes travel with
+each edge so that functions that are not exactly local can merge only
+above an overlap-fraction or IoU threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EDGE_FIELDS = ("a", "b", "overlap", "size_a", "size_b")
+
+
+def block_edges(own: np.ndarray, neighbours: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Edges (a, b, overlap, size_a, size_b) between `own` and `neighbours` labels.
+
+    `own` and `neighbours` cover the same voxels (0 is background or not yet
+    written); `context` is True where the neighbours' fragments count. Sizes
+    are measured inside the region where both could be compared.
+    """
+    region = context & (neighbours > 0)
+    a = own[region].astype(np.uint64)
+    b = neighbours[region].astype(np.uint64)
+    both = (a > 0) & (b > 0)
+    if not both.any():
+        return np.zeros((0, 5), dtype=np.uint64)
+    pairs, overlap = np.unique(np.stack([a[both], b[both]], axis=1), axis=0, return_counts=True)
+    ids_a, count_a = np.unique(a[a > 0], return_counts=True)
+    ids_b, count_b = np.unique(b, return_counts=True)
+    size_a = count_a[np.searchsorted(ids_a, pairs[:, 0])]
+    size_b = count_b[np.searchsorted(ids_b, pairs[:, 1])]
+    return np.column_stack([pairs[:, 0], pairs[:, 1], overlap, size_a, size_b]).astype(np.uint64)
+
+
+def select_edges(edges: np.ndarray, merge: str = "any", threshold: float = 0.0) -> np.ndarray:
+    """The (a, b) pairs to merge: any overlap, or overlap fraction / IoU >= threshold."""
+    if edges.size == 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    overlap = edges[:, 2].astype(np.float64)
+    if merge == "any":
+        keep = overlap > 0
+    elif merge == "overlap":
+        keep = overlap / np.minimum(edges[:, 3], edges[:, 4]) >= threshold
+    elif merge == "iou":
+        keep = overlap / (edges[:, 3] + edges[:, 4] - overlap) >= threshold
+    else:
+        raise ValueError(f"merge must be 'any', 'overlap' or 'iou'; got {merge!r}")
+    return edges[keep][:, :2]

@@ -1,0 +1,454 @@
+"""segment_blockwise: per-block segmentation with context, a global solve, a relabel.
+
+Pass 1 (fragments) labels every block over its read ROI, stores the write
+ROI part with block-position IDs, and records edges where its labels meet
+fragments that neighbouring blocks wrote into its context. The task runs
+with `read_write_conflict`, so of two neighbours one always runs after the
+other and sees its fragments: every pair of touching blocks is compared
+once. Pass 2 (solve) turns all edges into a lookup table; pass 3 (relabel)
+applies it with the relabel worker. Each pass is a resumable task with its
+own run directory; edges and the table are kept in the output container.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from funlib.geometry import Coordinate, Roi
+
+from voxblock import arrays
+from voxblock.errors import VoxblockError
+from voxblock.geometry import Blocking, check_blocking_on_grid
+from voxblock.rundir import default_run_dir
+from voxblock.segment.edges import block_edges, select_edges
+from voxblock.segment.functions import SegmentFunction
+from voxblock.segment.ids import block_index, check_id_space, to_global
+from voxblock.segment.solve import segment_lut
+from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output, stable_hash, worker_class
+
+MERGES = ("any", "overlap", "iou")
+SEGMENT_KEY = "voxblock_segment"
+
+
+@dataclass
+class SegmentBlocks(Worker):
+    """Pass 1: label each block with context; keep its write ROI; record edges."""
+
+    name = "segment-fragments"
+    fit = "overhang"
+    read_write_conflict = True
+
+    function: str = option("", help="segment function file, threshold-label, or a worker name")
+    parameters: dict = option({}, help="parameters of the segment function")
+    input: str = option("")
+    fragments: str = option("")
+    edge_dir: str = option("")
+    grid_origin: list = option([])
+    stride: list = option([])
+    counts: list = option([])
+    id_range: int = option(0)
+
+    def outputs(self) -> list[str]:
+        return [self.fragments]
+
+    def segment_function(self) -> SegmentFunction:
+        return SegmentFunction(self.function, dict(self.parameters)).load()
+
+    def prepare(self, preparation: Preparation) -> None:
+        function = self.segment_function()
+        source = arrays.open_input(self.input)
+        blocking = preparation.blocking
+        check_blocking_on_grid(blocking, source.voxel_size)
+        _preview(function, source, blocking)
+        prepare_output(
+            preparation,
+            source,
+            arrays.OutputSpec(
+                name=arrays.ArrayName.parse(self.fragments),
+                dtype=np.dtype(np.uint64),
+                roi=blocking.written_roi,
+                voxel_size=source.voxel_size,
+                axis_names=tuple(source.axis_names[source.channel_dims :]),
+                units=tuple(source.units),
+            ),
+        )
+        Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
+
+    def setup(self) -> None:
+        self._function = self.segment_function()
+        self._source = arrays.open_input(self.input)
+        self._fragments = arrays.open_output(self.fragments)
+
+    def process(self, block: Any) -> None:
+        voxel_size = self._fragments.voxel_size
+        labels = check_labels(self._function(self._source, block), block, voxel_size)
+        index = block_index(
+            block.write_roi, Coordinate(self.grid_origin), Coordinate(self.stride), tuple(self.counts)
+        )
+        import fastremap
+
+        local, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True)
+        own = to_global(local, index, self.id_range)
+        written = crop_to(own, block.read_roi, block.write_roi, voxel_size)
+        arrays.write(self._fragments, block.write_roi, written)
+        neighbours = arrays.read(self._fragments, block.read_roi)
+        context = np.ones(own.shape, dtype=bool)
+        inner = tuple(
+            slice(b, e)
+            for b, e in zip(
+                (block.write_roi.begin - block.read_roi.begin) / voxel_size,
+                (block.write_roi.end - block.read_roi.begin) / voxel_size,
+            )
+        )
+        context[inner] = False
+        edges = block_edges(own, neighbours, context)
+        ids = np.unique(written)
+        _save_npz(Path(self.edge_dir) / f"{index}.npz", edges=edges, fragments=ids[ids > 0])
+
+
+def check_labels(labels: Any, block: Any, voxel_size: Coordinate) -> np.ndarray:
+    labels = np.asarray(labels)
+    expected = tuple(block.read_roi.shape / voxel_size)
+    if labels.shape != expected:
+        raise VoxblockError(
+            f"the segment function returned shape {labels.shape}; it must label the block's "
+            f"whole read ROI, shape {expected}"
+        )
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise VoxblockError(f"the segment function returned dtype {labels.dtype}; labels must be integers")
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.min(initial=0) < 0:
+        raise VoxblockError("the segment function returned negative labels")
+    return labels
+
+
+def _preview(function: SegmentFunction, source: Any, blocking: Blocking) -> None:
+    """Run the function on the first block in the driver: a wrong shape or dtype fails now."""
+    import daisy.v2 as daisy
+
+    blocks = blocking.blocks()
+    if not blocks:
+        raise VoxblockError(f"no block fits in the total ROI {blocking.total_roi}")
+    read, write = blocks[0]
+    try:
+        labels = function(source, daisy.Block(blocking.total_roi, read, write))
+    except VoxblockError:
+        raise
+    except Exception as error:
+        raise VoxblockError(f"the segment function failed on the first block {write}: {error!r}") from error
+    check_labels(labels, daisy.Block(blocking.total_roi, read, write), source.voxel_size)
+
+
+def _save_npz(path: Path, **values: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **values)
+    os.replace(tmp, path)
+
+
+@dataclass
+class SolveLut(Worker):
+    """Pass 2: every block's edges -> one fragment -> segment table (a single block)."""
+
+    name = "segment-solve"
+    fit = "valid"
+
+    edge_dir: str = option("")
+    num_blocks: int = option(0)
+    lut: str = option("")
+    edges: str = option("")
+    merge: str = option("any")
+    merge_threshold: float = option(0.5)
+
+    def prepare(self, preparation: Preparation) -> None:
+        found = len(list(Path(self.edge_dir).glob("*.npz")))
+        if found != self.num_blocks:
+            raise VoxblockError(
+                f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
+                "the fragments pass is not complete"
+            )
+
+    def process(self, block: Any) -> None:
+        all_edges, all_fragments = [], []
+        for path in sorted(Path(self.edge_dir).glob("*.npz")):
+            with np.load(path) as stored:
+                all_edges.append(stored["edges"])
+                all_fragments.append(stored["fragments"])
+        edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 5), np.uint64)
+        fragments = np.concatenate(all_fragments) if all_fragments else np.zeros(0, np.uint64)
+        lut = segment_lut(fragments, select_edges(edges, self.merge, self.merge_threshold))
+        _write_table(self.edges, edges, {"columns": ["a", "b", "overlap", "size_a", "size_b"]})
+        _write_table(self.lut, lut, {"rows": ["fragment", "segment"]})
+
+
+def _write_table(name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
+    path = arrays.ArrayName.parse(name).path
+    chunks = tuple(
+        max(1, min(s, 1 << 20)) if i == data.ndim - 1 else max(1, s) for i, s in enumerate(data.shape)
+    )
+    table = zarr.create_array(
+        store=str(path), shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True
+    )
+    if data.size:
+        table[...] = data
+    table.attrs.update(attrs)
+
+
+@dataclass
+class Segmentation:
+    """Names and places of one segment_blockwise run, derived from its output."""
+
+    output: arrays.ArrayName
+    run_dir: Path
+    key: str
+    fragments: str = field(init=False)
+    lut: str = field(init=False)
+    edges: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        base = f"{self.output.container}/{self.output.dataset}"
+        self.fragments = f"{base}_fragments"
+        self.lut = f"{base}_lut"
+        self.edges = f"{base}_edges"
+
+    @property
+    def edge_dir(self) -> Path:
+        return self.run_dir / "edges"
+
+    def recorded_key(self) -> str | None:
+        try:
+            return json.loads((self.run_dir / "segment.json").read_text()).get("key")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def record(self, identity: dict[str, Any]) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "segment.json").write_text(
+            json.dumps({"key": self.key, "identity": identity}, indent=2)
+        )
+
+    def intermediates(self) -> list[str]:
+        return [self.fragments, self.lut, self.edges]
+
+    def clear(self) -> None:
+        """Forget every pass: intermediate arrays, edges and the passes' run directories."""
+        for name in self.intermediates():
+            shutil.rmtree(arrays.ArrayName.parse(name).path, ignore_errors=True)
+        for sub in ("edges", "fragments", "solve", "relabel"):
+            shutil.rmtree(self.run_dir / sub, ignore_errors=True)
+
+
+def segment_blockwise(
+    segment_function: str | Path,
+    context: Coordinate | tuple[int, ...],
+    total_roi: Roi,
+    read_roi: Roi,
+    write_roi: Roi,
+    num_workers: int = 16,
+    max_retries: int = 2,
+    timeout: float | None = None,
+    upstream_tasks: Any = None,
+    *args: Any,
+    input: str | None = None,
+    output: str | None = None,
+    parameters: dict[str, Any] | None = None,
+    merge: str = "any",
+    merge_threshold: float = 0.5,
+    fit: str = "overhang",
+    keep_fragments: bool = True,
+    fresh: bool = False,
+    overwrite: bool = False,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    serial: bool = False,
+    **kwargs: Any,
+) -> bool:
+    """Segment blockwise into one consistent labelling of `total_roi`.
+
+    `context` (world units) is added around every block; the task runs over
+    `total_roi` grown by it, so blocks at the border keep their full context
+    (reads past the input are zeros). For a local function such as
+    `threshold-label` the result equals the whole-volume labelling up to a
+    permutation of IDs. Returns False, with a report, if any pass failed.
+    `serial=True` runs every pass in this process (debugging, fast tests).
+    """
+    from voxblock.run import run_tasks
+    from voxblock.task import BlockwiseTask
+
+    if args:
+        raise VoxblockError(f"segment_blockwise takes no extra positional arguments; got {args!r}")
+    if input is None or output is None:
+        raise VoxblockError("segment_blockwise needs input='C/D' and output='C/D'")
+    if fit not in ("overhang", "shrink"):
+        raise VoxblockError(
+            f"segment_blockwise writes all of total_roi: fit must be overhang or shrink; got {fit!r}"
+        )
+    if merge not in MERGES:
+        raise VoxblockError(f"merge must be one of {', '.join(MERGES)}; got {merge!r}")
+    if not 0 <= merge_threshold <= 1:
+        raise VoxblockError(f"merge_threshold must be in [0, 1]; got {merge_threshold}")
+    context = Coordinate(context)
+    source = arrays.open_input(input)
+    if len(context) != source.voxel_size.dims or any(c < v for c, v in zip(context, source.voxel_size)):
+        raise VoxblockError(
+            f"context {tuple(context)} must be at least one voxel {tuple(source.voxel_size)} on "
+            "every axis: blocks are merged where their contexts overlap"
+        )
+    if read_roi.shape != write_roi.shape and not read_roi.contains(write_roi):
+        raise VoxblockError(f"the read ROI {read_roi} must contain the write ROI {write_roi}")
+    worker_class("relabel")  # the relabel pass needs voxblock-workers: say so now
+    function = SegmentFunction(str(segment_function), dict(parameters or {})).load()
+    output_name = arrays.ArrayName.parse(output)
+    blocking = Blocking(
+        total_roi.grow(context, context),
+        read_roi.grow(context, context),
+        write_roi,
+        fit,
+    )
+    identity = {
+        "function": str(segment_function),
+        "parameters": function.parameters,
+        "input": str(arrays.ArrayName.parse(input)),
+        "output": str(output_name),
+        "total_roi": [list(total_roi.offset), list(total_roi.shape)],
+        "read_roi": [list(read_roi.offset), list(read_roi.shape)],
+        "write_roi": [list(write_roi.offset), list(write_roi.shape)],
+        "context": list(context),
+        "merge": merge,
+        "merge_threshold": merge_threshold,
+        "fit": fit,
+    }
+    key = stable_hash(identity)
+    seg = Segmentation(
+        output_name,
+        Path(run_dir) if run_dir else default_run_dir([str(output_name)], "segment", key),
+        key,
+    )
+    _check_segment_output(seg, overwrite)
+    for name in seg.intermediates():
+        _check_intermediate(name, overwrite)
+    if fresh or seg.recorded_key() != key:
+        seg.clear()
+    seg.record(identity)
+
+    target = blocking.target_roi
+    stride = write_roi.shape
+    counts = tuple(-(-t // s) for t, s in zip(target.shape, stride))
+    id_range = int(np.prod(blocking.read_roi.shape / source.voxel_size))
+    check_id_space(int(np.prod(counts)), id_range)
+    common = {"num_workers": num_workers, "max_retries": max_retries, "timeout": timeout}
+    fragments = BlockwiseTask(
+        SegmentBlocks(
+            function=str(segment_function),
+            parameters=function.parameters,
+            input=str(arrays.ArrayName.parse(input)),
+            fragments=seg.fragments,
+            edge_dir=str(seg.edge_dir),
+            grid_origin=list(target.begin),
+            stride=list(stride),
+            counts=list(counts),
+            id_range=id_range,
+        ),
+        blocking.total_roi,
+        blocking.read_roi,
+        blocking.write_roi,
+        upstream_tasks=upstream_tasks,
+        fit=fit,
+        task_id="fragments",
+        run_dir=seg.run_dir / "fragments",
+        overwrite=True,
+        **common,
+        **kwargs,
+    )
+    first = run_tasks([fragments], progress=progress, serial=serial)
+    if not first.succeeded:
+        return False
+    changed = first.tasks[-1].processed > 0
+    solve = BlockwiseTask(
+        SolveLut(
+            edge_dir=str(seg.edge_dir),
+            num_blocks=fragments.num_blocks,
+            lut=seg.lut,
+            edges=seg.edges,
+            merge=merge,
+            merge_threshold=merge_threshold,
+        ),
+        target,
+        target,
+        target,
+        1,
+        max_retries,
+        None,
+        task_id="solve",
+        run_dir=seg.run_dir / "solve",
+        fresh=changed,
+    )
+    second = run_tasks([solve], progress=False, serial=serial)
+    if not second.succeeded:
+        return False
+    changed = changed or second.tasks[-1].processed > 0
+    relabel = BlockwiseTask(
+        "relabel",
+        target,
+        write_roi,
+        write_roi,
+        task_id="relabel",
+        run_dir=seg.run_dir / "relabel",
+        fresh=changed,
+        overwrite=True,
+        input=seg.fragments,
+        output=str(output_name),
+        lut=seg.lut,
+        **common,
+    )
+    third = run_tasks([relabel], progress=progress, serial=serial)
+    if not third.succeeded:
+        return False
+    zarr.open(str(output_name.path), mode="r+").attrs[SEGMENT_KEY] = key
+    if not keep_fragments:
+        shutil.rmtree(arrays.ArrayName.parse(seg.fragments).path, ignore_errors=True)
+        shutil.rmtree(seg.run_dir / "fragments", ignore_errors=True)
+        shutil.rmtree(seg.edge_dir, ignore_errors=True)
+    return True
+
+
+def _check_segment_output(seg: Segmentation, overwrite: bool) -> None:
+    path = seg.output.path
+    if not path.exists() or overwrite:
+        return
+    try:
+        attrs = dict(zarr.open(str(path), mode="r").attrs)
+    except Exception as error:
+        raise VoxblockError(f"output {seg.output} exists but cannot be read: {error}") from error
+    recorded = attrs.get(SEGMENT_KEY)
+    if recorded == seg.key:
+        return
+    if recorded is None and attrs.get(arrays.PROVENANCE_KEY, {}).get("run_dir", "").startswith(
+        str(seg.run_dir.resolve())
+    ):
+        return  # an earlier, unfinished run of a segmentation into this output
+    raise VoxblockError(
+        f"output {seg.output} already holds "
+        + ("a different segmentation" if recorded else "data this segmentation did not write")
+        + "; refusing to overwrite it (pass overwrite=True / --overwrite to replace it)"
+    )
+
+
+def _check_intermediate(name: str, overwrite: bool) -> None:
+    path = arrays.ArrayName.parse(name).path
+    if not path.exists() or overwrite:
+        return
+    try:
+        attrs = dict(zarr.open(str(path), mode="r").attrs)
+    except Exception:
+        attrs = {}
+    if arrays.PROVENANCE_KEY not in attrs and "rows" not in attrs and "columns" not in attrs:
+        raise VoxblockError(
+            f"{name} exists and was not written by voxblock; segment_blockwise keeps its "
+            "fragments, edges and table there. Move it, or pass overwrite=True"
+        )

@@ -1,0 +1,111 @@
+"""`relabel`: map fragment IDs to segment IDs with a lookup table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from funlib.persistence import Array
+
+from voxblock import ArrayWorker, VoxblockError, option
+from voxblock.arrays import CONTAINER_SUFFIXES, ArrayName
+
+NPZ_KEY = "fragment_segment_lut"
+
+
+def load_lut(lut: str) -> np.ndarray:
+    """The 2xN lookup table (row 0: fragments, row 1: segments) from a .npz file or a zarr array."""
+    if not lut:
+        raise VoxblockError("relabel needs a lookup table (lut=PATH.npz or lut=CONTAINER/DATASET)")
+    text = str(lut).rstrip("/")
+    if text.endswith(".npz"):
+        path = Path(text)
+        if not path.is_file():
+            raise VoxblockError(f"relabel: lookup table {path} does not exist")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                if NPZ_KEY in npz.files:
+                    table = npz[NPZ_KEY]
+                elif len(npz.files) == 1:
+                    table = npz[npz.files[0]]
+                else:
+                    raise VoxblockError(
+                        f"relabel: {path} holds {len(npz.files)} arrays ({', '.join(npz.files)}) and "
+                        f"none is named {NPZ_KEY!r}"
+                    )
+        except VoxblockError:
+            raise
+        except Exception as error:
+            raise VoxblockError(f"relabel: cannot read lookup table {path}: {error}") from error
+    elif any(suffix in text for suffix in CONTAINER_SUFFIXES):
+        import zarr
+
+        name = ArrayName.parse(text)
+        if not name.path.exists():
+            raise VoxblockError(f"relabel: lookup table {name} does not exist")
+        try:
+            node = zarr.open(str(name.path), mode="r")
+            table = np.asarray(node[...])
+        except Exception as error:
+            raise VoxblockError(f"relabel: cannot read lookup table {name}: {error}") from error
+    else:
+        raise VoxblockError(
+            f"relabel: lut must be a .npz file or a zarr array CONTAINER/DATASET; got {text!r}"
+        )
+    if table.ndim != 2 or table.shape[0] != 2:
+        raise VoxblockError(
+            f"relabel: lookup table {text} has shape {table.shape}; it must be 2xN "
+            "(row 0: fragment IDs, row 1: segment IDs)"
+        )
+    if table.dtype.kind not in "iu":
+        raise VoxblockError(f"relabel: lookup table {text} has dtype {table.dtype}; it must hold integers")
+    if len(np.unique(table[0])) != table.shape[1]:
+        raise VoxblockError(f"relabel: lookup table {text} maps some fragment ID more than once")
+    return table
+
+
+@dataclass
+class Relabel(ArrayWorker):
+    """Replace every fragment ID by its segment ID from a fragment->segment table."""
+
+    name = "relabel"
+    fit = "shrink"  # any block size: border blocks are clipped to the volume
+
+    lut: str = option("", help="lookup table: a .npz with a 2xN array, or a zarr array CONTAINER/DATASET")
+    unmapped_to_zero: bool = option(False, help="set IDs missing from the table to 0 (default: keep them)")
+
+    def check_input(self, source: Array) -> None:
+        dtype = np.dtype(source.dtype)
+        if dtype.kind not in "iu":
+            raise VoxblockError(f"relabel: input {self.input} has dtype {dtype}; it must be an integer type")
+        if source.channel_dims:
+            raise VoxblockError(f"relabel: input {self.input} has a channel axis; it must be a label volume")
+        table = load_lut(self.lut)
+        if table.size:
+            info = np.iinfo(dtype)
+            low, high = int(table.min()), int(table.max())
+            if low < info.min or high > info.max:
+                raise VoxblockError(
+                    f"relabel: lookup table {self.lut} holds IDs in [{low}, {high}], which do not fit "
+                    f"the input's dtype {dtype}"
+                )
+
+    def setup(self) -> None:
+        super().setup()
+        table = load_lut(self.lut)
+        self._table = dict(zip(table[0].tolist(), table[1].tolist()))
+        self._fragments = np.sort(table[0]) if table.size else np.zeros(0, dtype=table.dtype)
+
+    def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
+        import fastremap
+
+        table = self._table
+        if self.unmapped_to_zero:
+            present = fastremap.unique(data)
+            missing = present[~np.isin(present, self._fragments)]
+            if missing.size:
+                table = dict(table)
+                table.update(dict.fromkeys(missing.tolist(), 0))
+        return fastremap.remap(data, table, preserve_missing_labels=True, in_place=True)

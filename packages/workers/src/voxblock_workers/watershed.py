@@ -1,0 +1,208 @@
+"""`watershed`: mutex watershed fragments from affinities (mwatershed).
+
+Each block runs mutex watershed on its read ROI (the write ROI plus
+context), crops the result to its write ROI and renumbers it 1..n. IDs are
+made unique across the volume from the block's position on the block grid:
+block k (in C order of the grid) owns the IDs k * V + 1 .. (k + 1) * V,
+where V is the number of voxels in a full write block. So IDs do not
+depend on the order blocks run in, a rerun of one block writes the same
+IDs, and 0 stays background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from funlib.geometry import Coordinate
+from funlib.persistence import Array
+
+from voxblock import ArrayWorker, Blocking, Preparation, VoxblockError, arrays, option
+from voxblock.geometry import check_blocking_on_grid
+from voxblock.workers import crop_to
+
+
+@dataclass
+class BlockGrid:
+    """Where blocks sit: the write ROI of grid position p starts at origin + p * shape."""
+
+    origin: tuple[int, ...]
+    shape: tuple[int, ...]
+    counts: tuple[int, ...]
+    voxels: int
+
+    def index(self, write_begin: Coordinate) -> int:
+        """The C-order index of the block whose (unclipped) write ROI contains `write_begin`."""
+        position = tuple((b - o) // s for b, o, s in zip(write_begin, self.origin, self.shape))
+        if any(not 0 <= p < c for p, c in zip(position, self.counts)):
+            raise ValueError(f"block at {tuple(write_begin)} is off the block grid {self}")
+        return int(np.ravel_multi_index(position, self.counts))
+
+
+def block_grid(blocking: Blocking, voxel_size: Coordinate) -> BlockGrid:
+    """The grid of a task's write blocks, and the IDs each block owns."""
+    write = blocking.write_roi
+    origin = write.shift(blocking.total_roi.begin - blocking.read_roi.begin).begin
+    counts = tuple(max(1, -(-t // s)) for t, s in zip(blocking.target_roi.shape, write.shape))
+    voxels = int(np.prod(write.shape / voxel_size))
+    if int(np.prod(counts)) * voxels >= 2**64:
+        raise VoxblockError(
+            f"watershed: {int(np.prod(counts))} blocks of {voxels} voxels need more IDs than uint64 holds"
+        )
+    return BlockGrid(tuple(origin), tuple(write.shape), counts, voxels)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass
+class Watershed(ArrayWorker):
+    """Mutex watershed on channels-first affinities, one channel per offset."""
+
+    name = "watershed"
+    fit = "shrink"  # any block size: border blocks are clipped to the volume
+
+    offsets: list = option(
+        [], help="one offset per affinity channel (default: the input's 'offsets' attribute)"
+    )
+    bias: Any = option(
+        -0.5, help="added to the affinities before mutex watershed: one float, or one per offset"
+    )
+    strides: list = option([], help="optional stride per offset (mwatershed strides)")
+    randomized_strides: bool = option(False, help="use strides as probabilities of keeping an edge")
+    min_size: int = option(0, help="fragments with fewer voxels than this (in the read ROI) become 0")
+
+    def _offsets(self, source: Array) -> list[list[int]]:
+        offsets = self.offsets
+        if not offsets:
+            offsets = dict(source.attrs).get("offsets")
+            if not offsets:
+                raise VoxblockError(
+                    f"watershed: no offsets given and input {self.input} has no 'offsets' attribute; "
+                    "pass offsets=[[1, 0, 0], [0, 1, 0], [0, 0, 1]] (one per affinity channel)"
+                )
+        ndim = source.spatial_dims
+        if not isinstance(offsets, (list, tuple)) or not all(
+            isinstance(o, (list, tuple)) and len(o) == ndim and all(_is_int(v) for v in o) for o in offsets
+        ):
+            raise VoxblockError(
+                f"watershed: offsets must be a list of {ndim}-D integer offsets; got {offsets!r}"
+            )
+        return [[int(v) for v in o] for o in offsets]
+
+    def _bias(self, n: int) -> np.ndarray:
+        bias = self.bias
+        if isinstance(bias, (int, float)) and not isinstance(bias, bool):
+            return np.full(n, float(bias))
+        if (
+            isinstance(bias, (list, tuple))
+            and len(bias) == n
+            and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bias)
+        ):
+            return np.asarray(bias, dtype=np.float64)
+        raise VoxblockError(
+            f"watershed: bias must be a number or a list of {n} numbers (one per offset); got {bias!r}"
+        )
+
+    def check_input(self, source: Array) -> None:
+        if source.channel_dims != 1:
+            raise VoxblockError(
+                f"watershed: input {self.input} must be affinities with one channel axis (channels "
+                f"first, one channel per offset); it has {source.channel_dims} channel axes"
+            )
+        dtype = np.dtype(source.dtype)
+        if dtype != np.uint8 and dtype.kind != "f":
+            raise VoxblockError(
+                f"watershed: input {self.input} has dtype {dtype}; affinities must be float (0..1) "
+                "or uint8 (0..255)"
+            )
+        offsets = self._offsets(source)
+        if len(offsets) != source.shape[0]:
+            raise VoxblockError(
+                f"watershed: {len(offsets)} offsets for {source.shape[0]} affinity channels in {self.input}"
+            )
+        self._bias(len(offsets))
+        if self.strides and (
+            len(self.strides) != len(offsets)
+            or not all(
+                isinstance(s, (list, tuple))
+                and len(s) == len(offsets[0])
+                and all(_is_int(v) and v > 0 for v in s)
+                for s in self.strides
+            )
+        ):
+            raise VoxblockError(
+                f"watershed: strides must be one list of positive integers per offset; got {self.strides!r}"
+            )
+        if not _is_int(self.min_size) or self.min_size < 0:
+            raise VoxblockError(f"watershed: min_size must be an integer >= 0; got {self.min_size!r}")
+
+    def output_dtype(self, source: Array) -> np.dtype:
+        return np.dtype(np.uint64)
+
+    def prepare(self, preparation: Preparation) -> None:
+        if self.input:
+            source = arrays.open_input(self.input)
+            check_blocking_on_grid(preparation.blocking, source.voxel_size)
+            self._grid = block_grid(preparation.blocking, source.voxel_size)
+        super().prepare(preparation)
+
+    def setup(self) -> None:
+        super().setup()
+        self._offsets_used = self._offsets(self._source)
+        self._bias_used = self._bias(len(self._offsets_used))
+        if getattr(self, "_grid", None) is None:
+            raise RuntimeError("watershed: the worker was not prepared (no block grid)")
+
+    def segment(self, source: Array, block: Any) -> np.ndarray:
+        """Fragments over the block's whole read ROI, for `segment_blockwise`.
+
+        Local labels only: segment_blockwise gives them block-position IDs,
+        merges them across blocks and relabels.
+        """
+        if getattr(self, "_offsets_used", None) is None:
+            self.check_input(source)
+            self._offsets_used = self._offsets(source)
+            self._bias_used = self._bias(len(self._offsets_used))
+        return self.fragments(arrays.read(source, block.read_roi))
+
+    def fragments(self, affinities: np.ndarray) -> np.ndarray:
+        """Mutex watershed on one region: uint64 labels, 0 where no fragment formed."""
+        import mwatershed
+
+        affs = affinities.astype(np.float64)
+        if affinities.dtype == np.uint8:
+            affs /= 255.0
+        affs += self._bias_used.reshape((-1,) + (1,) * (affs.ndim - 1))
+        labels = mwatershed.agglom(
+            affs,
+            self._offsets_used,
+            strides=self.strides or None,
+            randomized_strides=self.randomized_strides,
+        )
+        if self.min_size > 1:
+            ids, counts = np.unique(labels, return_counts=True)
+            small = ids[(counts < self.min_size) & (ids != 0)]
+            if small.size:
+                labels[np.isin(labels, small)] = 0
+        return labels
+
+    def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
+        import fastremap
+
+        labels = self.fragments(data)
+        labels = crop_to(labels, block.read_roi, block.write_roi, self._source.voxel_size)
+        labels, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True, in_place=False)
+        labels = labels.astype(np.uint64, copy=False)
+        count = int(labels.max()) if labels.size else 0
+        grid: BlockGrid = self._grid
+        if count > grid.voxels:
+            raise ValueError(
+                f"block at {block.write_roi} has {count} fragments, more than the {grid.voxels} IDs it owns"
+            )
+        index = grid.index(block.write_roi.begin)
+        foreground = labels != 0
+        labels[foreground] += np.uint64(index * grid.voxels)
+        return labels

@@ -1,0 +1,342 @@
+"""segment_blockwise equals the whole-volume labelling, up to a permutation of IDs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from funlib.geometry import Coordinate, Roi
+from funlib.persistence import open_ds, prepare_ds
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+import voxblock
+from voxblock.segment.edges import block_edges, select_edges
+from voxblock.segment.ids import block_index, check_id_space, to_global
+from voxblock.segment.solve import segment_lut
+
+
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if `a` and `b` are the same labelling up to a permutation that keeps 0."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    if np.any((pairs[0] == 0) != (pairs[1] == 0)):
+        return False
+    return len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
+
+
+def whole_volume_labels(mask: np.ndarray, connectivity: int) -> np.ndarray:
+    """The reference: scipy's labelling of the whole volume (independent of cc3d)."""
+    rank = {4: 1, 6: 1, 8: mask.ndim, 18: 2, 26: mask.ndim}[connectivity]
+    return ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, rank))[0]
+
+
+def write_volume(path: Path, data: np.ndarray, voxel: tuple[int, ...], chunks: int = 8) -> str:
+    array = prepare_ds(
+        str(path / "v.zarr" / "raw"),
+        shape=data.shape,
+        offset=(0,) * data.ndim,
+        voxel_size=voxel,
+        chunk_shape=(chunks,) * data.ndim,
+        dtype=data.dtype,
+    )
+    array._source_data[:] = data
+    return f"{path}/v.zarr/raw"
+
+
+@st.composite
+def volumes(draw):
+    """Blobs, thin snakes across many blocks, corner-only contacts, empty regions."""
+    ndim = draw(st.sampled_from([2, 3]))
+    shape = tuple(draw(st.integers(5, 20 if ndim == 3 else 40)) for _ in range(ndim))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    kind = draw(st.sampled_from(["blobs", "sparse", "snake", "empty"]))
+    if kind == "blobs":
+        data = ndimage.gaussian_filter(rng.random(shape), draw(st.floats(0.5, 2.0))) > 0.5
+    elif kind == "sparse":
+        data = rng.random(shape) > draw(st.floats(0.6, 0.95))  # corner and edge contacts
+    elif kind == "snake":
+        data = np.zeros(shape, dtype=bool)
+        position = [int(rng.integers(0, s)) for s in shape]
+        for _ in range(int(np.prod(shape)) // 2):
+            data[tuple(position)] = True
+            axis = int(rng.integers(0, ndim))
+            position[axis] = int(np.clip(position[axis] + rng.choice([-1, 1]), 0, shape[axis] - 1))
+    else:
+        data = np.zeros(shape, dtype=bool)
+    return data.astype(np.float32)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    data=volumes(),
+    block=st.integers(2, 9),
+    context=st.integers(1, 3),
+    fully_connected=st.booleans(),
+    fit=st.sampled_from(["overhang", "shrink"]),
+    voxel=st.sampled_from([1, 2]),
+)
+def test_threshold_label_blockwise_equals_whole_volume(
+    tmp_path_factory, data, block, context, fully_connected, fit, voxel
+):
+    tmp = tmp_path_factory.mktemp("seg")
+    ndim = data.ndim
+    voxel_size = (voxel,) * ndim
+    raw = write_volume(tmp, data, voxel_size, chunks=block)
+    connectivity = {2: (4, 8), 3: (6, 26)}[ndim][int(fully_connected)]
+    world = Roi((0,) * ndim, tuple(s * voxel for s in data.shape))
+    write = Roi((0,) * ndim, (block * voxel,) * ndim)
+    ok = voxblock.segment_blockwise(
+        "threshold-label",
+        Coordinate((context * voxel,) * ndim),
+        world,
+        write,
+        write,
+        num_workers=1,
+        input=raw,
+        output=f"{tmp}/v.zarr/seg",
+        parameters={"threshold": 0.5, "connectivity": connectivity},
+        fit=fit,
+        progress=False,
+        serial=True,
+    )
+    assert ok
+    result = open_ds(f"{tmp}/v.zarr/seg")[world]
+    expected = whole_volume_labels(data > 0.5, connectivity)
+    assert same_partition(result, expected)
+    labels = np.unique(result)
+    assert list(labels) == list(range(len(labels)))  # consecutive from 1
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity):
+    rng = np.random.default_rng(7)
+    data = ndimage.gaussian_filter(rng.random((30, 34, 26)), 1.5).astype(np.float32)
+    data[:, 17, :] = 1.0  # a sheet crossing every block boundary in x and z
+    data[5:25, 3, 3] = 1.0  # a thin rod
+    raw = write_volume(tmp_path, data, (1, 1, 1))
+    threshold = float(np.quantile(data, 0.65))
+    world = Roi((0, 0, 0), data.shape)
+    write = Roi((0, 0, 0), (8, 8, 8))
+    ok = voxblock.segment_blockwise(
+        "threshold-label",
+        (1, 1, 1),
+        world,
+        write,
+        write,
+        num_workers=2,
+        input=raw,
+        output=f"{tmp_path}/v.zarr/seg",
+        parameters={"threshold": threshold, "connectivity": connectivity},
+        progress=False,
+    )
+    assert ok
+    result = open_ds(f"{tmp_path}/v.zarr/seg")[world]
+    assert same_partition(result, whole_volume_labels(data > threshold, connectivity))
+    lut = zarr.open(f"{tmp_path}/v.zarr/seg_lut", mode="r")
+    assert lut.shape[0] == 2 and lut.shape[1] > 0
+    edges = zarr.open(f"{tmp_path}/v.zarr/seg_edges", mode="r")
+    assert edges.shape[1] == 5 and edges.shape[0] > 0
+    fragments = open_ds(f"{tmp_path}/v.zarr/seg_fragments")[world]
+    assert len(np.unique(fragments)) >= len(np.unique(result))
+
+    # a rerun resumes every pass and leaves the result as it is
+    again = voxblock.segment_blockwise(
+        "threshold-label",
+        (1, 1, 1),
+        world,
+        write,
+        write,
+        num_workers=2,
+        input=raw,
+        output=f"{tmp_path}/v.zarr/seg",
+        parameters={"threshold": threshold, "connectivity": connectivity},
+        progress=False,
+    )
+    assert again
+    report = json.loads((tmp_path / "v.zarr.voxblock" / "seg" / "fragments" / "report.json").read_text())
+    assert report["processed"] == 0 and report["skipped"] == report["total_blocks"]
+    np.testing.assert_array_equal(open_ds(f"{tmp_path}/v.zarr/seg")[world], result)
+
+
+SEGMENT_FILE = """
+import numpy as np
+from scipy import ndimage
+
+default_parameters = {"threshold": 0.5}
+
+
+def segment_function(input_array, block, threshold):
+    data = input_array.to_ndarray(block.read_roi, fill_value=0)
+    labels, _ = ndimage.label(data > threshold)
+    return labels
+"""
+
+
+def test_dacapo_style_segment_function_file(tmp_path):
+    data = (ndimage.gaussian_filter(np.random.default_rng(2).random((24, 24, 24)), 1.5) > 0.5).astype(
+        np.float32
+    )
+    raw = write_volume(tmp_path, data, (2, 2, 2))
+    function = tmp_path / "segment.py"
+    function.write_text(SEGMENT_FILE)
+    world = Roi((0, 0, 0), (48, 48, 48))
+    write = Roi((0, 0, 0), (16, 16, 16))
+    ok = voxblock.segment_blockwise(
+        str(function),
+        (2, 2, 2),
+        world,
+        write,
+        write,
+        num_workers=2,
+        input=raw,
+        output=f"{tmp_path}/v.zarr/seg",
+        keep_fragments=False,
+        progress=False,
+    )
+    assert ok
+    result = open_ds(f"{tmp_path}/v.zarr/seg")[world]
+    assert same_partition(result, ndimage.label(data > 0.5)[0])
+    assert not (tmp_path / "v.zarr" / "seg_fragments").exists()
+
+
+BAD_SHAPE = """
+import numpy as np
+
+def segment_function(input_array, block):
+    return np.zeros((3, 3, 3), dtype=np.uint32)
+"""
+
+BAD_DTYPE = """
+import numpy as np
+
+def segment_function(input_array, block):
+    return input_array.to_ndarray(block.read_roi, fill_value=0).astype(np.float32)
+"""
+
+
+@pytest.mark.parametrize(
+    ("source", "kwargs", "message"),
+    [
+        ("threshold-label", {"context": (0, 0, 0)}, "at least one voxel"),
+        ("threshold-label", {"parameters": {"thresh": 1}}, "no parameter thresh"),
+        ("threshold-label", {"merge": "most"}, "merge must be one of"),
+        ("threshold-label", {"fit": "valid"}, "fit must be overhang or shrink"),
+        (BAD_SHAPE, {}, "returned shape (3, 3, 3)"),
+        (BAD_DTYPE, {}, "labels must be integers"),
+        ("scale", {}, "cannot segment blocks"),
+    ],
+)
+def test_bad_segmentation_input_is_refused_before_writing(tmp_path, source, kwargs, message):
+    data = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    raw = write_volume(tmp_path, data, (1, 1, 1))
+    if source.startswith("\n"):
+        path = tmp_path / "function.py"
+        path.write_text(source)
+        source = str(path)
+    arguments = {"context": (1, 1, 1), **kwargs}
+    context = arguments.pop("context")
+    before = sorted(p.name for p in (tmp_path / "v.zarr").iterdir())
+    with pytest.raises(voxblock.VoxblockError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        voxblock.segment_blockwise(
+            source,
+            context,
+            Roi((0, 0, 0), (16, 16, 16)),
+            Roi((0, 0, 0), (8, 8, 8)),
+            Roi((0, 0, 0), (8, 8, 8)),
+            num_workers=1,
+            input=raw,
+            output=f"{tmp_path}/v.zarr/seg",
+            progress=False,
+            serial=True,
+            **arguments,
+        )
+    assert sorted(p.name for p in (tmp_path / "v.zarr").iterdir()) == before
+
+
+def test_an_output_holding_another_segmentation_is_refused(tmp_path):
+    data = (np.random.default_rng(0).random((16, 16, 16)) > 0.7).astype(np.float32)
+    raw = write_volume(tmp_path, data, (1, 1, 1))
+    args = (
+        "threshold-label",
+        (1, 1, 1),
+        Roi((0, 0, 0), (16, 16, 16)),
+        Roi((0, 0, 0), (8, 8, 8)),
+        Roi((0, 0, 0), (8, 8, 8)),
+    )
+    common = {
+        "num_workers": 1,
+        "input": raw,
+        "output": f"{tmp_path}/v.zarr/seg",
+        "progress": False,
+        "serial": True,
+    }
+    assert voxblock.segment_blockwise(*args, parameters={"threshold": 0.5}, **common)
+    before = open_ds(f"{tmp_path}/v.zarr/seg")._source_data[:]
+    with pytest.raises(voxblock.VoxblockError, match="a different segmentation"):
+        voxblock.segment_blockwise(*args, parameters={"threshold": 0.2}, **common)
+    np.testing.assert_array_equal(open_ds(f"{tmp_path}/v.zarr/seg")._source_data[:], before)
+    assert voxblock.segment_blockwise(*args, parameters={"threshold": 0.2}, overwrite=True, **common)
+    after = open_ds(f"{tmp_path}/v.zarr/seg")._source_data[:]
+    assert same_partition(after, whole_volume_labels(data > 0.2, 6))
+
+
+# -- the pure pieces --------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    fragments=st.lists(st.integers(1, 60), max_size=40),
+    merges=st.lists(st.tuples(st.integers(1, 60), st.integers(1, 60)), max_size=40),
+)
+def test_lut_is_union_find_with_consecutive_ids(fragments, merges):
+    lut = segment_lut(np.array(fragments, dtype=np.uint64), np.array(merges, dtype=np.uint64).reshape(-1, 2))
+    parent = {}
+
+    def find(x):
+        parent.setdefault(x, x)
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in merges:
+        parent[find(a)] = find(b)
+    nodes = sorted(set(fragments) | {x for pair in merges for x in pair})
+    assert list(lut[0]) == nodes
+    segment_of = dict(zip(lut[0].tolist(), lut[1].tolist()))
+    for a in nodes:
+        for b in nodes:
+            assert (segment_of[a] == segment_of[b]) == (find(a) == find(b))
+    assert sorted(set(segment_of.values())) == list(range(1, len(set(segment_of.values())) + 1))
+
+
+def test_edges_carry_overlaps_and_thresholds_select_them():
+    own = np.array([[1, 1, 2, 2], [1, 1, 2, 2]])
+    neighbours = np.array([[5, 5, 5, 6], [5, 5, 6, 6]])
+    context = np.ones_like(own, dtype=bool)
+    edges = block_edges(own, neighbours, context)
+    as_dict = {(int(a), int(b)): (int(o), int(sa), int(sb)) for a, b, o, sa, sb in edges}
+    assert as_dict == {(1, 5): (4, 4, 5), (2, 5): (1, 4, 5), (2, 6): (3, 4, 3)}
+    assert {tuple(e) for e in select_edges(edges, "any").tolist()} == {(1, 5), (2, 5), (2, 6)}
+    assert {tuple(e) for e in select_edges(edges, "overlap", 0.5).tolist()} == {(1, 5), (2, 6)}
+    assert {tuple(e) for e in select_edges(edges, "iou", 0.78).tolist()} == {(1, 5)}
+
+
+def test_block_ids_come_from_the_grid_position_and_never_collide():
+    origin, stride, counts = Coordinate((0, 0)), Coordinate((4, 4)), (3, 2)
+    seen = set()
+    for i in range(3):
+        for j in range(2):
+            index = block_index(Roi((4 * i, 4 * j), (4, 4)), origin, stride, counts)
+            ids = to_global(np.arange(0, 17).reshape(1, 17), index, 16)
+            assert ids[0, 0] == 0
+            assert not seen & set(ids[ids > 0].tolist())
+            seen |= set(ids[ids > 0].tolist())
+    with pytest.raises(ValueError, match="more than its ID range"):
+        to_global(np.array([17]), 0, 16)
+    with pytest.raises(voxblock.VoxblockError, match="do not fit in uint64"):
+        check_id_space(2**40, 2**30)
