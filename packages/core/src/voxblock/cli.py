@@ -288,6 +288,7 @@ def main() -> None:
       voxblock demo                   make a small volume and process it
       voxblock workers                the workers installed
       voxblock run WORKER --help      one worker's options
+      voxblock segment --help         one consistent segmentation, blockwise
     \b
     A run writes done markers, per-worker logs and a report beside the
     output container (volume.zarr.voxblock/DATASET); run the same command
@@ -303,6 +304,105 @@ main.add_command(
         "--block-size 64 --threshold 0.5 --workers 4",
     )
 )
+
+
+@main.command("segment")
+@click.argument("function")
+@click.option("--input", "input_", required=True, metavar="C/D", help="input array, CONTAINER/DATASET")
+@click.option("--output", required=True, metavar="C/D", help="the segmentation, CONTAINER/DATASET (created)")
+@click.option("--block-size", required=True, metavar="Z,Y,X", help="write block in voxels")
+@click.option(
+    "--context",
+    default="1",
+    show_default=True,
+    metavar="Z,Y,X",
+    help="voxels around each block where it is compared with its neighbours (>= 1)",
+)
+@click.option("--roi", metavar="OFFSET:SHAPE", help="region to segment, in voxels [default: the whole input]")
+@click.option(
+    "--parameter",
+    "-p",
+    "parameters",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="parameter of the segment function (VALUE parsed as JSON when it can be), e.g. -p threshold=0.4",
+)
+@click.option(
+    "--merge",
+    type=click.Choice(["any", "overlap", "iou"]),
+    default="any",
+    show_default=True,
+    help="which overlaps in the context merge two fragments",
+)
+@click.option(
+    "--merge-threshold",
+    default=0.5,
+    show_default=True,
+    help="minimum overlap fraction or IoU for --merge overlap/iou",
+)
+@click.option("--fit", type=click.Choice(["overhang", "shrink"]), default="overhang", show_default=True)
+@click.option("--workers", default=2, show_default=True, help="worker processes")
+@click.option("--max-retries", default=2, show_default=True, help="retries of a failing block")
+@click.option("--timeout", type=float, default=None, help="seconds a block may take")
+@click.option("--drop-fragments", is_flag=True, help="delete the intermediate fragments when done")
+@click.option("--fresh", is_flag=True, help="forget every pass and start over")
+@click.option("--overwrite", is_flag=True, help="replace an output that holds other data")
+@click.option("--no-progress", is_flag=True, help="no progress bars")
+def segment(function: str, **values: Any) -> None:
+    """Segment a volume blockwise into one consistent labelling.
+
+    FUNCTION is threshold-label (threshold, then connected components),
+    a worker that can segment (watershed), or a Python file defining
+    segment_function(input_array, block, **parameters). Each block is labelled
+    with its context; labels that meet in the context are merged; IDs end up
+    consecutive from 1. Fragments, edges (OUTPUT_edges) and the lookup table
+    (OUTPUT_lut) stay in the output container.
+
+    \b
+    Example:
+      voxblock segment threshold-label --input v.zarr/fg --output v.zarr/cells \\
+          --block-size 64 --context 1 -p threshold=0.5 -p connectivity=26
+    """
+    from voxblock.segment import segment_blockwise
+
+    parameters: dict[str, Any] = {}
+    for item in values["parameters"]:
+        key, _, text = item.partition("=")
+        try:
+            parameters[key] = json.loads(text)
+        except json.JSONDecodeError:
+            parameters[key] = text
+    try:
+        source = arrays.open_input(values["input_"])
+        region, _, _ = rois_from_voxels(
+            source.roi, source.voxel_size, values["block_size"], "0", values["roi"]
+        )
+        context = parse_coordinate(values["context"], source.voxel_size.dims) * source.voxel_size
+        block = parse_coordinate(values["block_size"], source.voxel_size.dims) * source.voxel_size
+        write = Roi((0,) * len(block), block)
+        ok = segment_blockwise(
+            function,
+            context,
+            region,
+            write,
+            write,
+            values["workers"],
+            values["max_retries"],
+            values["timeout"],
+            input=values["input_"],
+            output=values["output"],
+            parameters=parameters,
+            merge=values["merge"],
+            merge_threshold=values["merge_threshold"],
+            fit=values["fit"],
+            keep_fragments=not values["drop_fragments"],
+            fresh=values["fresh"],
+            overwrite=values["overwrite"],
+            progress=not values["no_progress"],
+        )
+    except VoxblockError as error:
+        raise click.ClickException(str(error)) from None
+    sys.exit(0 if ok else 1)
 
 
 @main.command("workers")
