@@ -541,15 +541,15 @@ def test_bad_options_and_inputs_are_refused_before_any_block(tmp_path):
 def test_watershed_grid_is_recorded_in_prepare():
     """The block grid comes from the blocking, not from daisy's block ids."""
     blocking = Blocking(world_roi((0, 0), (20, 20)), world_roi((-2, -2), (9, 9)), world_roi((0, 0), (5, 5)))
-    from voxblock_workers.watershed import block_grid
+    from voxblock.segment.ids import BlockGrid
 
-    grid = block_grid(blocking, Coordinate(1, 1))
-    assert grid.counts == (4, 4) and grid.voxels == 25
+    grid = BlockGrid.of(blocking, 25)
+    assert grid.counts == (4, 4) and grid.id_range == 25
     assert grid.origin == (2, 2)  # the first write ROI starts after the context
-    assert grid.index(Coordinate(2, 2)) == 0
-    assert grid.index(Coordinate(7, 17)) == 7
-    with pytest.raises(ValueError, match="off the block grid"):
-        grid.index(Coordinate(0, 0))
+    assert grid.index(world_roi((2, 2), (5, 5))) == 0
+    assert grid.index(world_roi((7, 17), (5, 5))) == 7
+    with pytest.raises(ValueError, match="off the grid"):
+        grid.index(world_roi((0, 0), (5, 5)))
     assert isinstance(Watershed(), voxblock.ArrayWorker)
 
 

@@ -2,11 +2,10 @@
 
 Each block runs mutex watershed on its read ROI (the write ROI plus
 context), crops the result to its write ROI and renumbers it 1..n. IDs are
-made unique across the volume from the block's position on the block grid:
-block k (in C order of the grid) owns the IDs k * V + 1 .. (k + 1) * V,
-where V is the number of voxels in a full write block. So IDs do not
-depend on the order blocks run in, a rerun of one block writes the same
-IDs, and 0 stays background.
+made unique across the volume from the block's position on the block grid
+(`voxblock.segment.ids.BlockGrid`: block k owns k * V + 1 .. (k + 1) * V,
+V the voxels of a write block), so they do not depend on the order blocks
+run in, a rerun of one block writes the same IDs, and 0 stays background.
 """
 
 from __future__ import annotations
@@ -15,42 +14,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from funlib.geometry import Coordinate
 from funlib.persistence import Array
 
-from voxblock import ArrayWorker, Blocking, Preparation, VoxblockError, arrays, option
+from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
 from voxblock.geometry import check_blocking_on_grid
+from voxblock.segment.ids import BlockGrid
 from voxblock.workers import crop_to
-
-
-@dataclass
-class BlockGrid:
-    """Where blocks sit: the write ROI of grid position p starts at origin + p * shape."""
-
-    origin: tuple[int, ...]
-    shape: tuple[int, ...]
-    counts: tuple[int, ...]
-    voxels: int
-
-    def index(self, write_begin: Coordinate) -> int:
-        """The C-order index of the block whose (unclipped) write ROI contains `write_begin`."""
-        position = tuple((b - o) // s for b, o, s in zip(write_begin, self.origin, self.shape))
-        if any(not 0 <= p < c for p, c in zip(position, self.counts)):
-            raise ValueError(f"block at {tuple(write_begin)} is off the block grid {self}")
-        return int(np.ravel_multi_index(position, self.counts))
-
-
-def block_grid(blocking: Blocking, voxel_size: Coordinate) -> BlockGrid:
-    """The grid of a task's write blocks, and the IDs each block owns."""
-    write = blocking.write_roi
-    origin = write.shift(blocking.total_roi.begin - blocking.read_roi.begin).begin
-    counts = tuple(max(1, -(-t // s)) for t, s in zip(blocking.target_roi.shape, write.shape))
-    voxels = int(np.prod(write.shape / voxel_size))
-    if int(np.prod(counts)) * voxels >= 2**64:
-        raise VoxblockError(
-            f"watershed: {int(np.prod(counts))} blocks of {voxels} voxels need more IDs than uint64 holds"
-        )
-    return BlockGrid(tuple(origin), tuple(write.shape), counts, voxels)
 
 
 def _is_int(value: Any) -> bool:
@@ -146,7 +115,9 @@ class Watershed(ArrayWorker):
         if self.input:
             source = arrays.open_input(self.input)
             check_blocking_on_grid(preparation.blocking, source.voxel_size)
-            self._grid = block_grid(preparation.blocking, source.voxel_size)
+            # a block keeps at most one fragment per voxel of its write ROI
+            voxels = int(np.prod(preparation.blocking.write_roi.shape / source.voxel_size))
+            self._grid = BlockGrid.of(preparation.blocking, voxels)
         super().prepare(preparation)
 
     def setup(self) -> None:
@@ -196,13 +167,4 @@ class Watershed(ArrayWorker):
         labels = crop_to(labels, block.read_roi, block.write_roi, self._source.voxel_size)
         labels, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True, in_place=False)
         labels = labels.astype(np.uint64, copy=False)
-        count = int(labels.max()) if labels.size else 0
-        grid: BlockGrid = self._grid
-        if count > grid.voxels:
-            raise ValueError(
-                f"block at {block.write_roi} has {count} fragments, more than the {grid.voxels} IDs it owns"
-            )
-        index = grid.index(block.write_roi.begin)
-        foreground = labels != 0
-        labels[foreground] += np.uint64(index * grid.voxels)
-        return labels
+        return self._grid.to_global(labels, block.write_roi)

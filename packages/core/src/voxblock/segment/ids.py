@@ -7,10 +7,13 @@ whatever order blocks run in, and a block that is redone gets the same IDs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
+from voxblock.geometry import Blocking
 
 UINT64_MAX = np.iinfo(np.uint64).max
 
@@ -41,3 +44,43 @@ def to_global(local: np.ndarray, index: int, id_range: int) -> np.ndarray:
     offset = np.uint64(index) * np.uint64(id_range)
     np.add(result, offset, out=result, where=result > 0)
     return result
+
+
+@dataclass(frozen=True)
+class BlockGrid:
+    """The grid of a task's write blocks and the ID range each block owns."""
+
+    origin: tuple[int, ...]
+    stride: tuple[int, ...]
+    counts: tuple[int, ...]
+    id_range: int
+
+    @classmethod
+    def of(cls, blocking: Blocking, id_range: int) -> BlockGrid:
+        target = blocking.target_roi
+        stride = tuple(blocking.write_roi.shape)
+        counts = tuple(max(1, -(-t // s)) for t, s in zip(target.shape, stride))
+        check_id_space(int(np.prod(counts)), id_range)
+        return cls(tuple(target.begin), stride, counts, int(id_range))
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values, to travel as a worker option."""
+        return {
+            "origin": list(self.origin),
+            "stride": list(self.stride),
+            "counts": list(self.counts),
+            "id_range": self.id_range,
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> BlockGrid:
+        return cls(
+            tuple(values["origin"]), tuple(values["stride"]), tuple(values["counts"]), int(values["id_range"])
+        )
+
+    def index(self, write_roi: Roi) -> int:
+        return block_index(write_roi, Coordinate(self.origin), Coordinate(self.stride), self.counts)
+
+    def to_global(self, local: np.ndarray, write_roi: Roi) -> np.ndarray:
+        """Local labels 1..id_range of the block at `write_roi` -> globally unique uint64 IDs."""
+        return to_global(local, self.index(write_roi), self.id_range)

@@ -29,7 +29,7 @@ from voxblock.geometry import Blocking, check_blocking_on_grid
 from voxblock.rundir import default_run_dir
 from voxblock.segment.edges import block_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
-from voxblock.segment.ids import block_index, check_id_space, to_global
+from voxblock.segment.ids import BlockGrid
 from voxblock.segment.solve import segment_lut
 from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output, stable_hash, worker_class
 
@@ -50,10 +50,7 @@ class SegmentBlocks(Worker):
     input: str = option("")
     fragments: str = option("")
     edge_dir: str = option("")
-    grid_origin: list = option([])
-    stride: list = option([])
-    counts: list = option([])
-    id_range: int = option(0)
+    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
 
     def outputs(self) -> list[str]:
         return [self.fragments]
@@ -89,13 +86,12 @@ class SegmentBlocks(Worker):
     def process(self, block: Any) -> None:
         voxel_size = self._fragments.voxel_size
         labels = check_labels(self._function(self._source, block), block, voxel_size)
-        index = block_index(
-            block.write_roi, Coordinate(self.grid_origin), Coordinate(self.stride), tuple(self.counts)
-        )
+        grid = BlockGrid.from_dict(self.grid)
         import fastremap
 
         local, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True)
-        own = to_global(local, index, self.id_range)
+        index = grid.index(block.write_roi)
+        own = grid.to_global(local, block.write_roi)
         written = crop_to(own, block.read_roi, block.write_roi, voxel_size)
         arrays.write(self._fragments, block.write_roi, written)
         neighbours = arrays.read(self._fragments, block.read_roi)
@@ -337,10 +333,8 @@ def segment_blockwise(
     seg.record(identity)
 
     target = blocking.target_roi
-    stride = write_roi.shape
-    counts = tuple(-(-t // s) for t, s in zip(target.shape, stride))
-    id_range = int(np.prod(blocking.read_roi.shape / source.voxel_size))
-    check_id_space(int(np.prod(counts)), id_range)
+    # a block can hold at most one label per voxel of its read ROI
+    grid = BlockGrid.of(blocking, int(np.prod(blocking.read_roi.shape / source.voxel_size)))
     common = {"num_workers": num_workers, "max_retries": max_retries, "timeout": timeout}
     fragments = BlockwiseTask(
         SegmentBlocks(
@@ -349,10 +343,7 @@ def segment_blockwise(
             input=str(arrays.ArrayName.parse(input)),
             fragments=seg.fragments,
             edge_dir=str(seg.edge_dir),
-            grid_origin=list(target.begin),
-            stride=list(stride),
-            counts=list(counts),
-            id_range=id_range,
+            grid=grid.to_dict(),
         ),
         blocking.total_roi,
         blocking.read_roi,
