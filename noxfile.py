@@ -24,5 +24,61 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and format check over every package, the tests and benchmarks."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "packages", "tests", "noxfile.py")
+    session.run("ruff", "check", "packages", "tests", "tools", "noxfile.py")
+    session.run("ruff", "format", "--check", "packages", "tests", "tools", "noxfile.py")
+
+
+BENCH_MODES = ("--quick", "--full")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed side by side: `nox -s bench` (256^3) or `nox -s bench -- --full` (512^3, for the README).
+
+    Runs volara first in its own virtualenv (`bench_volara`; skip with
+    `-- --no-volara`), then benchmarks/run.py. Not part of the default sessions.
+    """
+    args = [a for a in session.posargs if a != "--no-volara"]
+    if not any(a in BENCH_MODES for a in args):
+        args.insert(0, "--quick")
+    if "--no-volara" not in session.posargs:
+        import sys
+
+        mode = next(a for a in args if a in BENCH_MODES)
+        session.run(sys.executable, "-m", "nox", "-s", "bench_volara", "--", mode, external=True)
+    session.install(TORCH)
+    session.install(*PACKAGES, "matplotlib>=3.8", "psutil>=5.9")
+    session.run("python", "benchmarks/run.py", *args)
+
+
+@nox.session
+def bench_volara(session: nox.Session) -> None:
+    """volara 1.0.5 on the benchmark's volumes, in its own virtualenv (it pins daisy<2).
+
+    Writes benchmarks/results/volara-{quick,full}.json for `nox -s bench`.
+    """
+    session.install("volara==1.0.5", "psutil>=5.9")
+    session.run("python", "benchmarks/volara_bench.py", *(session.posargs or ["--quick"]))
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """Fault injection at full size, plus every bad-input test; writes the README's figures.
+
+    The CI test run injects the same kinds of fault at a smaller size.
+    """
+    session.install(TORCH)
+    session.install(*PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100")
+    report = "tests/results/faults.json"
+    session.run(
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--timeout=900",
+        "-m",
+        "faults or bad_input",
+        "tests",
+        *session.posargs,
+        env={"VOXBLOCK_FAULTS": "full", "VOXBLOCK_FAULTS_REPORT": report},
+    )
+    session.run("python", "tools/readme_section.py", "reliability", report)

@@ -62,10 +62,12 @@ def test_dacapo_style_worker_file_runs_unchanged(volume, tmp_path):
         raw.replace(".zarr/", ".zarr/"),
         f"{tmp_path}/v.zarr/mask",
         threshold=0.3,
+        run_dir=tmp_path / "run",
         progress=False,
     )
     assert ok
     np.testing.assert_array_equal(open_ds(f"{tmp_path}/v.zarr/mask")[WORLD], (data > 0.3).astype(np.uint8))
+    assert (tmp_path / "run" / "report.json").exists()
 
 
 def record_init(context) -> None:

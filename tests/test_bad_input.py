@@ -172,6 +172,7 @@ CASES: dict[str, tuple[Callable[[dict[str, str]], dict[str, Any]], str]] = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_before_anything_runs(case, volume):
     root, paths = volume
@@ -202,6 +203,7 @@ sys.exit(0 if ok else 1)
 """
 
 
+@pytest.mark.bad_input
 def test_a_second_run_on_an_output_being_written_is_refused(volume):
     root, paths = volume
     attempts_dir = root / "attempts"

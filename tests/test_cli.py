@@ -97,6 +97,7 @@ def test_run_a_sub_roi(raw, tmp_path):
     np.testing.assert_allclose(out[out.roi], raw[:8, :16, :8] + 1, rtol=1e-6)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("args", "message"),
     [

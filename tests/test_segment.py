@@ -219,6 +219,7 @@ def segment_function(input_array, block):
 """
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("source", "kwargs", "message"),
     [
@@ -258,6 +259,7 @@ def test_bad_segmentation_input_is_refused_before_writing(tmp_path, source, kwar
     assert sorted(p.name for p in (tmp_path / "v.zarr").iterdir()) == before
 
 
+@pytest.mark.bad_input
 def test_an_output_holding_another_segmentation_is_refused(tmp_path):
     data = (np.random.default_rng(0).random((16, 16, 16)) > 0.7).astype(np.float32)
     raw = write_volume(tmp_path, data, (1, 1, 1))

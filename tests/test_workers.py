@@ -519,8 +519,10 @@ def _bad_cases(tmp_path):
     }
 
 
-def test_bad_options_and_inputs_are_refused_before_any_block(tmp_path):
+@pytest.mark.bad_input
+def test_bad_options_and_inputs_are_refused_before_any_block(tmp_path, record_property):
     cases = _bad_cases(tmp_path)
+    record_property("bad_inputs", len(cases))
     for key, (worker, options, message) in cases.items():
         output = f"{tmp_path}/v.zarr/out"
         with pytest.raises(VoxblockError, match=message):

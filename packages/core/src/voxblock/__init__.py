@@ -1,6 +1,7 @@
 """voxblock: run a worker, or a whole segmentation, block by block over huge volumes."""
 
 from voxblock.arrays import ArrayName
+from voxblock.cluster import Lsf, Slurm
 from voxblock.compute import Command, Compute, Local
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking
@@ -17,8 +18,10 @@ __all__ = [
     "Command",
     "Compute",
     "Local",
+    "Lsf",
     "Preparation",
     "RunReport",
+    "Slurm",
     "TaskReport",
     "VoxblockError",
     "Worker",

@@ -106,8 +106,30 @@ def _slices(array: Array, roi: Roi) -> tuple[slice, ...]:
     return (slice(None),) * array.channel_dims + spatial
 
 
+class BlockIOError(OSError):
+    """A block could not be read or written: names the array, the ROI and its chunks."""
+
+
+def _where(array: Array, roi: Roi) -> str:
+    source = array._source_data
+    path = getattr(source, "store_path", None)
+    name = str(path) if path is not None else type(source).__name__
+    begin = (roi.begin - array.roi.begin) / array.voxel_size
+    end = (roi.end - array.roi.begin) / array.voxel_size
+    chunks = source.chunks[array.channel_dims :]
+    spans = ", ".join(f"{max(b, 0) // c}-{max(e - 1, 0) // c}" for b, e, c in zip(begin, end, chunks))
+    return f"{name} ROI {roi} (chunks {spans})"
+
+
 def read(array: Array, roi: Roi, fill_value: float = 0) -> np.ndarray:
     """The data in `roi`, filled with `fill_value` where the ROI leaves the array."""
+    try:
+        return _read(array, roi, fill_value)
+    except Exception as error:
+        raise BlockIOError(f"cannot read {_where(array, roi)}: {error!r}") from error
+
+
+def _read(array: Array, roi: Roi, fill_value: float) -> np.ndarray:
     inside = array.roi.intersect(roi)
     if inside == roi:
         return np.asarray(array._source_data[_slices(array, roi)])
@@ -123,6 +145,13 @@ def read(array: Array, roi: Roi, fill_value: float = 0) -> np.ndarray:
 
 def write(array: Array, roi: Roi, data: np.ndarray) -> None:
     """Write `data` (covering `roi`) where it falls inside the array."""
+    try:
+        _write(array, roi, data)
+    except Exception as error:
+        raise BlockIOError(f"cannot write {_where(array, roi)}: {error!r}") from error
+
+
+def _write(array: Array, roi: Roi, data: np.ndarray) -> None:
     inside = array.roi.intersect(roi)
     if inside.empty:
         return
@@ -204,6 +233,19 @@ def create_output(spec: OutputSpec, provenance: Mapping[str, Any], chunk_shape: 
     axis_names = list(spec.axis_names) if spec.axis_names else None
     if axis_names is not None and len(axis_names) == len(spatial):
         axis_names = channel_names + axis_names
+    try:
+        return _create(spec, provenance, chunk_shape, spatial, axis_names)
+    except OSError as error:
+        raise VoxblockError(f"output {spec.name} cannot be created: {error}") from error
+
+
+def _create(
+    spec: OutputSpec,
+    provenance: Mapping[str, Any],
+    chunk_shape: Coordinate,
+    spatial: Coordinate,
+    axis_names: list[str] | None,
+) -> Array:
     array = prepare_ds(
         str(spec.name.path),
         shape=tuple(spec.channels) + tuple(spatial),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import sys
 import types
 import typing
@@ -24,6 +25,86 @@ from voxblock.geometry import FITS, parse_coordinate, parse_roi
 from voxblock.workers import ArrayWorker, Worker, registered_workers, worker_class
 
 COMMON = {"input", "output"}
+CLUSTER_KEYS = (
+    "cluster",
+    "cluster_config",
+    "cpus",
+    "gpus",
+    "memory",
+    "partition",
+    "time_limit",
+    "cluster_flags",
+    "command_template",
+    "host",
+)
+
+
+def _cluster_options(function: Any) -> Any:
+    """Where workers run: --cluster and its resources (defaults from voxblock.toml [cluster])."""
+    options = [
+        click.option(
+            "--cluster",
+            type=click.Choice(["local", "slurm", "lsf", "command"]),
+            default=None,
+            help="where workers run [default: kind in the cluster config, else local]",
+        ),
+        click.option(
+            "--cluster-config",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="TOML file with a [cluster] section [default: $VOXBLOCK_CONFIG, else ./voxblock.toml]",
+        ),
+        click.option("--cpus", type=int, default=None, help="CPUs per cluster worker"),
+        click.option("--gpus", type=int, default=None, help="GPUs per cluster worker"),
+        click.option("--memory", default=None, metavar="SIZE", help="memory per cluster worker, e.g. 4G"),
+        click.option("--partition", "--queue", "partition", default=None, help="SLURM partition / LSF queue"),
+        click.option(
+            "--time-limit",
+            default=None,
+            help="per worker job: SLURM --time (e.g. 2:00:00) / LSF -W ([HH:]MM)",
+        ),
+        click.option(
+            "--cluster-flag",
+            "cluster_flags",
+            multiple=True,
+            metavar="FLAG",
+            help="extra flag for srun/bsub, repeatable, e.g. --cluster-flag=--account=lab",
+        ),
+        click.option(
+            "--command-template",
+            default=None,
+            metavar="COMMAND",
+            help="for --cluster command: the prefix that starts a worker, e.g. 'ssh node7'",
+        ),
+        click.option(
+            "--host",
+            default=None,
+            help="address cluster workers connect to [default: $DAISY_HOST, else detected]",
+        ),
+    ]
+    for decorate in reversed(options):
+        function = decorate(function)
+    return function
+
+
+def _compute(values: dict[str, Any]) -> tuple[Any, str | None]:
+    """(Compute, host) from the cluster options (popped from `values`) over the config file."""
+    from voxblock.cluster import compute_from_config
+
+    given = {k: values.pop(k, None) for k in CLUSTER_KEYS}
+    template = given["command_template"]
+    return compute_from_config(
+        given["cluster_config"],
+        kind=given["cluster"],
+        cpus=given["cpus"],
+        gpus=given["gpus"],
+        memory=given["memory"],
+        partition=given["partition"],
+        time_limit=given["time_limit"],
+        flags=tuple(given["cluster_flags"] or ()),
+        template=tuple(shlex.split(template)) if template else None,
+        host=given["host"],
+    )
 
 
 def _run_options(function: Any) -> Any:
@@ -74,6 +155,7 @@ def _run_options(function: Any) -> Any:
         click.option("--overwrite", is_flag=True, help="replace an output that holds other data"),
         click.option("--no-progress", is_flag=True, help="no progress bar"),
     ]
+    function = _cluster_options(function)  # listed after the run options
     for decorate in reversed(options):
         function = decorate(function)
     return function
@@ -171,6 +253,10 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
 
     input_name = values.pop("input_")
     output_name = values.pop("output")
+    try:
+        compute, host = _compute(values)
+    except VoxblockError as error:
+        raise click.ClickException(str(error)) from None
     common = {
         k: values.pop(k)
         for k in (
@@ -227,9 +313,10 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             run_dir=common["run_dir"],
             fresh=common["fresh"],
             overwrite=common["overwrite"],
+            compute=compute,
             **options,
         )
-        report = run_tasks([task], progress=not common["no_progress"])
+        report = run_tasks([task], progress=not common["no_progress"], host=host)
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None
     if not report.succeeded:
@@ -290,6 +377,13 @@ def main() -> None:
       voxblock run WORKER --help      one worker's options
       voxblock segment --help         one consistent segmentation, blockwise
     \b
+    Workers run here, or on a cluster: --cluster slurm|lsf with --cpus,
+    --memory... on run and segment, or once for all in voxblock.toml:
+      [cluster]
+      kind = "slurm"
+      cpus = 2
+      memory = "4G"
+    \b
     A run writes done markers, per-worker logs and a report beside the
     output container (volume.zarr.voxblock/DATASET); run the same command
     again to resume after a crash: finished blocks are skipped.
@@ -348,6 +442,7 @@ main.add_command(
 @click.option("--fresh", is_flag=True, help="forget every pass and start over")
 @click.option("--overwrite", is_flag=True, help="replace an output that holds other data")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@_cluster_options
 def segment(function: str, **values: Any) -> None:
     """Segment a volume blockwise into one consistent labelling.
 
@@ -373,6 +468,7 @@ def segment(function: str, **values: Any) -> None:
         except json.JSONDecodeError:
             parameters[key] = text
     try:
+        compute, host = _compute(values)
         source = arrays.open_input(values["input_"])
         region, _, _ = rois_from_voxels(
             source.roi, source.voxel_size, values["block_size"], "0", values["roi"]
@@ -399,6 +495,8 @@ def segment(function: str, **values: Any) -> None:
             fresh=values["fresh"],
             overwrite=values["overwrite"],
             progress=not values["no_progress"],
+            compute=compute,
+            host=host,
         )
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None

@@ -37,6 +37,7 @@ class TaskReport:
     orphaned: int = 0
     worker_restarts: int = 0
     timeouts: int = 0
+    retried_blocks: int = 0
     abandoned: str | None = None
     last_worker_error: str | None = None
     seconds: float = 0.0
@@ -65,7 +66,8 @@ class RunReport:
             lines.append(
                 f"{t.task_id}: {status} - {t.processed} blocks processed, {t.skipped} already "
                 f"done, {len(t.failed_blocks)} failed, {t.orphaned} not run, of {t.total_blocks} "
-                f"({t.seconds:.1f} s; {t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
+                f"({t.seconds:.1f} s; {t.retried_blocks} blocks retried, "
+                f"{t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
             )
             for failed in t.failed_blocks[:20]:
                 roi = failed.write_roi
@@ -99,7 +101,9 @@ def run_blockwise(
     """Run `worker` blockwise; True only if every block succeeded or was already done.
 
     Failed blocks are printed (ROI, attempts, last error) and kept in the run
-    directory's report.json. Arguments are those of `BlockwiseTask`.
+    directory's report.json. Arguments are those of `BlockwiseTask`
+    (`compute=voxblock.Slurm(...)` for cluster workers, `host=` for the
+    address they connect to).
     """
     task = BlockwiseTask(
         worker,
@@ -147,12 +151,18 @@ def run_tasks(
     """Prepare every task (upstream first), run them as one daisy pipeline, report.
 
     `serial=True` runs every block in this process, one at a time (no
-    server, no worker processes): for debugging and fast tests.
+    server, no worker processes): for debugging and fast tests. `host` is
+    the address workers connect to (default: a task's `host`, else
+    `DAISY_HOST`, else the address daisy detects). Afterwards, however the
+    run ended, each task's compute cleans up (cluster jobs of this run that
+    are still listed are cancelled).
     """
     import daisy.logging as daisy_logging
     import daisy.v2 as daisy
 
     ordered = all_tasks(tasks)
+    if host is None:
+        host = next((t.host for t in ordered if t.host), None)
     prepared: list[BlockwiseTask] = []
     try:
         for task in ordered:
@@ -182,6 +192,7 @@ def run_tasks(
         finally:
             callbacks.stop()
             daisy_logging.set_log_basedir(previous_log_dir)
+            _cleanup(ordered)
         seconds = time.monotonic() - started
         reports = [
             _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds, started_at)
@@ -198,6 +209,17 @@ def run_tasks(
     if callbacks.errors:
         raise RuntimeError("; ".join(callbacks.errors))
     return report
+
+
+def _cleanup(tasks: Sequence[BlockwiseTask]) -> None:
+    errors = []
+    for task in tasks:
+        try:
+            task.cleanup()
+        except Exception as error:  # one failed cleanup must not skip the others
+            errors.append(f"{task.task_id}: {error!r}")
+    if errors:
+        print("voxblock: cleanup after the run failed: " + "; ".join(errors), file=sys.stderr)
 
 
 def _unique_ids(tasks: Sequence[BlockwiseTask]) -> dict[int, str]:
@@ -253,6 +275,7 @@ def _task_report(
         orphaned=int(state.orphaned_count),
         worker_restarts=int(state.worker_restart_count),
         timeouts=int(state.timeout_reclaim_count),
+        retried_blocks=task.run_dir.retried_blocks(),
         abandoned=state.abandon_reason if state.abandoned else None,
         last_worker_error=state.last_worker_error,
         seconds=seconds,

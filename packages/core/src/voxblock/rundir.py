@@ -82,6 +82,12 @@ class RunDirectory:
     # -- lock -----------------------------------------------------------------
 
     def acquire_lock(self, description: str) -> None:
+        try:
+            self._acquire_lock(description)
+        except OSError as error:
+            raise VoxblockError(f"the run directory {self.path} is not writable: {error}") from error
+
+    def _acquire_lock(self, description: str) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         owner = {
             "host": socket.gethostname(),
@@ -121,6 +127,18 @@ class RunDirectory:
             return json.loads(self.lock_file.read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             return None
+
+    def retried_blocks(self) -> int:
+        """Blocks that are done but failed at least once (a raise, a kill or a timeout)."""
+        import numpy as np
+        import zarr
+
+        try:
+            store = zarr.open_group(str(self.tracking), mode="r")
+            done, failures = np.asarray(store["done"][...]), np.asarray(store["failures"][...])
+        except Exception:  # no tracking yet (nothing ran)
+            return 0
+        return int(np.count_nonzero((done > 0) & (failures > 0)))
 
     # -- failures -------------------------------------------------------------
 

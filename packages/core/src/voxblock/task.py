@@ -17,7 +17,7 @@ from typing import Any
 
 from funlib.geometry import Roi
 
-from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess
+from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
 from voxblock.rundir import RunDirectory, default_run_dir
@@ -36,9 +36,10 @@ class BlockwiseTask:
 
     Keyword-only task options (`fit`, `read_write_conflict`,
     `check_function`, `init_callback_fn`) default to what the worker
-    defines. `run_dir`, `fresh`, `overwrite`, `compute`, `task_id` and
-    `max_worker_restarts` control the run; every other argument goes to the
-    worker.
+    defines. `run_dir`, `fresh`, `overwrite`, `compute`, `host`, `task_id`
+    and `max_worker_restarts` control the run; every other argument goes to
+    the worker. `host` is the scheduler address workers connect to (see
+    `run_tasks`).
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class BlockwiseTask:
         fresh: bool = False,
         overwrite: bool = False,
         compute: Compute | None = None,
+        host: str | None = None,
         max_worker_restarts: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -108,7 +110,13 @@ class BlockwiseTask:
         )
         self.fresh = fresh
         self.overwrite = overwrite
+        if compute is not None and not isinstance(compute, Compute):
+            raise VoxblockError(
+                f"compute must be a voxblock Compute (Local(), Slurm(...), ...); got {compute!r}"
+            )
         self.compute = compute or Local()
+        self.host = host
+        self.job: Job | None = None
         self.task_key = stable_hash(self.identity())
         self.task_id = task_id or self.worker.worker_name or "task"
         self.run_dir = RunDirectory(
@@ -179,11 +187,19 @@ class BlockwiseTask:
         self.run_dir.release_lock()
         self._prepared = False
 
+    def cleanup(self) -> None:
+        """After a run: let the compute end what is left of this run's workers (cluster jobs)."""
+        if self.job is not None:
+            self.compute.cleanup(self.job)
+
     def daisy_task(self, task_id: str, serial: bool = False) -> Any:
         """The daisy task that runs this one. Call after `prepare()`."""
         import daisy.v2 as daisy
 
-        job = Job(worker=self.worker, run_dir=self.run_dir.path, post_check=self.post_check)
+        job = Job(
+            worker=self.worker, run_dir=self.run_dir.path, post_check=self.post_check, name=run_name(task_id)
+        )
+        self.job = job
         if serial:
             function: Any = ServeInProcess(job)
         else:

@@ -125,6 +125,8 @@ class Flaky(ArrayWorker):
     mode: str = option("raise", help="how to fail: raise, kill (SIGKILL itself) or hang")
     hang_seconds: float = option(3600.0, help="how long mode 'hang' sleeps")
     sleep: float = option(0.0, help="seconds to sleep in every block (to be caught mid-run)")
+    half_write: bool = option(False, help="in mode kill: write half of the block's output first")
+    done_dir: str = option("", help="append one line per block here once its output is written")
 
     def check_input(self, source: Any) -> None:
         if self.mode not in FAIL_MODES:
@@ -146,6 +148,8 @@ class Flaky(ArrayWorker):
             time.sleep(self.sleep)
         if self.chosen(block.write_roi) and before < self.fail_times:
             if self.mode == "kill":
+                if self.half_write:
+                    self._write_half(data, block)
                 os.kill(os.getpid(), signal.SIGKILL)
             elif self.mode == "hang":
                 time.sleep(self.hang_seconds)
@@ -154,6 +158,38 @@ class Flaky(ArrayWorker):
                 f"(write ROI {block.write_roi})"
             )
         return data
+
+    def _write_half(self, data: np.ndarray, block: Any) -> None:
+        """Write the first half (along the first axis) of the block: a torn write."""
+        from voxblock import arrays
+        from voxblock.workers import crop_to
+
+        written = crop_to(data, block.read_roi, block.write_roi, self._target.voxel_size)
+        half = written.shape[0] // 2 or 1
+        voxel = self._target.voxel_size
+        roi = Roi(block.write_roi.offset, (half * voxel[0], *block.write_roi.shape[1:]))
+        arrays.write(self._target, roi, (written[:half] + 1000).astype(self._target.dtype))
+
+    def process(self, block: Any) -> None:
+        super().process(block)
+        if self.done_dir:
+            Path(self.done_dir).mkdir(parents=True, exist_ok=True)
+            _append_line(
+                Path(self.done_dir) / f"{os.getpid()}.done",
+                json.dumps({"block": block_key(block.write_roi), "time": time.time()}),
+            )
+
+
+def completed_blocks(done_dir: str | Path, since: float = 0.0) -> list[str]:
+    """Every completion `Flaky` logged in `done_dir` at or after `since` (block keys, with repeats)."""
+    keys = []
+    for path in Path(done_dir).glob("*.done"):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record["time"] >= since:
+                    keys.append(record["block"])
+    return keys
 
 
 def count_lines(path: Path) -> int:

@@ -262,6 +262,8 @@ def segment_blockwise(
     run_dir: str | Path | None = None,
     progress: bool = True,
     serial: bool = False,
+    compute: Any = None,
+    host: str | None = None,
     **kwargs: Any,
 ) -> bool:
     """Segment blockwise into one consistent labelling of `total_roi`.
@@ -272,6 +274,8 @@ def segment_blockwise(
     `threshold-label` the result equals the whole-volume labelling up to a
     permutation of IDs. Returns False, with a report, if any pass failed.
     `serial=True` runs every pass in this process (debugging, fast tests).
+    `compute` (e.g. `voxblock.Slurm(cpus=2)`) says where the workers of
+    every pass run and `host` the scheduler address they connect to.
     """
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
@@ -336,6 +340,7 @@ def segment_blockwise(
     # a block can hold at most one label per voxel of its read ROI
     grid = BlockGrid.of(blocking, int(np.prod(blocking.read_roi.shape / source.voxel_size)))
     common = {"num_workers": num_workers, "max_retries": max_retries, "timeout": timeout}
+    where = {"compute": compute, "host": host}
     fragments = BlockwiseTask(
         SegmentBlocks(
             function=str(segment_function),
@@ -354,6 +359,7 @@ def segment_blockwise(
         run_dir=seg.run_dir / "fragments",
         overwrite=True,
         **common,
+        **where,
         **kwargs,
     )
     first = run_tasks([fragments], progress=progress, serial=serial)
@@ -378,6 +384,7 @@ def segment_blockwise(
         task_id="solve",
         run_dir=seg.run_dir / "solve",
         fresh=changed,
+        **where,
     )
     second = run_tasks([solve], progress=False, serial=serial)
     if not second.succeeded:
@@ -396,6 +403,7 @@ def segment_blockwise(
         output=str(output_name),
         lut=seg.lut,
         **common,
+        **where,
     )
     third = run_tasks([relabel], progress=progress, serial=serial)
     if not third.succeeded:
