@@ -161,3 +161,38 @@ def test_demo_runs_and_checks_itself(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "equals the whole-volume result: yes" in result.stdout
+
+
+def test_segment_command_matches_the_whole_volume_labelling(raw, tmp_path):
+    from scipy import ndimage
+
+    result = voxblock(
+        "segment",
+        "threshold-label",
+        "--input",
+        "v.zarr/raw",
+        "--output",
+        "v.zarr/cells",
+        "--block-size",
+        "8",
+        "--context",
+        "1",
+        "-p",
+        "threshold=0.6",
+        "-p",
+        "connectivity=6",
+        "--no-progress",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    cells = open_ds(str(tmp_path / "v.zarr" / "cells"))
+    labels = cells[cells.roi]
+    expected, _ = ndimage.label(raw > 0.6)
+    pairs = np.unique(np.stack([labels.ravel(), expected.ravel()]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+    assert set(np.unique(labels)) == set(range(int(labels.max()) + 1))
+    bad = voxblock(
+        "segment", "threshold-label", "--input", "v.zarr/raw", "--output", "v.zarr/c2",
+        "--block-size", "8", "-p", "threshold", cwd=tmp_path,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "expected KEY=VALUE" in bad.stderr

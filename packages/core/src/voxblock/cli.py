@@ -273,14 +273,8 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             "no_progress",
         )
     }
-    options: dict[str, Any] = {}
     if cls is None:
-        for item in values.pop("extra", ()):
-            key, _, text = item.partition("=")
-            try:
-                options[key] = json.loads(text)
-            except json.JSONDecodeError:
-                options[key] = text
+        options = key_values(values.pop("extra", ()))
     else:
         options = {k: v for k, v in values.items() if v is not None}
     if input_name is not None:
@@ -321,6 +315,20 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         raise click.ClickException(str(error)) from None
     if not report.succeeded:
         sys.exit(1)
+
+
+def key_values(items: Any) -> dict[str, Any]:
+    """KEY=VALUE options -> a dict; each VALUE is parsed as JSON when it can be."""
+    result: dict[str, Any] = {}
+    for item in items:
+        key, separator, text = item.partition("=")
+        if not separator or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        try:
+            result[key] = json.loads(text)
+        except json.JSONDecodeError:
+            result[key] = text
+    return result
 
 
 def rois_from_voxels(
@@ -460,13 +468,7 @@ def segment(function: str, **values: Any) -> None:
     """
     from voxblock.segment import segment_blockwise
 
-    parameters: dict[str, Any] = {}
-    for item in values["parameters"]:
-        key, _, text = item.partition("=")
-        try:
-            parameters[key] = json.loads(text)
-        except json.JSONDecodeError:
-            parameters[key] = text
+    parameters = key_values(values["parameters"])
     try:
         compute, host = _compute(values)
         source = arrays.open_input(values["input_"])
