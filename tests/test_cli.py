@@ -161,6 +161,7 @@ def test_demo_runs_and_checks_itself(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "equals the whole-volume result: yes" in result.stdout
+    assert "up to a permutation of IDs: yes" in result.stdout
 
 
 def test_segment_command_matches_the_whole_volume_labelling(raw, tmp_path):

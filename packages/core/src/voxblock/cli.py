@@ -538,8 +538,10 @@ def list_workers() -> None:
 def demo(directory: str, size: int, block_size: int, workers: int, no_progress: bool) -> None:
     """Write a synthetic volume and process it blockwise, then check the result.
 
-    Uses the threshold worker when voxblock-workers is installed, else the
-    built-in scale worker. Run it twice: the second run resumes (nothing to do).
+    With voxblock-workers installed it thresholds the volume, then segments it
+    with segment_blockwise (threshold + connected components) and compares both
+    with the whole-volume results; with core alone it runs the scale worker.
+    Run it twice: the second run resumes (nothing to do).
     """
     from voxblock.demo import run_demo
 
