@@ -24,8 +24,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff check and format check over every package, the tests and benchmarks."""
     session.install("ruff>=0.6")
-    session.run("ruff", "check", "packages", "tests", "tools", "noxfile.py")
-    session.run("ruff", "format", "--check", "packages", "tests", "tools", "noxfile.py")
+    session.run("ruff", "check", "packages", "tests", "tools", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "packages", "tests", "tools", "benchmarks", "noxfile.py")
 
 
 BENCH_MODES = ("--quick", "--full")
