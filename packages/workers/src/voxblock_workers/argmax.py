@@ -77,7 +77,9 @@ class Argmax(ArrayWorker):
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
         classes = self._classes(data.shape[0])
         if all(len(group) == 1 for group in classes):
-            scores = data[[group[0] for group in classes]]
+            picked = [group[0] for group in classes]
+            # all channels in order: use the block as read (a copy costs more than the argmax)
+            scores = data if picked == list(range(data.shape[0])) else data[picked]
         else:
             accumulate = np.float64 if data.dtype.kind == "f" else np.int64
             scores = np.stack([data[group].sum(axis=0, dtype=accumulate) for group in classes])
