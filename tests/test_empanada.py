@@ -260,7 +260,8 @@ def test_segment_blockwise_equals_whole_volume(tmp_path, config, axes):
     assert_one_instance_per_object(result, objects, list(range(1, 28)))
 
 
-def test_bad_config_model_and_input_are_refused_before_any_block(tmp_path, config):
+@pytest.mark.bad_input
+def test_bad_config_model_and_input_are_refused_before_any_block(tmp_path, config, record_property):
     objects, _ = objects_in_blocks(seed=1)
     raw = write_raw(tmp_path, objects, chunk=32)
     flat = write_raw(tmp_path / "flat", objects[0], chunk=32)
@@ -298,6 +299,7 @@ def test_bad_config_model_and_input_are_refused_before_any_block(tmp_path, confi
         "nms kernel": ({"config": config, "nms_kernel": 4}, "odd"),
         "threshold": ({"config": config, "semantic_threshold": 2}, "semantic_threshold"),
     }
+    record_property("bad_inputs", len(bad) + 1)  # and the segment_blockwise case below
     for case, (options, message) in bad.items():
         options = {"input": raw, **options}
         ndim = 2 if options["input"] == flat else 3

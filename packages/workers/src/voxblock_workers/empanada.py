@@ -51,7 +51,6 @@ objects that fit in a block's read ROI.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,21 +62,12 @@ from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
 from voxblock.geometry import check_blocking_on_grid
 from voxblock.segment.ids import BlockGrid
 from voxblock.workers import crop_to
+from voxblock_workers.torch_runtime import import_torch, resolve_device, share_cpu_threads
 
 PLANES = {"xy": 0, "xz": 1, "yz": 2}  # the (z, y, x) axis each kind of plane is stacked along
 HEADS = ("sem_logits", "ctr_hmp", "offsets")
 HEAD_CHANNELS = {"sem_logits": 1, "ctr_hmp": 1, "offsets": 2}
 PROBE_SIZE = 64
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise VoxblockError(
-            "empanada needs PyTorch: pip install 'voxblock-workers[torch]' (or a torch build for your GPU)"
-        ) from None
-    return torch
 
 
 def _number(value: Any) -> float | None:
@@ -172,24 +162,13 @@ def read_config(path: str) -> ModelConfig:
 
 def load_model(config: ModelConfig, device: str) -> Any:
     """The config's TorchScript model on `device`, in eval mode."""
-    torch = _torch()
+    torch = import_torch("empanada")
     try:
         model = torch.jit.load(config.model, map_location=device)
     except Exception as error:
         raise VoxblockError(f"empanada: {config.model} is not a TorchScript model ({error})") from error
     model.eval()
     return model
-
-
-def resolve_device(device: str) -> str:
-    torch = _torch()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise VoxblockError(f"empanada: unknown device {device!r}: {error}") from error
-    return device
 
 
 def heads_of(output: Any, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
@@ -303,7 +282,7 @@ class Empanada(ArrayWorker):
 
     def _probe(self, model: Any, config: ModelConfig, device: str, read_shape: tuple[int, ...]) -> None:
         """Run the model once on a small zero plane: the heads must have the contract's shapes."""
-        torch = _torch()
+        torch = import_torch("empanada")
         size = [_round_up(min(s, PROBE_SIZE), config.padding_factor) for s in read_shape[-2:]]
         shape = (1, 1, *size)
         try:
@@ -319,7 +298,7 @@ class Empanada(ArrayWorker):
         self.check_input(source)
         config = read_config(self.config)
         self._check_block(read_shape, config)
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, "empanada")
         model = load_model(config, device)
         self._probe(model, config, device, read_shape)
         self._config, self._model, self._device = config, model, device
@@ -347,11 +326,11 @@ class Empanada(ArrayWorker):
         super().setup()
         if getattr(self, "_grid", None) is None:
             raise RuntimeError("empanada: the worker was not prepared (no block grid)")
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, "empanada")
         if device == "cpu":
             # share the cores between the worker processes instead of each taking all of them
             workers = getattr(self, "_num_workers", 1)
-            _torch().set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+            share_cpu_threads("empanada", workers)
         self._config = read_config(self.config)
         self._device = device
         self._model = load_model(self._config, device)
@@ -399,7 +378,7 @@ class Empanada(ArrayWorker):
 
     def predict(self, planes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The model's heads for a stack of normalised planes (P, H, W), padded and cropped back."""
-        torch = _torch()
+        torch = import_torch("empanada")
         factor = self._config.padding_factor
         count, height, width = planes.shape
         padded = np.zeros((count, 1, _round_up(height, factor), _round_up(width, factor)), np.float32)

@@ -9,7 +9,6 @@ so this module imports without it.
 from __future__ import annotations
 
 import importlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,11 @@ from funlib.persistence import Array
 from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
 from voxblock.geometry import check_blocking_on_grid
 from voxblock.workers import prepare_output
+from voxblock_workers.torch_runtime import import_torch, resolve_device, share_cpu_threads
 
 NORMALIZE = ("none", "minmax", "scale")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
 OUTPUT_DTYPES = ("float32", "uint8")
-
-
-def _torch() -> Any:
-    try:
-        import torch
-    except ImportError:
-        raise VoxblockError(
-            "predict needs PyTorch: pip install 'voxblock-workers[torch]' (or a torch build for your GPU)"
-        ) from None
-    return torch
 
 
 def load_model(model: str, checkpoint: str, device: str) -> Any:
@@ -44,7 +34,7 @@ def load_model(model: str, checkpoint: str, device: str) -> Any:
     "module:callable" returning a torch.nn.Module, with `checkpoint` a
     state_dict file for it.
     """
-    torch = _torch()
+    torch = import_torch("predict")
     if not model:
         raise VoxblockError("predict needs a model: a TorchScript file, or module:callable with checkpoint=")
     path = Path(model)
@@ -95,17 +85,6 @@ def load_model(model: str, checkpoint: str, device: str) -> Any:
         )
     loaded.eval()
     return loaded
-
-
-def resolve_device(device: str) -> str:
-    torch = _torch()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise VoxblockError(f"predict: unknown device {device!r}: {error}") from error
-    return device
 
 
 @dataclass
@@ -177,7 +156,7 @@ class Predict(ArrayWorker):
             if value and (len(value) != ndim or not all(isinstance(v, int) and v > 0 for v in value)):
                 raise VoxblockError(f"predict: {what} must be {ndim} positive integers; got {value!r}")
         in_shape = tuple(self.in_shape) if self.in_shape else tuple(read_shape)
-        device = resolve_device(self.device)
+        device = resolve_device(self.device, "predict")
         model = load_model(self.model, self.checkpoint, device)
         channels, out_shape = self._probe(model, self._input_channels(source), in_shape, device)
         if self.out_shape and tuple(self.out_shape) != out_shape:
@@ -219,7 +198,7 @@ class Predict(ArrayWorker):
         self, model: Any, in_channels: int, in_shape: tuple[int, ...], device: str
     ) -> tuple[int, tuple]:
         """Run the model once on zeros: its output channels and spatial shape."""
-        torch = _torch()
+        torch = import_torch("predict")
         try:
             with torch.inference_mode():
                 out = model(torch.zeros((1, in_channels, *in_shape), dtype=torch.float32, device=device))
@@ -236,11 +215,11 @@ class Predict(ArrayWorker):
 
     def setup(self) -> None:
         super().setup()
-        self._device = resolve_device(self.device)
+        self._device = resolve_device(self.device, "predict")
         if self._device == "cpu":
             # share the cores between the worker processes instead of each taking all of them
             workers = getattr(self, "_num_workers", 1)
-            _torch().set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+            share_cpu_threads("predict", workers)
         self._model = load_model(self.model, self.checkpoint, self._device)
 
     def normalized(self, data: np.ndarray) -> np.ndarray:
@@ -252,7 +231,7 @@ class Predict(ArrayWorker):
         return data
 
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
-        torch = _torch()
+        torch = import_torch("predict")
         data = self.normalized(data)
         if self._source.channel_dims == 0:
             data = data[np.newaxis]
