@@ -145,7 +145,8 @@ def test_threshold_on_slurm_workers_with_their_options_and_logs(slurm, raw, tmp_
     assert "--cpus-per-task 1 --mem 500M --time 5" in errs
 
 
-def test_workers_run_inside_slurm_jobs_and_a_cancelled_job_is_retried(slurm, raw, tmp_path):
+@pytest.mark.faults
+def test_workers_run_inside_slurm_jobs_and_a_cancelled_job_is_retried(slurm, raw, tmp_path, fault_tally):
     name, data = raw
     seen = tmp_path / "seen"
     seen.mkdir()
@@ -176,8 +177,16 @@ def test_workers_run_inside_slurm_jobs_and_a_cancelled_job_is_retried(slurm, raw
     subprocess.run(["scancel", victim["slurm_job"]], check=True)
     runner.join(180)
     assert not runner.is_alive()
+    output = open_ds(f"{tmp_path}/v.zarr/out")[WORLD]
+    correct = np.allclose(output, data * 3.0)
+    fault_tally.add(
+        "SLURM job cancelled (scancel) mid-block",
+        injected=1,
+        survived=bool(outcome.get("ok")) and correct and squeue_empty() == "",
+        lost=0 if correct else 1,
+    )
     assert outcome["ok"]
-    np.testing.assert_allclose(open_ds(f"{tmp_path}/v.zarr/out")[WORLD], data * 3.0)
+    np.testing.assert_allclose(output, data * 3.0)
     attempts = records(seen)
     driver_job = os.environ.get("SLURM_JOB_ID")
     assert all(r["slurm_job"] and r["slurm_job"] != driver_job for r in attempts)
