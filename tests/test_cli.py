@@ -66,9 +66,13 @@ def test_run_converts_voxels_covers_the_input_and_resumes(raw, tmp_path):
     assert out.roi == source.roi
     assert out._source_data.chunks == (8, 8, 8)
     np.testing.assert_allclose(out[out.roi], raw * 3, rtol=1e-6)
+    logs = tmp_path / "v.zarr.voxblock" / "out" / "logs"
+    before = {p: p.stat().st_mtime_ns for p in logs.rglob("*") if p.is_file()}
     again = voxblock(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "0 blocks processed, 27 already done" in again.stdout
+    # nothing to do: no worker process was started (their logs are untouched)
+    assert {p: p.stat().st_mtime_ns for p in logs.rglob("*") if p.is_file()} == before
     report = json.loads((tmp_path / "v.zarr.voxblock" / "out" / "report.json").read_text())
     assert report["skipped"] == 27
     assert list((tmp_path / "v.zarr.voxblock" / "out" / "logs" / "scale").glob("worker_*.out"))

@@ -161,3 +161,10 @@ def test_check_blocks_catches_wrong_blocks():
     shrink = Blocking(total, read, write, "shrink")
     with pytest.raises(AssertionError, match="fit=shrink"):
         check_blocks(shrink, blocks)  # not clipped
+
+
+@settings(max_examples=300, deadline=None)
+@given(blockings())
+def test_num_blocks_is_the_number_of_blocks(case: BlockingCase):
+    blocking = Blocking(case.total_roi, case.read_roi, case.write_roi, case.fit)
+    assert blocking.num_blocks == len(blocking.blocks())

@@ -144,6 +144,20 @@ class Blocking:
         return result
 
     @property
+    def num_blocks(self) -> int:
+        """len(self.blocks()), by arithmetic (per axis), so millions of blocks cost nothing."""
+        target = self.target_roi
+        if target.empty:
+            return 0
+        count = 1
+        for t, r, s, g in zip(self.total_roi.shape, self.read_roi.shape, self.write_roi.shape, target.shape):
+            if self.fit == "valid":
+                count *= (t - r) // s + 1 if t >= r else 0
+            else:
+                count *= -(-g // s)
+        return count
+
+    @property
     def written_roi(self) -> Roi:
         """The bounding box of what the task writes, clipped to the target region."""
         blocks = self.blocks()

@@ -157,47 +157,21 @@ def run_tasks(
     run ended, each task's compute cleans up (cluster jobs of this run that
     are still listed are cancelled).
     """
-    import daisy.logging as daisy_logging
-    import daisy.v2 as daisy
-
     ordered = all_tasks(tasks)
     if host is None:
         host = next((t.host for t in ordered if t.host), None)
     prepared: list[BlockwiseTask] = []
+    errors: list[str] = []
     try:
         for task in ordered:
             task.prepare()
             prepared.append(task)
         ids = _unique_ids(ordered)
-        daisy_tasks = {id(t): t.daisy_task(ids[id(t)], serial=serial) for t in ordered}
-        edges = [(daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks]
-        pipeline = daisy.Pipeline(list(daisy_tasks.values()), edges)
-        log_dir = ordered[-1].run_dir.logs
-        previous_log_dir = daisy_logging.get_log_basedir()
-        daisy_logging.set_log_basedir(log_dir)
-        callbacks = InitCallbacks([t for t in ordered if t.init_callback_fn is not None])
-        started = time.monotonic()
-        started_at = time.time()
-        try:
-            if serial:
-                for task in ordered:
-                    if task.init_callback_fn is not None:
-                        task.init_callback_fn(daisy.Context(task_id=ids[id(task)], worker_id=0))
-                states = daisy.run_blockwise(
-                    pipeline, multiprocessing=False, progress=False, summary=False, return_states=True
-                )
-            else:
-                callbacks.start()
-                states = daisy.Server().run_blockwise(pipeline, progress=progress, host=host, summary=False)
-        finally:
-            callbacks.stop()
-            daisy_logging.set_log_basedir(previous_log_dir)
-            _cleanup(ordered)
-        seconds = time.monotonic() - started
-        reports = [
-            _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds, started_at)
-            for t in ordered
-        ]
+        if all(t.already_done() for t in ordered):
+            # nothing to do: no server, no worker processes (a resumed run that had finished)
+            reports = [_done_report(t, ids[id(t)]) for t in ordered]
+        else:
+            reports, errors = _run_pipeline(ordered, ids, progress, host, serial)
     finally:
         for task in prepared:
             task.release()
@@ -206,9 +180,54 @@ def run_tasks(
         (task.run_dir.path / "report.json").write_text(json.dumps(asdict(task_report), indent=2))
     stream = out if out is not None else sys.stdout
     print(report.summary(), file=stream, flush=True)
-    if callbacks.errors:
-        raise RuntimeError("; ".join(callbacks.errors))
+    if errors:
+        raise RuntimeError("; ".join(errors))
     return report
+
+
+def _run_pipeline(
+    ordered: Sequence[BlockwiseTask], ids: dict[int, str], progress: bool, host: str | None, serial: bool
+) -> tuple[list[TaskReport], list[str]]:
+    """One daisy pipeline for all tasks; their reports and any init-callback errors."""
+    import daisy.logging as daisy_logging
+    import daisy.v2 as daisy
+
+    daisy_tasks = {id(t): t.daisy_task(ids[id(t)], serial=serial) for t in ordered}
+    edges = [(daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks]
+    pipeline = daisy.Pipeline(list(daisy_tasks.values()), edges)
+    previous_log_dir = daisy_logging.get_log_basedir()
+    daisy_logging.set_log_basedir(ordered[-1].run_dir.logs)
+    callbacks = InitCallbacks([t for t in ordered if t.init_callback_fn is not None])
+    started = time.monotonic()
+    started_at = time.time()
+    try:
+        if serial:
+            for task in ordered:
+                if task.init_callback_fn is not None:
+                    task.init_callback_fn(daisy.Context(task_id=ids[id(task)], worker_id=0))
+            states = daisy.run_blockwise(
+                pipeline, multiprocessing=False, progress=False, summary=False, return_states=True
+            )
+        else:
+            callbacks.start()
+            states = daisy.Server().run_blockwise(pipeline, progress=progress, host=host, summary=False)
+    finally:
+        callbacks.stop()
+        daisy_logging.set_log_basedir(previous_log_dir)
+        _cleanup(ordered)
+    seconds = time.monotonic() - started
+    reports = [
+        _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds, started_at)
+        for t in ordered
+    ]
+    return reports, callbacks.errors
+
+
+def _done_report(task: BlockwiseTask, task_id: str) -> TaskReport:
+    total = task.num_blocks
+    return TaskReport(
+        task_id, str(task.run_dir.path), total, 0, total, retried_blocks=task.run_dir.retried_blocks()
+    )
 
 
 def _cleanup(tasks: Sequence[BlockwiseTask]) -> None:

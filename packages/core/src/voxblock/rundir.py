@@ -128,17 +128,28 @@ class RunDirectory:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def retried_blocks(self) -> int:
-        """Blocks that are done but failed at least once (a raise, a kill or a timeout)."""
+    def _tracking(self) -> tuple[Any, Any] | None:
+        """daisy's per-block (done, failure count) arrays, or None before anything ran."""
         import numpy as np
         import zarr
 
         try:
             store = zarr.open_group(str(self.tracking), mode="r")
-            done, failures = np.asarray(store["done"][...]), np.asarray(store["failures"][...])
-        except Exception:  # no tracking yet (nothing ran)
+            return np.asarray(store["done"][...]), np.asarray(store["failures"][...])
+        except Exception:
+            return None
+
+    def done_blocks(self) -> int:
+        tracking = self._tracking()
+        return 0 if tracking is None else int((tracking[0] > 0).sum())
+
+    def retried_blocks(self) -> int:
+        """Blocks that are done but failed at least once (a raise, a kill or a timeout)."""
+        tracking = self._tracking()
+        if tracking is None:
             return 0
-        return int(np.count_nonzero((done > 0) & (failures > 0)))
+        done, failures = tracking
+        return int(((done > 0) & (failures > 0)).sum())
 
     # -- failures -------------------------------------------------------------
 

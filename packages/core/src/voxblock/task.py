@@ -139,7 +139,7 @@ class BlockwiseTask:
 
     @property
     def num_blocks(self) -> int:
-        return len(self.blocking.blocks())
+        return self.blocking.num_blocks
 
     def prepare(self) -> None:
         """Check the arrays, create outputs, take the lock, decide resume or fresh.
@@ -182,6 +182,10 @@ class BlockwiseTask:
             }
         )
         self._prepared = True
+
+    def already_done(self) -> bool:
+        """Every block has its done marker (and no pre-check wants a say): nothing to run."""
+        return self.pre_check is None and self.run_dir.done_blocks() == self.num_blocks
 
     def release(self) -> None:
         self.run_dir.release_lock()
