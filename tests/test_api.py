@@ -196,3 +196,29 @@ def test_context_reads_zeros_past_the_input_and_writes_only_the_region(volume, t
     out = open_ds(f"{tmp_path}/v.zarr/out")
     assert out.roi == WORLD
     np.testing.assert_allclose(out[WORLD], -data)
+
+
+def test_an_empty_output_without_provenance_is_taken_one_with_data_is_not(volume, tmp_path):
+    """An output array with no chunk written holds nothing to lose (e.g. a run killed right
+    after creating it); one with data is refused."""
+    raw, data = volume
+    for name in ("empty", "full"):
+        made = prepare_ds(
+            str(tmp_path / "v.zarr" / name),
+            shape=SHAPE,
+            offset=(0, 0, 0),
+            voxel_size=VOXEL,
+            chunk_shape=(8, 8, 8),
+            dtype=np.float32,
+        )
+        if name == "full":
+            made._source_data[:8, :8, :8] = 5.0
+    assert voxblock.run_blockwise(
+        "scale", WORLD, BLOCK, BLOCK, 2, input=raw, output=f"{tmp_path}/v.zarr/empty", progress=False
+    )
+    np.testing.assert_allclose(read_all(f"{tmp_path}/v.zarr/empty"), data)
+    with pytest.raises(voxblock.VoxblockError, match="something other than voxblock"):
+        voxblock.run_blockwise(
+            "scale", WORLD, BLOCK, BLOCK, 2, input=raw, output=f"{tmp_path}/v.zarr/full", progress=False
+        )
+    assert np.all(read_all(f"{tmp_path}/v.zarr/full")[:8, :8, :8] == 5.0)

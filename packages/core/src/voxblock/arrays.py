@@ -1,24 +1,32 @@
 """Arrays named "CONTAINER/DATASET": open inputs, create or check outputs, block I/O.
 
-Reads and writes go straight to the zarr array (no dask graph per block):
-funlib.persistence supplies the metadata (offset, voxel size, axes), the
-slicing here is the few lines of arithmetic that turn a ROI into slices.
+Reads and writes go straight to the zarr array (no dask graph per block).
+Arrays are opened as `ZarrArray`: the zarr array plus the metadata that
+funlib.persistence writes (offset, voxel size, axes), parsed here the way
+funlib.persistence parses it, so that a worker process never imports
+funlib.persistence (and with it dask, xarray and pandas: most of a worker's
+start-up time). funlib.persistence is imported only to create outputs.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from funlib.geometry import Coordinate, Roi
-from funlib.persistence import Array, open_ds, prepare_ds
 
 from voxblock.errors import VoxblockError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    import funlib.persistence
 
 CONTAINER_SUFFIXES = (".zarr", ".n5", ".zr")
 PROVENANCE_KEY = "voxblock"
@@ -52,6 +60,321 @@ class ArrayName:
         return f"{self.container}/{self.dataset}"
 
 
+_PHYSICAL = ("space", "time")
+
+
+class ZarrArray:
+    """A zarr array with the metadata funlib.persistence reads: world-unit indexing.
+
+    Offers the part of funlib.persistence's `Array` that voxblock, its
+    workers and segment functions use (`roi`, `voxel_size`, `to_ndarray`,
+    `array[roi]`, ...) without dask: reads and writes go straight to zarr.
+    Any other attribute of funlib's `Array` (`data`, `to_pixel_space`, ...)
+    is answered by a funlib `Array` over the same zarr array, made (and
+    funlib.persistence imported) the first time one is asked for.
+    """
+
+    def __init__(
+        self,
+        data: Any,
+        offset: Sequence[int] | None = None,
+        voxel_size: Sequence[int] | None = None,
+        axis_names: Sequence[str] | None = None,
+        units: Sequence[str] | None = None,
+        types: Sequence[str] | None = None,
+    ):
+        shape = tuple(data.shape)
+        if types is not None:
+            offset, voxel_size, units = _strip_channels(types, [offset, voxel_size, units])
+        offset = Coordinate(offset) if offset is not None else None
+        voxel_size = Coordinate(voxel_size) if voxel_size is not None else None
+        _validate(offset, voxel_size, axis_names, units, types)
+        physical = _physical_dims(len(shape), offset, voxel_size, axis_names, units, types)
+        channels = len(shape) - physical
+        if types is None:
+            if axis_names is not None:
+                types = ["channel" if name.endswith("^") else "space" for name in axis_names]
+            else:
+                types = ["channel"] * channels + ["space"] * physical
+        if axis_names is None:
+            channel_index = iter(range(channels))
+            spatial_index = iter(range(physical))
+            axis_names = [
+                f"d{next(spatial_index)}" if t in _PHYSICAL else f"c{next(channel_index)}^" for t in types
+            ]
+        self._source_data = data
+        self._offset = offset if offset is not None else Coordinate((0,) * physical)
+        self._voxel_size = voxel_size if voxel_size is not None else Coordinate((1,) * physical)
+        self._axis_names = list(axis_names)
+        self._units = list(units) if units is not None else [""] * physical
+        self._types = list(types)
+        self._physical = [t in _PHYSICAL for t in self._types]
+        if len(self._axis_names) != len(shape):
+            raise AssertionError(
+                f"Axis names must be provided for every dimension. Got ({self._axis_names}) "
+                f"but expected {len(shape)} to match the data shape: {shape}"
+            )
+        physical_shape = Coordinate(s for s, p in zip(shape, self._physical) if p)
+        self._roi = Roi(self._offset, self._voxel_size * physical_shape)
+
+    @property
+    def roi(self) -> Roi:
+        return self._roi
+
+    @property
+    def offset(self) -> Coordinate:
+        return self._offset
+
+    @property
+    def voxel_size(self) -> Coordinate:
+        return self._voxel_size
+
+    @property
+    def axis_names(self) -> list[str]:
+        return list(self._axis_names)
+
+    @property
+    def units(self) -> list[str]:
+        return list(self._units)
+
+    @property
+    def types(self) -> list[str]:
+        return list(self._types)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._source_data.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._source_data.dtype
+
+    @property
+    def dims(self) -> int:
+        return len(self._source_data.shape)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self._voxel_size.dims
+
+    @property
+    def channel_dims(self) -> int:
+        return self.dims - self.spatial_dims
+
+    @property
+    def physical_shape(self) -> tuple[int, ...]:
+        return tuple(s for s, p in zip(self._source_data.shape, self._physical) if p)
+
+    @property
+    def chunk_shape(self) -> Coordinate:
+        return Coordinate(self._source_data.chunks)
+
+    @property
+    def attrs(self) -> Any:
+        return self._source_data.attrs
+
+    def _slices(self, roi: Roi) -> tuple[Any, ...]:
+        voxels = (roi - self._offset) / self._voxel_size
+        spatial = iter(voxels.to_slices())
+        return tuple(next(spatial) if p else slice(None) for p in self._physical)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if isinstance(key, Roi):
+            if not self._roi.contains(key):
+                raise IndexError(f"Requested roi {key} is not contained in this array {self._roi}.")
+            return np.asarray(self._source_data[self._slices(key)])
+        if isinstance(key, Coordinate):
+            if not self._roi.contains(key):
+                raise IndexError("Requested coordinate is not contained in this array.")
+            index = tuple((key - self._offset) / self._voxel_size)
+            if self.channel_dims > 0:
+                index = (Ellipsis, *index)
+            return np.asarray(self._source_data[index])
+        return np.asarray(self._source_data[key])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, Roi):
+            if not self._roi.contains(key):
+                raise IndexError(f"Requested roi {key} is not contained in this array {self._roi}.")
+            key = self._slices(key)
+        self._source_data[key] = value
+
+    def to_ndarray(self, roi: Roi, fill_value: Any = 0) -> np.ndarray:
+        """The data in `roi`, `fill_value` where it leaves the array (as funlib's)."""
+        spatial_shape = iter(roi.shape / self._voxel_size)
+        shape = tuple(next(spatial_shape) if p else s for s, p in zip(self.shape, self._physical))
+        data = np.zeros(shape, dtype=self.dtype)
+        if fill_value != 0:
+            data[:] = fill_value
+        shared = self._roi.intersect(roi)
+        if not shared.empty:
+            voxels = (shared - roi.offset) / self._voxel_size
+            spatial = iter(voxels.to_slices())
+            target = tuple(next(spatial) if p else slice(None) for p in self._physical)
+            data[target] = self[shared]
+        return data
+
+    def funlib_array(self) -> funlib.persistence.Array:
+        """The same array as a funlib.persistence `Array` (imports dask)."""
+        cached = self.__dict__.get("_funlib")
+        if cached is None:
+            from funlib.persistence import Array as FunlibArray
+
+            cached = FunlibArray(
+                self._source_data,
+                self._offset,
+                self._voxel_size,
+                self._axis_names,
+                self._units,
+                self._types,
+                chunks=self._source_data.chunks,
+            )
+            self.__dict__["_funlib"] = cached
+        return cached
+
+    def __getattr__(self, name: str) -> Any:
+        # only reached for names not defined here: funlib's `Array` answers them
+        if name.startswith("_") or name in ("lazy_op", "apply_lazy_ops"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(self.funlib_array(), name)
+
+    def __repr__(self) -> str:
+        return f"ZarrArray({self._source_data!r}, roi={self._roi}, voxel_size={self._voxel_size})"
+
+
+def _strip_channels(types: Sequence[str], values: list[Sequence | None]) -> list[Sequence | None]:
+    """funlib.persistence's `strip_channels`: drop the channel entries of per-axis values."""
+    keep = [i for i, t in enumerate(types) if t in _PHYSICAL]
+    stripped: list[Sequence | None] = []
+    for value in values:
+        if value is None or len(value) == len(keep):
+            stripped.append(value)
+        elif len(value) == len(types):
+            stripped.append([value[i] for i in keep])
+        else:
+            raise ValueError(f"Types {types} and sequence {value} are not compatible.")
+    return stripped
+
+
+def _validate(
+    offset: Coordinate | None,
+    voxel_size: Coordinate | None,
+    axis_names: Sequence[Any] | None,
+    units: Sequence[Any] | None,
+    types: Sequence[Any] | None,
+) -> None:
+    """funlib.persistence's checks on its metadata (`MetaData.validate`)."""
+    if offset is not None and not all(isinstance(d, int) for d in offset):
+        raise AssertionError(f"Offset must be a sequence of ints, got {offset}")
+    if voxel_size is not None and not all(isinstance(d, int) for d in voxel_size):
+        raise AssertionError(f"Voxel size must be a sequence of ints, got {voxel_size}")
+    if axis_names is not None and not all(isinstance(d, str) for d in axis_names):
+        raise AssertionError(f"Axis names must be a sequence of strings, got {list(axis_names)}")
+    if units is not None and not all(isinstance(d, str) for d in units):
+        raise AssertionError(f"Units must be a sequence of strings, got {list(units)}")
+    if types is not None and not all(isinstance(d, str) for d in types):
+        raise AssertionError(f"Types must be a sequence of strings, got {list(types)}")
+
+
+def _physical_dims(
+    dims: int,
+    offset: Coordinate | None,
+    voxel_size: Coordinate | None,
+    axis_names: Sequence[str] | None,
+    units: Sequence[str] | None,
+    types: Sequence[str] | None,
+) -> int:
+    """funlib.persistence's `MetaData.physical_dims`: the one count all metadata agree on."""
+    indicators = {
+        len(units) if units is not None else None,
+        voxel_size.dims if voxel_size is not None else None,
+        offset.dims if offset is not None else None,
+        len([t for t in types if t in _PHYSICAL]) if types is not None else None,
+    }
+    indicators.discard(None)
+    if not indicators:
+        return dims
+    if len(indicators) == 1:
+        return indicators.pop()
+    raise ValueError(
+        "Given physical dimensions are ambiguous:\n"
+        f"Units: {units}\nVoxel size: {voxel_size}\nOffset: {offset}\n"
+        f"Axis names: {axis_names}\nTypes: {types}"
+    )
+
+
+if TYPE_CHECKING:
+    # what open_input / open_output / create_output return
+    Array: TypeAlias = ZarrArray | funlib.persistence.Array
+
+
+_METADATA_ATTRS = ("offset", "voxel_size", "axis_names", "units", "types")
+
+
+@functools.cache
+def _custom_metadata_format() -> bool:
+    """Whether funlib.persistence is configured to read other attributes than its defaults.
+
+    funlib.persistence reads a `[tool.funlib_persistence]` table in
+    ./pyproject.toml, ./funlib_persistence.toml, a user and a global file.
+    If one names other attributes, arrays are opened by funlib itself.
+    """
+    import tomllib
+
+    paths = [
+        Path("/etc/funlib_persistence/funlib_persistence.toml"),
+        Path.home() / ".config" / "funlib_persistence" / "funlib_persistence.toml",
+        Path("funlib_persistence.toml"),
+        Path("pyproject.toml"),
+    ]
+    config: dict[str, Any] = {}
+    for path in paths:
+        try:
+            if not path.exists():
+                continue
+            with path.open("rb") as file:
+                table = tomllib.load(file)
+        except (OSError, ValueError):
+            return True  # let funlib.persistence read (or reject) it
+        if path.name == "pyproject.toml":
+            table = table.get("tool", {}).get("funlib_persistence", {})
+        config.update(table)
+    return any(config.get(f"{attr}_attr", attr) != attr for attr in _METADATA_ATTRS) or any(
+        key not in {f"{attr}_attr" for attr in _METADATA_ATTRS} for key in config
+    )
+
+
+def _fetch(attrs: Mapping[str, Any], key: str) -> Sequence[Any] | None:
+    value = attrs.get(key, None)
+    if not ((isinstance(value, Sequence) and not isinstance(value, (str, int))) or value is None):
+        raise AssertionError(value)
+    return value
+
+
+def open_array(path: str | Path, mode: str = "r") -> Array:
+    """Open the zarr array at `path` with its funlib.persistence metadata, without dask."""
+    if _custom_metadata_format():
+        from funlib.persistence import open_ds
+
+        return open_ds(str(path), mode=mode)
+    data = zarr.open(str(path), mode=mode)
+    if not isinstance(data, zarr.Array):
+        raise TypeError(f"Expected a zarr Array at {path}, got {type(data).__name__}")
+    attrs = data.attrs.asdict()
+    axis_names = _fetch(attrs, "axis_names")
+    types = _fetch(attrs, "types")
+    if types is None and axis_names is not None:
+        types = ["channel" if str(name).endswith("^") else "space" for name in axis_names]
+    return ZarrArray(
+        data,
+        offset=_fetch(attrs, "offset"),
+        voxel_size=_fetch(attrs, "voxel_size"),
+        axis_names=axis_names,
+        units=_fetch(attrs, "units"),
+        types=types,
+    )
+
+
 def open_input(name: str | ArrayName, role: str = "input") -> Array:
     """Open an existing array read-only, or say exactly what is missing."""
     array_name = ArrayName.parse(name)
@@ -64,14 +387,14 @@ def open_input(name: str | ArrayName, role: str = "input") -> Array:
             f"{role} {array_name}: no dataset {array_name.dataset!r} in {array_name.container}{hint}"
         )
     try:
-        return open_ds(str(array_name.path), mode="r")
+        return open_array(array_name.path, mode="r")
     except Exception as error:  # zarr raises several types for unreadable metadata
         raise VoxblockError(f"{role} {array_name} cannot be opened: {error}") from error
 
 
 def open_output(name: str | ArrayName) -> Array:
     """Open an output for writing (in a worker process, once)."""
-    return open_ds(str(ArrayName.parse(name).path), mode="r+")
+    return open_array(ArrayName.parse(name).path, mode="r+")
 
 
 def _datasets_in(container: Path) -> list[str]:
@@ -188,7 +511,7 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
     if not path.exists():
         return "create"
     try:
-        existing = open_ds(str(path), mode="r")
+        existing = open_array(path, mode="r")
     except Exception as error:
         raise VoxblockError(
             f"output {spec.name} exists but is not a readable array ({error}); choose another output name"
@@ -214,6 +537,10 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
     if recorded is not None and recorded.get("task") == provenance.get("task"):
         return "resume"
     if overwrite:
+        return "overwrite"
+    if recorded is None and existing._source_data.nchunks_initialized == 0:
+        # no data to lose: e.g. a run killed between creating this array and
+        # recording who made it
         return "overwrite"
     who = (
         f"by another voxblock task ({recorded.get('worker')}, {recorded.get('task', '')[:12]})"
@@ -246,6 +573,8 @@ def _create(
     spatial: Coordinate,
     axis_names: list[str] | None,
 ) -> Array:
+    from funlib.persistence import prepare_ds  # imports dask: only where outputs are created
+
     array = prepare_ds(
         str(spec.name.path),
         shape=tuple(spec.channels) + tuple(spatial),

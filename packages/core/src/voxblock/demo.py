@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 from funlib.geometry import Roi
-from funlib.persistence import prepare_ds
 
 from voxblock import arrays
 from voxblock.run import run_tasks
@@ -34,6 +33,8 @@ def run_demo(directory: Path, size: int, block_size: int, workers: int, progress
     raw = arrays.ArrayName.parse(raw_name)
     if not raw.path.exists():
         print(f"writing a {size}^3 float32 volume to {raw_name}")
+        from funlib.persistence import prepare_ds
+
         volume = prepare_ds(
             str(raw.path),
             shape=shape,

@@ -139,6 +139,10 @@ class RunDirectory:
         except Exception:
             return None
 
+    def tracking_readable(self) -> bool:
+        """False if daisy's tracking store exists but cannot be read (a torn write)."""
+        return not self.tracking.exists() or self._tracking() is not None
+
     def done_blocks(self) -> int:
         tracking = self._tracking()
         return 0 if tracking is None else int((tracking[0] > 0).sum())

@@ -7,13 +7,15 @@ other worker copies (options as fields, an output dtype, `compute`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from funlib.persistence import Array
 
 from voxblock.errors import VoxblockError
 from voxblock.workers import ArrayWorker, option
+
+if TYPE_CHECKING:
+    from voxblock.arrays import Array
 
 
 @dataclass

@@ -150,6 +150,12 @@ class BlockwiseTask:
             return
         description = ", ".join(self.worker.outputs()) or str(self.run_dir.path)
         existed = self.run_dir.path.exists()
+        # Creating outputs needs funlib.persistence, whose import (dask, xarray,
+        # pandas) takes most of a second. Worker processes never import it;
+        # the driver does so here, before it takes the lock, so that a pass
+        # holding the lock goes straight on to create its outputs and run blocks.
+        import funlib.persistence  # noqa: F401
+
         self.run_dir.acquire_lock(description)
         try:
             self.worker.prepare(
@@ -171,7 +177,14 @@ class BlockwiseTask:
                 _remove_empty_tree(self.run_dir.path)
             raise
         recorded = self.run_dir.read_task()
-        if self.fresh or recorded is None or recorded.get("key") != self.task_key:
+        if (
+            self.fresh
+            or recorded is None
+            or recorded.get("key") != self.task_key
+            or not self.run_dir.tracking_readable()
+        ):
+            # a run killed while daisy wrote its tracking store leaves it unreadable:
+            # forgetting done markers only redoes blocks, it never skips one
             self.run_dir.reset()
         self.run_dir.write_task(
             {

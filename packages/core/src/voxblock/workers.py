@@ -25,15 +25,17 @@ from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
-from funlib.persistence import Array
 
 from voxblock import arrays
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, Fit, check_blocking_on_grid
+
+if TYPE_CHECKING:
+    from voxblock.arrays import Array
 
 ENTRY_POINT_GROUP = "voxblock.workers"
 

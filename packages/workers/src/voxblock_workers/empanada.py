@@ -53,16 +53,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from funlib.persistence import Array
 
 from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
 from voxblock.geometry import check_blocking_on_grid
 from voxblock.segment.ids import BlockGrid
 from voxblock.workers import crop_to
 from voxblock_workers.torch_runtime import import_torch, resolve_device, share_cpu_threads
+
+if TYPE_CHECKING:
+    from voxblock.arrays import Array
 
 PLANES = {"xy": 0, "xz": 1, "yz": 2}  # the (z, y, x) axis each kind of plane is stacked along
 HEADS = ("sem_logits", "ctr_hmp", "offsets")

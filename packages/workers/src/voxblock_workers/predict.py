@@ -11,15 +11,17 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from funlib.persistence import Array
 
 from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
 from voxblock.geometry import check_blocking_on_grid
 from voxblock.workers import prepare_output
 from voxblock_workers.torch_runtime import import_torch, resolve_device, share_cpu_threads
+
+if TYPE_CHECKING:
+    from voxblock.arrays import Array
 
 NORMALIZE = ("none", "minmax", "scale")
 ACTIVATIONS = ("none", "sigmoid", "softmax")

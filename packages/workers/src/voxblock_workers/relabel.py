@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from funlib.persistence import Array
 
 from voxblock import ArrayWorker, VoxblockError, option
 from voxblock.arrays import CONTAINER_SUFFIXES, ArrayName
+
+if TYPE_CHECKING:
+    from voxblock.arrays import Array
 
 NPZ_KEY = "fragment_segment_lut"
 

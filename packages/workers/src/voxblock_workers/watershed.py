@@ -11,15 +11,17 @@ run in, a rerun of one block writes the same IDs, and 0 stays background.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from funlib.persistence import Array
 
 from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
 from voxblock.geometry import check_blocking_on_grid
 from voxblock.segment.ids import BlockGrid
 from voxblock.workers import crop_to
+
+if TYPE_CHECKING:
+    from voxblock.arrays import Array
 
 
 def _is_int(value: Any) -> bool:
