@@ -29,7 +29,7 @@ from voxblock_testing.workers import Flaky, attempts, block_key, completed_block
 pytestmark = pytest.mark.faults
 
 FULL = os.environ.get("VOXBLOCK_FAULTS") == "full"
-SEEDS = range(6) if FULL else range(2)
+SEEDS = range(15) if FULL else range(2)
 TOTAL = Roi((0, 0, 0), (32, 32, 32))
 BLOCK = Roi((0, 0, 0), (8, 8, 8))
 BLOCKS = [
