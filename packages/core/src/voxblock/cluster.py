@@ -33,7 +33,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from voxblock.compute import Command, Compute, Job, Local, ServeByCommand, run_quietly, worker_command
 from voxblock.errors import VoxblockError
@@ -69,8 +69,42 @@ def megabytes(memory: str | int) -> int:
     return max(1, round(float(match.group(1)) * scale))
 
 
+class BatchCompute(Compute):
+    """A batch system that starts each worker as one blocking job.
+
+    Subclasses give the launch command, the command that cancels one
+    worker's job, and the files where the system writes a job's errors.
+    """
+
+    cpus: int
+    gpus: int
+    memory: str | None
+    flags: Sequence[str]
+    log_files: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        _check_resources(self.cpus, self.gpus, self.memory, self.flags)
+
+    def launch_command(self, job: Job) -> list[str]:
+        raise NotImplementedError
+
+    def cancel_command(self, job: Job) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def process_function(self, job: Job) -> Callable[[], None]:
+        job.save()
+        return ServeByCommand(
+            tuple(self.launch_command(job)),
+            Path(job.run_dir),
+            cancel=self.cancel_command(job),
+            logs=self.log_files,
+            announce=True,
+            watch_server=True,
+        )
+
+
 @dataclass(frozen=True)
-class Slurm(Compute):
+class Slurm(BatchCompute):
     """Each worker is a SLURM job started with `srun` (blocking), one task with these resources.
 
     `memory` like "4G"; `time_limit` in SLURM's format ("30", "2:00:00",
@@ -90,9 +124,6 @@ class Slurm(Compute):
     scancel: str = "scancel"
     squeue: str = "squeue"
 
-    def __post_init__(self) -> None:
-        _check_resources(self.cpus, self.gpus, self.memory, self.flags)
-
     def launch_command(self, job: Job) -> list[str]:
         command = [self.srun, "--job-name", job_prefix(job) + "{worker_id}", "--ntasks", "1"]
         command += ["--cpus-per-task", str(self.cpus)]
@@ -106,15 +137,8 @@ class Slurm(Compute):
             command += ["--gres", f"gpu:{self.gpus}"]
         return [*command, *self.flags, *worker_command(job, self.python)]
 
-    def process_function(self, job: Job) -> Callable[[], None]:
-        job.save()
-        return ServeByCommand(
-            tuple(self.launch_command(job)),
-            Path(job.run_dir),
-            cancel=(self.scancel, "--name", job_prefix(job) + "{worker_id}"),
-            announce=True,
-            watch_server=True,
-        )
+    def cancel_command(self, job: Job) -> tuple[str, ...]:
+        return (self.scancel, "--name", job_prefix(job) + "{worker_id}")
 
     def jobs(self, job: Job) -> list[str]:
         """IDs of this run's jobs that the scheduler still lists."""
@@ -141,7 +165,7 @@ class Slurm(Compute):
 
 
 @dataclass(frozen=True)
-class Lsf(Compute):
+class Lsf(BatchCompute):
     """Each worker is an LSF job started with `bsub -K` (blocking).
 
     `memory` like "4G" is requested as `-R "rusage[mem=MB]"` (LSF's
@@ -159,9 +183,7 @@ class Lsf(Compute):
     python: str = sys.executable
     bsub: str = "bsub"
     bkill: str = "bkill"
-
-    def __post_init__(self) -> None:
-        _check_resources(self.cpus, self.gpus, self.memory, self.flags)
+    log_files: ClassVar[tuple[str, ...]] = ("{logdir}/{task_id}/worker_{worker_id}.lsf.err",)
 
     def launch_command(self, job: Job) -> list[str]:
         log = "{logdir}/{task_id}/worker_{worker_id}.lsf"
@@ -177,16 +199,8 @@ class Lsf(Compute):
             command += ["-gpu", f"num={self.gpus}"]
         return [*command, *self.flags, *worker_command(job, self.python)]
 
-    def process_function(self, job: Job) -> Callable[[], None]:
-        job.save()
-        return ServeByCommand(
-            tuple(self.launch_command(job)),
-            Path(job.run_dir),
-            cancel=(self.bkill, "-J", job_prefix(job) + "{worker_id}", "0"),
-            logs=("{logdir}/{task_id}/worker_{worker_id}.lsf.err",),
-            announce=True,
-            watch_server=True,
-        )
+    def cancel_command(self, job: Job) -> tuple[str, ...]:
+        return (self.bkill, "-J", job_prefix(job) + "{worker_id}", "0")
 
     def cleanup(self, job: Job) -> None:
         """Kill this run's jobs still known to LSF (a job-name pattern)."""
