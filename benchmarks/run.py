@@ -227,9 +227,10 @@ class Bench:
             daisy.Server().run_blockwise(daisy.Pipeline([task], []), progress=False, summary=False)
             return time.perf_counter() - started
 
-        def vox() -> float:
-            run_dir = self.runs / "noop-voxblock"
-            shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir = self.runs / "noop-voxblock"
+
+        def vox_done() -> float:
+            """The same task again: every block is done already."""
             started = time.perf_counter()
             ok = voxblock.run_blockwise(
                 NoOp(),
@@ -244,22 +245,9 @@ class Bench:
             assert ok
             return time.perf_counter() - started
 
-        def vox_done() -> float:
-            """The same task again: every block is done already."""
-            run_dir = self.runs / "noop-voxblock"
-            started = time.perf_counter()
-            ok = voxblock.run_blockwise(
-                NoOp(),
-                total,
-                block,
-                block,
-                num_workers=self.workers,
-                max_retries=0,
-                run_dir=run_dir,
-                progress=False,
-            )
-            assert ok
-            return time.perf_counter() - started
+        def vox() -> float:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            return vox_done()
 
         d = self.add("no-op", "bare daisy 2 (no-op block function)", self.best(bare), blocks)
         v = self.add("no-op", "voxblock run_blockwise (no-op worker)", self.best(vox), blocks)
