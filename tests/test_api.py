@@ -12,6 +12,7 @@ from funlib.geometry import Roi
 from funlib.persistence import open_ds, prepare_ds
 
 import voxblock
+from voxblock_testing.volumes import random_raw, read_array
 
 DATA = Path(__file__).parent / "data"
 VOXEL = (2, 2, 2)
@@ -22,21 +23,12 @@ BLOCK = Roi((0, 0, 0), (16, 16, 16))
 
 @pytest.fixture
 def volume(tmp_path: Path) -> tuple[str, np.ndarray]:
-    data = np.random.default_rng(1).random(SHAPE, dtype=np.float32)
-    array = prepare_ds(
-        str(tmp_path / "v.zarr" / "raw"),
-        shape=SHAPE,
-        offset=(0, 0, 0),
-        voxel_size=VOXEL,
-        chunk_shape=(8, 8, 8),
-        dtype=np.float32,
-    )
-    array._source_data[:] = data
-    return f"{tmp_path}/v.zarr/raw", data
+    name = random_raw(f"{tmp_path}/v.zarr/raw", SHAPE, seed=1, voxel_size=VOXEL, chunk_shape=(8, 8, 8))
+    return name, read_array(name)
 
 
 def read_all(name: str) -> np.ndarray:
-    return open_ds(name.replace(".zarr/", ".zarr/", 1))[WORLD]
+    return open_ds(name)[WORLD]
 
 
 def test_dacapo_style_worker_file_runs_unchanged(volume, tmp_path):
@@ -59,7 +51,7 @@ def test_dacapo_style_worker_file_runs_unchanged(volume, tmp_path):
         1,
         None,
         None,
-        raw.replace(".zarr/", ".zarr/"),
+        raw,
         f"{tmp_path}/v.zarr/mask",
         threshold=0.3,
         run_dir=tmp_path / "run",

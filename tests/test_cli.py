@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from funlib.persistence import open_ds, prepare_ds
+from funlib.persistence import open_ds
+
+from voxblock_testing.volumes import random_raw, read_array
 
 SHAPE = (20, 24, 24)
 VOXEL = (4, 2, 2)
@@ -27,17 +29,10 @@ def voxblock(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def raw(tmp_path: Path) -> np.ndarray:
-    data = np.random.default_rng(3).random(SHAPE, dtype=np.float32)
-    array = prepare_ds(
-        str(tmp_path / "v.zarr" / "raw"),
-        shape=SHAPE,
-        offset=(8, 0, 4),
-        voxel_size=VOXEL,
-        chunk_shape=(8, 8, 8),
-        dtype=np.float32,
+    name = random_raw(
+        f"{tmp_path}/v.zarr/raw", SHAPE, seed=3, voxel_size=VOXEL, offset=(8, 0, 4), chunk_shape=(8, 8, 8)
     )
-    array._source_data[:] = data
-    return data
+    return read_array(name)
 
 
 def test_run_converts_voxels_covers_the_input_and_resumes(raw, tmp_path):
