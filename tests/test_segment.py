@@ -18,6 +18,7 @@ import voxblock
 from voxblock.segment.edges import block_edges, select_edges
 from voxblock.segment.ids import block_index, check_id_space, to_global
 from voxblock.segment.solve import segment_lut
+from voxblock_testing.volumes import write_array
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -35,16 +36,7 @@ def whole_volume_labels(mask: np.ndarray, connectivity: int) -> np.ndarray:
 
 
 def write_volume(path: Path, data: np.ndarray, voxel: tuple[int, ...], chunks: int = 8) -> str:
-    array = prepare_ds(
-        str(path / "v.zarr" / "raw"),
-        shape=data.shape,
-        offset=(0,) * data.ndim,
-        voxel_size=voxel,
-        chunk_shape=(chunks,) * data.ndim,
-        dtype=data.dtype,
-    )
-    array._source_data[:] = data
-    return f"{path}/v.zarr/raw"
+    return write_array(f"{path}/v.zarr/raw", data, voxel_size=voxel, chunk_shape=(chunks,) * data.ndim)
 
 
 @st.composite
@@ -122,19 +114,22 @@ def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity)
     threshold = float(np.quantile(data, 0.65))
     world = Roi((0, 0, 0), data.shape)
     write = Roi((0, 0, 0), (8, 8, 8))
-    ok = voxblock.segment_blockwise(
-        "threshold-label",
-        (1, 1, 1),
-        world,
-        write,
-        write,
-        num_workers=2,
-        input=raw,
-        output=f"{tmp_path}/v.zarr/seg",
-        parameters={"threshold": threshold, "connectivity": connectivity},
-        progress=False,
-    )
-    assert ok
+
+    def segment() -> bool:
+        return voxblock.segment_blockwise(
+            "threshold-label",
+            (1, 1, 1),
+            world,
+            write,
+            write,
+            num_workers=2,
+            input=raw,
+            output=f"{tmp_path}/v.zarr/seg",
+            parameters={"threshold": threshold, "connectivity": connectivity},
+            progress=False,
+        )
+
+    assert segment()
     result = open_ds(f"{tmp_path}/v.zarr/seg")[world]
     assert same_partition(result, whole_volume_labels(data > threshold, connectivity))
     lut = zarr.open(f"{tmp_path}/v.zarr/seg_lut", mode="r")
@@ -145,19 +140,7 @@ def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity)
     assert len(np.unique(fragments)) >= len(np.unique(result))
 
     # a rerun resumes every pass and leaves the result as it is
-    again = voxblock.segment_blockwise(
-        "threshold-label",
-        (1, 1, 1),
-        world,
-        write,
-        write,
-        num_workers=2,
-        input=raw,
-        output=f"{tmp_path}/v.zarr/seg",
-        parameters={"threshold": threshold, "connectivity": connectivity},
-        progress=False,
-    )
-    assert again
+    assert segment()
     report = json.loads((tmp_path / "v.zarr.voxblock" / "seg" / "fragments" / "report.json").read_text())
     assert report["processed"] == 0 and report["skipped"] == report["total_blocks"]
     np.testing.assert_array_equal(open_ds(f"{tmp_path}/v.zarr/seg")[world], result)
