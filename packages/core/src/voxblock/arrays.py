@@ -498,6 +498,21 @@ class OutputSpec:
     units: tuple[str, ...] | None = None
     chunk_shape: Coordinate | None = None  # spatial voxels; default: the write block
 
+    @classmethod
+    def like(
+        cls, source: Array, name: str | ArrayName, dtype: Any, roi: Roi, channels: tuple[int, ...] = ()
+    ) -> OutputSpec:
+        """An output on `source`'s voxel grid, with its spatial axis names and units."""
+        return cls(
+            name=ArrayName.parse(name),
+            dtype=np.dtype(dtype),
+            roi=roi,
+            voxel_size=source.voxel_size,
+            channels=tuple(channels),
+            axis_names=tuple(source.axis_names[source.channel_dims :]),
+            units=tuple(source.units),
+        )
+
 
 def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: bool) -> str:
     """'create', 'resume' or 'overwrite' for an output, or a VoxblockError.

@@ -160,14 +160,12 @@ class ArrayWorker(Worker):
         prepare_output(
             preparation,
             source,
-            arrays.OutputSpec(
-                name=arrays.ArrayName.parse(self.output),
-                dtype=np.dtype(self.output_dtype(source)),
-                roi=preparation.blocking.written_roi,
-                voxel_size=source.voxel_size,
-                channels=tuple(self.output_channels(source)),
-                axis_names=tuple(source.axis_names[source.channel_dims :]),
-                units=tuple(source.units),
+            arrays.OutputSpec.like(
+                source,
+                self.output,
+                self.output_dtype(source),
+                preparation.blocking.written_roi,
+                tuple(self.output_channels(source)),
             ),
         )
 

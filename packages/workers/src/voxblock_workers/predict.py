@@ -185,15 +185,7 @@ class Predict(ArrayWorker):
         prepare_output(
             preparation,
             source,
-            arrays.OutputSpec(
-                name=arrays.ArrayName.parse(self.output),
-                dtype=np.dtype(self.dtype),
-                roi=blocking.written_roi,
-                voxel_size=source.voxel_size,
-                channels=(channels,),
-                axis_names=tuple(source.axis_names[source.channel_dims :]),
-                units=tuple(source.units),
-            ),
+            arrays.OutputSpec.like(source, self.output, self.dtype, blocking.written_roi, (channels,)),
         )
 
     def _probe(

@@ -67,14 +67,7 @@ class SegmentBlocks(Worker):
         prepare_output(
             preparation,
             source,
-            arrays.OutputSpec(
-                name=arrays.ArrayName.parse(self.fragments),
-                dtype=np.dtype(np.uint64),
-                roi=blocking.written_roi,
-                voxel_size=source.voxel_size,
-                axis_names=tuple(source.axis_names[source.channel_dims :]),
-                units=tuple(source.units),
-            ),
+            arrays.OutputSpec.like(source, self.fragments, np.uint64, blocking.written_roi),
         )
         Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
 
