@@ -146,7 +146,7 @@ from voxblock_testing.workers import Flaky
 
 source, output, tmp = sys.argv[1:4]
 worker = Flaky(input=source, output=output, attempts_dir=tmp + "/attempts", done_dir=tmp + "/done",
-               fail_times=0, sleep=0.03)
+               fail_times=0, sleep=0.08)
 block = Roi((0, 0, 0), (8, 8, 8))
 ok = voxblock.run_blockwise(worker, Roi((0, 0, 0), (32, 32, 32)), block, block, 2, progress=False)
 sys.exit(0 if ok else 1)

@@ -5,20 +5,21 @@ Arrays are opened as `ZarrArray`: the zarr array plus the metadata that
 funlib.persistence writes (offset, voxel size, axes), parsed here the way
 funlib.persistence parses it, so that a worker process never imports
 funlib.persistence (and with it dask, xarray and pandas: most of a worker's
-start-up time). funlib.persistence is imported only to create outputs.
+start-up time). funlib.persistence is imported only when its metadata keys are
+configured to differ from its defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
@@ -103,6 +104,7 @@ class ZarrArray:
                 f"d{next(spatial_index)}" if t in _PHYSICAL else f"c{next(channel_index)}^" for t in types
             ]
         self._source_data = data
+        self._halo: Any = None  # a voxblock.halo.Halo, where one is kept for this array
         self._offset = offset if offset is not None else Coordinate((0,) * physical)
         self._voxel_size = voxel_size if voxel_size is not None else Coordinate((1,) * physical)
         self._axis_names = list(axis_names)
@@ -357,6 +359,8 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
         from funlib.persistence import open_ds
 
         return open_ds(str(path), mode=mode)
+    import zarr  # on first use: a worker that opens no array never pays for it
+
     data = zarr.open(str(path), mode=mode)
     if not isinstance(data, zarr.Array):
         raise TypeError(f"Expected a zarr Array at {path}, got {type(data).__name__}")
@@ -365,7 +369,7 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
     types = _fetch(attrs, "types")
     if types is None and axis_names is not None:
         types = ["channel" if str(name).endswith("^") else "space" for name in axis_names]
-    return ZarrArray(
+    array = ZarrArray(
         data,
         offset=_fetch(attrs, "offset"),
         voxel_size=_fetch(attrs, "voxel_size"),
@@ -373,6 +377,30 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
         units=_fetch(attrs, "units"),
         types=types,
     )
+    array._halo = _HALOS.get(_halo_key(path))
+    return array
+
+
+# halos (voxblock.halo) in use in this process, by array path: a worker
+# process registers those of its task before it opens any array
+_HALOS: dict[str, Any] = {}
+
+
+def _halo_key(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
+@contextlib.contextmanager
+def halos_in_use(halos: Mapping[str, Any]) -> Iterator[None]:
+    """Arrays opened meanwhile read (and write) through these halos, by array name."""
+    added = {_halo_key(ArrayName.parse(name).path): halo for name, halo in halos.items()}
+    previous = dict(_HALOS)
+    _HALOS.update(added)
+    try:
+        yield
+    finally:
+        _HALOS.clear()
+        _HALOS.update(previous)
 
 
 def open_input(name: str | ArrayName, role: str = "input") -> Array:
@@ -398,6 +426,8 @@ def open_output(name: str | ArrayName) -> Array:
 
 
 def _datasets_in(container: Path) -> list[str]:
+    import zarr
+
     found = []
     for meta in sorted(container.rglob("zarr.json")) + sorted(container.rglob(".zarray")):
         try:
@@ -447,6 +477,11 @@ def _where(array: Array, roi: Roi) -> str:
 def read(array: Array, roi: Roi, fill_value: float = 0) -> np.ndarray:
     """The data in `roi`, filled with `fill_value` where the ROI leaves the array."""
     try:
+        kept = getattr(array, "_halo", None)
+        if kept is not None:
+            from voxblock import halo
+
+            return halo.read(array, roi, fill_value, kept)
         return _read(array, roi, fill_value)
     except Exception as error:
         raise BlockIOError(f"cannot read {_where(array, roi)}: {error!r}") from error
@@ -469,7 +504,15 @@ def _read(array: Array, roi: Roi, fill_value: float) -> np.ndarray:
 def write(array: Array, roi: Roi, data: np.ndarray) -> None:
     """Write `data` (covering `roi`) where it falls inside the array."""
     try:
+        kept = getattr(array, "_halo", None)
+        if kept is None:
+            _write(array, roi, data)
+            return
+        from voxblock import halo
+
+        halo.forget(array, kept, roi)
         _write(array, roi, data)
+        halo.keep(array, kept, roi, data)
     except Exception as error:
         raise BlockIOError(f"cannot write {_where(array, roi)}: {error!r}") from error
 
@@ -588,24 +631,48 @@ def _create(
     spatial: Coordinate,
     axis_names: list[str] | None,
 ) -> Array:
-    from funlib.persistence import prepare_ds  # imports dask: only where outputs are created
+    shape = tuple(spec.channels) + tuple(spatial)
+    chunks = tuple(spec.channels) + tuple(chunk_shape)
+    types = ["channel"] * len(spec.channels) + ["space"] * len(spatial)
+    units = list(spec.units) if spec.units else None
+    if _custom_metadata_format():
+        from funlib.persistence import prepare_ds  # imports dask: only for custom metadata keys
 
-    array = prepare_ds(
-        str(spec.name.path),
-        shape=tuple(spec.channels) + tuple(spatial),
-        offset=spec.roi.offset,
-        voxel_size=spec.voxel_size,
-        axis_names=axis_names,
-        units=list(spec.units) if spec.units else None,
-        types=["channel"] * len(spec.channels) + ["space"] * len(spatial),
-        chunk_shape=tuple(spec.channels) + tuple(chunk_shape),
-        dtype=spec.dtype,
-        mode="a",
-    )
+        prepare_ds(
+            str(spec.name.path),
+            shape=shape,
+            offset=spec.roi.offset,
+            voxel_size=spec.voxel_size,
+            axis_names=axis_names,
+            units=units,
+            types=types,
+            chunk_shape=chunks,
+            dtype=spec.dtype,
+            mode="a",
+        )
+    else:
+        # what funlib.persistence's prepare_ds writes for a new array, without importing dask
+        import zarr
+
+        data = zarr.open_array(
+            store=str(spec.name.path), shape=shape, chunks=chunks, dtype=spec.dtype, mode="a"
+        )
+        described = ZarrArray(data, spec.roi.offset, spec.voxel_size, axis_names, units, types)
+        data.attrs.put(
+            {
+                "axis_names": described.axis_names,
+                "units": described.units,
+                "voxel_size": list(described.voxel_size),
+                "offset": list(described.offset),
+                "types": described.types,
+            }
+        )
     record_provenance(spec.name, provenance)
-    return array
+    return open_array(spec.name.path, mode="r+")
 
 
 def record_provenance(name: ArrayName, provenance: Mapping[str, Any]) -> None:
+    import zarr
+
     node = zarr.open(str(name.path), mode="r+")
     node.attrs[PROVENANCE_KEY] = dict(provenance)

@@ -38,6 +38,7 @@ from typing import Any
 
 import cloudpickle
 
+from voxblock import arrays
 from voxblock.rundir import RunDirectory
 from voxblock.workers import Worker
 
@@ -57,6 +58,8 @@ class Job:
     post_check: Callable[[Any], bool] | None = None
     # unique per run of a task ("TASK-TOKEN"): names the cluster jobs this run starts
     name: str = ""
+    # voxblock.halo.Halo by array name: context read from thin slabs, not whole chunks
+    halos: dict[str, Any] = field(default_factory=dict)
 
     def save(self) -> Path:
         path = Path(self.run_dir) / WORKER_FILE
@@ -77,7 +80,12 @@ def serve_blocks(job: Job) -> None:
 
     run_dir = RunDirectory(Path(job.run_dir))
     client = daisy.Client()
-    job.worker.setup()
+    with arrays.halos_in_use(job.halos):
+        job.worker.setup()
+        _serve(client, job, run_dir)
+
+
+def _serve(client: Any, job: Job, run_dir: RunDirectory) -> None:
     while True:
         current = None
         try:
@@ -114,6 +122,10 @@ class ServeInProcess:
     ready: bool = False
 
     def __call__(self, block: Any) -> None:
+        with arrays.halos_in_use(self.job.halos):
+            self._process(block)
+
+    def _process(self, block: Any) -> None:
         if not self.ready:
             self.job.worker.setup()
             self.ready = True

@@ -201,3 +201,23 @@ def _grid(counts: list[int]):
 
 def to_world(voxels: Coordinate, voxel_size: Coordinate) -> Coordinate:
     return Coordinate(voxels) * Coordinate(voxel_size)
+
+
+def context_shell(read_roi: Roi, write_roi: Roi) -> list[Roi]:
+    """The read ROI less the write ROI, as disjoint boxes (two per axis at most).
+
+    Box `2d` / `2d + 1` lies below / above the write ROI on axis d, spans the
+    write ROI on the axes before d and the read ROI on the axes after.
+    """
+    boxes = []
+    for axis in range(read_roi.dims):
+        for low, high in (
+            (read_roi.begin[axis], write_roi.begin[axis]),
+            (write_roi.end[axis], read_roi.end[axis]),
+        ):
+            if high <= low:
+                continue
+            begin = [*write_roi.begin[:axis], low, *read_roi.begin[axis + 1 :]]
+            end = [*write_roi.end[:axis], high, *read_roi.end[axis + 1 :]]
+            boxes.append(Roi(begin, [e - b for b, e in zip(begin, end)]))
+    return boxes

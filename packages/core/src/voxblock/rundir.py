@@ -5,6 +5,7 @@
     <run_dir>/tracking/      daisy's done markers and failure counts
     <run_dir>/failures/      one JSON line per failed block attempt
     <run_dir>/logs/          one .out/.err pair per worker process
+    <run_dir>/halo/          chunk face slabs for reads with context (voxblock.halo)
     <run_dir>/report.json    the summary of the last run
 
 By default it sits beside the output container (`volume.zarr.voxblock/
@@ -58,6 +59,10 @@ class RunDirectory:
         return self.path / "init"
 
     @property
+    def halo_dir(self) -> Path:
+        return self.path / "halo"
+
+    @property
     def lock_file(self) -> Path:
         return self.path / "lock"
 
@@ -75,7 +80,7 @@ class RunDirectory:
 
     def reset(self) -> None:
         """Forget done blocks and failures: the next run starts over."""
-        for directory in (self.tracking, self.failures_dir, self.init_dir):
+        for directory in (self.tracking, self.failures_dir, self.init_dir, self.halo_dir):
             shutil.rmtree(directory, ignore_errors=True)
         (self.path / "report.json").unlink(missing_ok=True)
 

@@ -15,11 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from funlib.geometry import Roi
+from funlib.geometry import Coordinate, Roi
 
+from voxblock import arrays
 from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
+from voxblock.halo import Halo, context_thickness, plan_thickness
 from voxblock.rundir import RunDirectory, default_run_dir
 from voxblock.workers import Preparation, Worker, make_worker, stable_hash
 
@@ -39,7 +41,8 @@ class BlockwiseTask:
     defines. `run_dir`, `fresh`, `overwrite`, `compute`, `host`, `task_id`
     and `max_worker_restarts` control the run; every other argument goes to
     the worker. `host` is the scheduler address workers connect to (see
-    `run_tasks`).
+    `run_tasks`). `halo` (default: where it pays) reads the context of
+    blocks from thin copies of chunk faces (`voxblock.halo`).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class BlockwiseTask:
         compute: Compute | None = None,
         host: str | None = None,
         max_worker_restarts: int | None = None,
+        halo: bool | None = None,
         **kwargs: Any,
     ) -> None:
         for name, roi in (
@@ -116,6 +120,9 @@ class BlockwiseTask:
             )
         self.compute = compute or Local()
         self.host = host
+        if halo not in (None, True, False):
+            raise VoxblockError(f"halo must be True, False or None (decide per array); got {halo!r}")
+        self.halo = halo
         self.job: Job | None = None
         self.task_key = stable_hash(self.identity())
         self.task_id = task_id or self.worker.worker_name or "task"
@@ -150,12 +157,6 @@ class BlockwiseTask:
             return
         description = ", ".join(self.worker.outputs()) or str(self.run_dir.path)
         existed = self.run_dir.path.exists()
-        # Creating outputs needs funlib.persistence, whose import (dask, xarray,
-        # pandas) takes most of a second. Worker processes never import it;
-        # the driver does so here, before it takes the lock, so that a pass
-        # holding the lock goes straight on to create its outputs and run blocks.
-        import funlib.persistence  # noqa: F401
-
         self.run_dir.acquire_lock(description)
         try:
             self.worker.prepare(
@@ -196,6 +197,45 @@ class BlockwiseTask:
         )
         self._prepared = True
 
+    def _halo_thickness(self, array: Any) -> Coordinate | None:
+        chunk = arrays.spatial_chunk_shape(array)
+        voxel_size = array.voxel_size
+        if self.halo:
+            thickness = context_thickness(self.blocking.read_roi, self.blocking.write_roi, voxel_size)
+            if any(thickness) and all(t < c for t, c in zip(thickness, chunk)):
+                return thickness
+            return None
+        return plan_thickness(
+            self.blocking.read_roi, self.blocking.write_roi, voxel_size, chunk, array.roi.begin
+        )
+
+    def halos(self) -> dict[str, Halo]:
+        """Halos for the arrays this task's blocks read with context, where they pay (after prepare).
+
+        An input gets one only if no upstream task writes it: its chunks must
+        not change while slabs are taken from them.
+        """
+        kept: dict[str, Halo] = {}
+        if self.halo is False:
+            return kept
+        upstream_outputs = {
+            arrays.ArrayName.parse(name) for up in all_upstream(self) for name in up.worker.outputs()
+        }
+        wanted = [(name, True) for name in self.worker.context_inputs()]
+        wanted += [(name, False) for name in self.worker.context_outputs()]
+        for name, is_input in wanted:
+            parsed = arrays.ArrayName.parse(name)
+            if is_input and parsed in upstream_outputs:
+                continue
+            array = arrays.open_input(name) if is_input else arrays.open_output(name)
+            thickness = self._halo_thickness(array)
+            if thickness is not None:
+                slug = f"{parsed.dataset.replace('/', '_')}-{stable_hash(str(parsed))[:8]}"
+                kept[str(name)] = Halo(
+                    str(self.run_dir.halo_dir / slug), tuple(thickness), from_reads=is_input
+                )
+        return kept
+
     def already_done(self) -> bool:
         """Every block has its done marker (and no pre-check wants a say): nothing to run."""
         return self.pre_check is None and self.run_dir.done_blocks() == self.num_blocks
@@ -214,7 +254,11 @@ class BlockwiseTask:
         import daisy.v2 as daisy
 
         job = Job(
-            worker=self.worker, run_dir=self.run_dir.path, post_check=self.post_check, name=run_name(task_id)
+            worker=self.worker,
+            run_dir=self.run_dir.path,
+            post_check=self.post_check,
+            name=run_name(task_id),
+            halos=self.halos(),
         )
         self.job = job
         if serial:
@@ -265,6 +309,18 @@ def _split_check(check: Any) -> tuple[Callable[[Any], bool] | None, Callable[[An
         if function is not None and not callable(function):
             raise VoxblockError(f"check_function parts must be callable; got {function!r}")
     return pre, post
+
+
+def all_upstream(task: BlockwiseTask) -> list[BlockwiseTask]:
+    """Every task `task` depends on, directly or not."""
+    found: list[BlockwiseTask] = []
+    stack = list(task.upstream_tasks)
+    while stack:
+        up = stack.pop()
+        if not any(up is t for t in found):
+            found.append(up)
+            stack.extend(up.upstream_tasks)
+    return found
 
 
 def _roi(roi: Roi) -> list[list[int]]:

@@ -90,6 +90,14 @@ class Worker:
         """Names of the arrays this worker writes (for provenance and locking)."""
         return []
 
+    def context_inputs(self) -> list[str]:
+        """Arrays read over each block's read ROI, made before this task (may get a halo pre-pass)."""
+        return []
+
+    def context_outputs(self) -> list[str]:
+        """Arrays this task writes and its blocks read back over their read ROI (halo kept on write)."""
+        return []
+
     def spawn_function(self, serve: Callable[[], None]) -> Callable[[], None]:
         """The daisy process function of one worker process: voxblock's block loop by default."""
         return serve
@@ -146,6 +154,9 @@ class ArrayWorker(Worker):
 
     def outputs(self) -> list[str]:
         return [self.output]
+
+    def context_inputs(self) -> list[str]:
+        return [self.input]
 
     def prepare(self, preparation: Preparation) -> None:
         if not self.input:

@@ -29,12 +29,16 @@ def block_edges(own: np.ndarray, neighbours: np.ndarray, context: np.ndarray) ->
     both = (a > 0) & (b > 0)
     if not both.any():
         return np.zeros((0, 5), dtype=np.uint64)
-    pairs, overlap = np.unique(np.stack([a[both], b[both]], axis=1), axis=0, return_counts=True)
-    ids_a, count_a = np.unique(a[a > 0], return_counts=True)
-    ids_b, count_b = np.unique(b, return_counts=True)
-    size_a = count_a[np.searchsorted(ids_a, pairs[:, 0])]
-    size_b = count_b[np.searchsorted(ids_b, pairs[:, 1])]
-    return np.column_stack([pairs[:, 0], pairs[:, 1], overlap, size_a, size_b]).astype(np.uint64)
+    # compact indices instead of unique rows (np.unique(axis=0) sorts structured rows: slow)
+    ids_a, index_a, count_a = np.unique(a, return_inverse=True, return_counts=True)
+    ids_b, index_b, count_b = np.unique(b, return_inverse=True, return_counts=True)
+    if ids_a[0] == 0:
+        count_a[0] = 0  # background is not an object
+    keys, overlap = np.unique(index_a[both].astype(np.int64) * ids_b.size + index_b[both], return_counts=True)
+    pair_a, pair_b = np.divmod(keys, ids_b.size)
+    return np.column_stack(
+        [ids_a[pair_a], ids_b[pair_b], overlap, count_a[pair_a], count_b[pair_b]]
+    ).astype(np.uint64)
 
 
 def select_edges(edges: np.ndarray, merge: str = "any", threshold: float = 0.0) -> np.ndarray:

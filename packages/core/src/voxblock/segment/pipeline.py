@@ -24,8 +24,9 @@ import zarr
 from funlib.geometry import Coordinate, Roi
 
 from voxblock import arrays
+from voxblock.compute import Local
 from voxblock.errors import VoxblockError
-from voxblock.geometry import Blocking, check_blocking_on_grid
+from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
 from voxblock.rundir import default_run_dir
 from voxblock.segment.edges import block_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
@@ -55,6 +56,12 @@ class SegmentBlocks(Worker):
     def outputs(self) -> list[str]:
         return [self.fragments]
 
+    def context_inputs(self) -> list[str]:
+        return [self.input]
+
+    def context_outputs(self) -> list[str]:
+        return [self.fragments]  # read back over each block's context: neighbours' fragments
+
     def segment_function(self) -> SegmentFunction:
         return SegmentFunction(self.function, dict(self.parameters)).load()
 
@@ -75,31 +82,27 @@ class SegmentBlocks(Worker):
         self._function = self.segment_function()
         self._source = arrays.open_input(self.input)
         self._fragments = arrays.open_output(self.fragments)
+        self._grid = BlockGrid.from_dict(self.grid)
 
     def process(self, block: Any) -> None:
-        voxel_size = self._fragments.voxel_size
-        labels = check_labels(self._function(self._source, block), block, voxel_size)
-        grid = BlockGrid.from_dict(self.grid)
         import fastremap
 
+        voxel_size = self._fragments.voxel_size
+        labels = check_labels(self._function(self._source, block), block, voxel_size)
         local, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True)
-        index = grid.index(block.write_roi)
-        own = grid.to_global(local, block.write_roi)
-        written = crop_to(own, block.read_roi, block.write_roi, voxel_size)
-        arrays.write(self._fragments, block.write_roi, written)
-        neighbours = arrays.read(self._fragments, block.read_roi)
-        context = np.ones(own.shape, dtype=bool)
-        inner = tuple(
-            slice(b, e)
-            for b, e in zip(
-                (block.write_roi.begin - block.read_roi.begin) / voxel_size,
-                (block.write_roi.end - block.read_roi.begin) / voxel_size,
-            )
-        )
-        context[inner] = False
-        edges = block_edges(own, neighbours, context)
-        ids = np.unique(written)
-        _save_npz(Path(self.edge_dir) / f"{index}.npz", edges=edges, fragments=ids[ids > 0])
+        index = self._grid.index(block.write_roi)
+        read_roi, write_roi = block.read_roi, block.write_roi
+        inner = crop_to(local, read_roi, write_roi, voxel_size)
+        arrays.write(self._fragments, write_roi, self._grid.to_global(inner, write_roi))
+        # the context: what this block's labels say about fragments neighbours wrote there
+        own, theirs = [], []
+        for box in context_shell(read_roi, write_roi):
+            own.append(self._grid.to_global(crop_to(local, read_roi, box, voxel_size), write_roi).ravel())
+            theirs.append(arrays.read(self._fragments, box).ravel())
+        edges = block_edges(np.concatenate(own), np.concatenate(theirs), np.ones(sum(map(len, own)), bool))
+        present = np.flatnonzero(np.bincount(inner.ravel()))
+        ids = self._grid.to_global(present[present > 0], write_roi)
+        _save_npz(Path(self.edge_dir) / f"{index}.npz", edges=edges, fragments=ids)
 
 
 def check_labels(labels: Any, block: Any, voxel_size: Coordinate) -> np.ndarray:
@@ -379,7 +382,9 @@ def segment_blockwise(
         fresh=changed,
         **where,
     )
-    second = run_tasks([solve], progress=False, serial=serial)
+    # one block of pure bookkeeping: on this machine, in this process, unless workers run elsewhere
+    local = compute is None or isinstance(compute, Local)
+    second = run_tasks([solve], progress=False, serial=serial or local)
     if not second.succeeded:
         return False
     changed = changed or second.tasks[-1].processed > 0

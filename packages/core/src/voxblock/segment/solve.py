@@ -8,8 +8,6 @@ compiled graph code). Memory grows with fragments and edges, not voxels.
 from __future__ import annotations
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 
 def segment_lut(fragments: np.ndarray, merges: np.ndarray) -> np.ndarray:
@@ -23,6 +21,9 @@ def segment_lut(fragments: np.ndarray, merges: np.ndarray) -> np.ndarray:
     nodes = nodes[nodes > 0]
     if nodes.size == 0:
         return np.zeros((2, 0), dtype=np.uint64)
+    from scipy.sparse import coo_matrix  # only the solve needs scipy: fragment workers skip it
+    from scipy.sparse.csgraph import connected_components
+
     rows = np.searchsorted(nodes, merges[:, 0])
     cols = np.searchsorted(nodes, merges[:, 1])
     graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(nodes.size,) * 2)

@@ -1,0 +1,268 @@
+"""Context without decoding whole neighbouring chunks: thin copies of every chunk's faces.
+
+A block read with context touches the chunks around its own: 64^3 blocks on
+64^3 chunks with one voxel of context decode 27 chunks to use 1 whole and
+26 slivers, and decoding is most of what such a block costs. A halo keeps,
+for every chunk of an array, its 2 x dims face slabs (as thick as the
+context) in one small uncompressed file; a read takes the slivers from
+there and decodes only the chunks it uses whole.
+
+Slabs are made as a side effect of the run, so each chunk is decoded about
+twice in all, not 27 times: a read that has to decode a neighbouring chunk
+of an input keeps its slabs (`from_reads`), and a write of a whole chunk of
+an output that blocks read back with context (segment fragments) keeps its
+slabs. A slab is an optimisation only: where none exists the chunk is read
+from zarr, so a missing halo costs time, never correctness. A chunk's slab
+file is removed before the chunk is rewritten and saved after.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from funlib.geometry import Coordinate, Roi
+
+# a halo is worth it when the read ROI touches this many times the chunks the
+# write ROI does, and its slabs stay below this fraction of the array's bytes
+MIN_AMPLIFICATION = 2.0
+MAX_SLAB_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Halo:
+    """Where one array's face slabs are kept, and how thick they are (voxels per spatial axis)."""
+
+    directory: str
+    thickness: tuple[int, ...]
+    # keep the slabs of chunks that reads decode (inputs: never rewritten during the run)
+    from_reads: bool = False
+
+    def path(self, index: tuple[int, ...]) -> Path:
+        return Path(self.directory) / ("_".join(str(i) for i in index) + ".bin")
+
+
+# -- geometry (pure; boxes are (begin, end) voxel tuples relative to the array's first voxel) --
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def chunks_in(
+    shape: tuple[int, ...], chunk: tuple[int, ...], box: Box
+) -> Iterator[tuple[tuple[int, ...], Box]]:
+    """(grid index, chunk box clipped to the array) of every chunk that `box` touches."""
+    begin = tuple(max(b, 0) for b in box[0])
+    end = tuple(min(e, s) for e, s in zip(box[1], shape))
+    if any(b >= e for b, e in zip(begin, end)):
+        return
+    ranges = [range(b // c, (e - 1) // c + 1) for b, e, c in zip(begin, end, chunk)]
+    for index in itertools.product(*ranges):
+        low = tuple(i * c for i, c in zip(index, chunk))
+        high = tuple(min(lo + c, s) for lo, c, s in zip(low, chunk, shape))
+        yield index, (low, high)
+
+
+def intersect(a: Box, b: Box) -> Box:
+    return tuple(map(max, a[0], b[0])), tuple(map(min, a[1], b[1]))
+
+
+def contains(outer: Box, inner: Box) -> bool:
+    return all(o <= i for o, i in zip(outer[0], inner[0])) and all(i <= o for i, o in zip(inner[1], outer[1]))
+
+
+def slab_boxes(chunk: Box, thickness: tuple[int, ...]) -> list[Box]:
+    """The face slabs of a chunk: axis 0 low, axis 0 high, axis 1 low, ..."""
+    slabs = []
+    begin, end = chunk
+    for axis, t in enumerate(thickness):
+        depth = min(t, end[axis] - begin[axis])
+        for low in (begin[axis], end[axis] - depth):
+            slabs.append(
+                ((*begin[:axis], low, *begin[axis + 1 :]), (*end[:axis], low + depth, *end[axis + 1 :]))
+            )
+    return slabs
+
+
+def slab_holding(piece: Box, chunk: Box, thickness: tuple[int, ...]) -> int | None:
+    """Which face slab of `chunk` contains `piece` (a part of the chunk), if any."""
+    for k, slab in enumerate(slab_boxes(chunk, thickness)):
+        if contains(slab, piece):
+            return k
+    return None
+
+
+def context_thickness(read_roi: Roi, write_roi: Roi, voxel_size: Coordinate) -> Coordinate:
+    """The context of a block on each spatial axis (voxels; the larger of the two sides)."""
+    low = (write_roi.begin - read_roi.begin) / voxel_size
+    high = (read_roi.end - write_roi.end) / voxel_size
+    return Coordinate(max(a, b, 0) for a, b in zip(low, high))
+
+
+def chunks_touched(roi: Roi, origin: Coordinate, chunk_world: Coordinate) -> int:
+    """How many chunks of the grid (origin + k * chunk) `roi` touches."""
+    first = (roi.begin - origin) // chunk_world
+    last = (roi.end - origin - Coordinate((1,) * roi.dims)) // chunk_world
+    return int(np.prod([e - f + 1 for f, e in zip(first, last)]))
+
+
+def plan_thickness(
+    read_roi: Roi, write_roi: Roi, voxel_size: Coordinate, chunk_shape: Coordinate, origin: Coordinate
+) -> Coordinate | None:
+    """The slab thickness (voxels) that pays for a halo of an array read with this context, or None.
+
+    A halo pays when a block (the first one: they repeat on the grid) decodes
+    many more chunks than it writes (`MIN_AMPLIFICATION`) and the slabs
+    stay thin next to the chunks.
+    """
+    thickness = context_thickness(read_roi, write_roi, voxel_size)
+    if not any(thickness) or any(t >= c for t, c in zip(thickness, chunk_shape)):
+        return None
+    chunk_world = chunk_shape * voxel_size
+    amplification = chunks_touched(read_roi, origin, chunk_world) / chunks_touched(
+        write_roi, origin, chunk_world
+    )
+    slab_fraction = sum(2 * t / c for t, c in zip(thickness, chunk_shape))
+    if amplification < MIN_AMPLIFICATION or slab_fraction > MAX_SLAB_FRACTION:
+        return None
+    return thickness
+
+
+# -- I/O --------------------------------------------------------------------------------------
+
+
+def _slices(box: Box, within: tuple[int, ...], channel_dims: int) -> tuple[slice, ...]:
+    return (slice(None),) * channel_dims + tuple(slice(b - w, e - w) for b, e, w in zip(*box, within))
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """An array's voxel grid as plain tuples: funlib's Coordinate arithmetic costs more than the I/O."""
+
+    origin: Coordinate
+    voxel_size: Coordinate
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+    channels: tuple[int, ...]
+
+    @classmethod
+    def of(cls, array: Any) -> _Grid:
+        channel_dims = array.channel_dims
+        return cls(
+            array.roi.begin,
+            array.voxel_size,
+            tuple(array.shape[channel_dims:]),
+            tuple(array._source_data.chunks[channel_dims:]),
+            tuple(array.shape[:channel_dims]),
+        )
+
+    def box(self, roi: Roi) -> Box:
+        begin = (roi.begin - self.origin) / self.voxel_size
+        return tuple(begin), tuple(b + s for b, s in zip(begin, roi.shape / self.voxel_size))
+
+
+def load_slabs(array: Any, halo: Halo, index: tuple[int, ...], chunk: Box) -> list[np.ndarray] | None:
+    """The face slabs of one chunk, or None where none are kept (or the file is not whole)."""
+    channels = tuple(array.shape[: array.channel_dims])
+    try:
+        flat = np.fromfile(halo.path(index), dtype=array.dtype)
+    except (FileNotFoundError, ValueError):
+        return None
+    shapes = [channels + tuple(e - b for b, e in zip(*slab)) for slab in slab_boxes(chunk, halo.thickness)]
+    sizes = [int(np.prod(s)) for s in shapes]
+    if flat.size != sum(sizes):
+        return None
+    bounds = np.cumsum([0, *sizes])
+    return [flat[b:e].reshape(shape) for b, e, shape in zip(bounds[:-1], bounds[1:], shapes)]
+
+
+def save_slabs(
+    array: Any, halo: Halo, index: tuple[int, ...], chunk: Box, data: np.ndarray, data_begin: tuple[int, ...]
+) -> None:
+    """Keep the face slabs of one chunk, cut from `data` (whose first voxel is `data_begin`)."""
+    parts = [
+        np.ascontiguousarray(data[_slices(slab, data_begin, array.channel_dims)]).ravel()
+        for slab in slab_boxes(chunk, halo.thickness)
+    ]
+    path = halo.path(index)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    np.concatenate(parts).astype(array.dtype, copy=False).tofile(tmp)
+    os.replace(tmp, path)
+
+
+def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
+    """`roi` of the array (fill value outside it), taking chunk slivers from the halo."""
+    grid = _Grid.of(array)
+    box = grid.box(roi)
+    channel_dims = len(grid.channels)
+    data = np.full(grid.channels + tuple(e - b for b, e in zip(*box)), fill_value, dtype=array.dtype)
+    whole: list[Box] = []
+    rest: list[tuple[tuple[int, ...], Box, Box]] = []
+    for index, chunk in chunks_in(grid.shape, grid.chunk, box):
+        piece = intersect(chunk, box)
+        (whole.append(piece) if piece == chunk else rest.append((index, chunk, piece)))
+    source = array._source_data
+    core: Box = (box[0], box[0])
+    if whole:
+        # the chunks used whole form a box (those of a box inside another): one zarr read
+        core = whole[0]
+        if len(whole) > 1:
+            core = tuple(map(min, *(p[0] for p in whole))), tuple(map(max, *(p[1] for p in whole)))
+        data[_slices(core, box[0], channel_dims)] = source[_slices(core, (0,) * len(box[0]), channel_dims)]
+    for index, chunk, piece in rest:
+        if contains(core, piece):
+            continue
+        k = slab_holding(piece, chunk, halo.thickness)
+        slabs = load_slabs(array, halo, index, chunk) if k is not None else None
+        target = _slices(piece, box[0], channel_dims)
+        if slabs is not None and k is not None:
+            slab = slab_boxes(chunk, halo.thickness)[k]
+            data[target] = slabs[k][_slices(piece, slab[0], channel_dims)]
+        elif _stored(source, index, channel_dims) is False:
+            data[target] = source.fill_value  # what zarr reads for a chunk never written
+        elif k is not None and halo.from_reads:
+            # decode the whole chunk (zarr would anyway) and keep its slabs for the next blocks
+            whole_chunk = source[_slices(chunk, (0,) * len(box[0]), channel_dims)]
+            data[target] = whole_chunk[_slices(piece, chunk[0], channel_dims)]
+            Path(halo.directory).mkdir(parents=True, exist_ok=True)
+            save_slabs(array, halo, index, chunk, whole_chunk, chunk[0])
+        else:
+            data[target] = source[_slices(piece, (0,) * len(box[0]), channel_dims)]
+    return data
+
+
+def _stored(source: Any, index: tuple[int, ...], channel_dims: int) -> bool | None:
+    """Whether a chunk was ever written (None: this store cannot say cheaply).
+
+    A neighbour that has not run yet has no chunk and no slabs: a stat
+    instead of a zarr read.
+    """
+    root = getattr(getattr(source, "store", None), "root", None)
+    if root is None or tuple(source.chunks[:channel_dims]) != tuple(source.shape[:channel_dims]):
+        return None
+    try:
+        key = source.metadata.encode_chunk_key((0,) * channel_dims + tuple(index))
+    except Exception:
+        return None
+    return os.path.exists(os.path.join(root, getattr(source, "path", ""), key))
+
+
+def forget(array: Any, halo: Halo, roi: Roi) -> None:
+    """Remove the slabs of every chunk `roi` touches: they are about to be rewritten."""
+    grid = _Grid.of(array)
+    for index, _ in chunks_in(grid.shape, grid.chunk, grid.box(roi)):
+        halo.path(index).unlink(missing_ok=True)
+
+
+def keep(array: Any, halo: Halo, roi: Roi, data: np.ndarray) -> None:
+    """After `data` was written to `roi`: keep the slabs of every chunk it covers whole."""
+    grid = _Grid.of(array)
+    box = grid.box(roi)
+    Path(halo.directory).mkdir(parents=True, exist_ok=True)
+    for index, chunk in chunks_in(grid.shape, grid.chunk, box):
+        if contains(box, chunk):
+            save_slabs(array, halo, index, chunk, data, box[0])

@@ -1,0 +1,126 @@
+"""Halo reads equal plain zarr reads: random arrays, chunks, ROIs, thickness, missing slabs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from funlib.geometry import Coordinate, Roi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from voxblock import arrays, halo
+from voxblock.halo import Halo, chunks_in, chunks_touched, plan_thickness, slab_boxes, slab_holding
+from voxblock_testing.volumes import write_array
+
+
+@st.composite
+def cases(draw):
+    dims = draw(st.integers(2, 3))
+    chunk = tuple(draw(st.integers(2, 6)) for _ in range(dims))
+    shape = tuple(draw(st.integers(1, 3 * c + 2)) for c in chunk)
+    thickness = tuple(draw(st.integers(1, max(1, c - 1))) for c in chunk)
+    voxel = draw(st.sampled_from([1, 2]))
+    channels = draw(st.sampled_from([0, 1]))
+    offset = tuple(voxel * draw(st.integers(-3, 3)) for _ in range(dims))
+    reads = []
+    for _ in range(draw(st.integers(1, 4))):
+        begin = tuple(o + voxel * draw(st.integers(-3, s)) for o, s in zip(offset, shape))
+        size = tuple(voxel * draw(st.integers(1, s + 4)) for s in shape)
+        reads.append(Roi(begin, size))
+    drop = draw(st.lists(st.integers(0, 200), max_size=5))
+    zero_from = tuple(draw(st.integers(0, s)) for s in shape)
+    return dims, chunk, shape, thickness, voxel, channels, offset, reads, drop, zero_from
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=cases())
+def test_halo_read_equals_zarr_read(tmp_path_factory, case):
+    dims, chunk, shape, thickness, voxel, channels, offset, reads, drop, zero_from = case
+    tmp = tmp_path_factory.mktemp("halo")
+    rng = np.random.default_rng(0)
+    full = (2,) * channels + shape
+    data = rng.integers(1, 1000, size=full).astype(np.int32)
+    # zeros (the fill value) from a corner on: zarr stores no chunk that holds only them
+    data[(..., *(slice(z, None) for z in zero_from))] = 0
+    name = write_array(
+        f"{tmp}/v.zarr/a",
+        data,
+        voxel_size=(voxel,) * dims,
+        offset=offset,
+        chunk_shape=chunk,
+        channel_dims=channels,
+    )
+    array = arrays.open_input(name)
+    kept = Halo(str(tmp / "halo"), thickness)
+    # the pre-pass: every chunk's slabs, then some of them lost
+    halo.keep(array, kept, array.roi, arrays.read(array, array.roi))
+    files = sorted((tmp / "halo").iterdir())
+    for i in drop:
+        if files:
+            files[i % len(files)].unlink(missing_ok=True)
+    for roi in reads:
+        expected = arrays.read(array, roi, fill_value=-1)
+        got = halo.read(array, roi, -1, kept)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_writes_keep_slabs_that_match_the_chunks(tmp_path):
+    data = np.zeros((8, 8, 8), dtype=np.uint16)
+    name = write_array(f"{tmp_path}/v.zarr/a", data, chunk_shape=(4, 4, 4))
+    with arrays.halos_in_use({name: Halo(str(tmp_path / "halo"), (1, 1, 1))}):
+        array = arrays.open_output(name)
+    assert array._halo is not None
+    plain = arrays.open_output(name)
+    assert plain._halo is None  # registered only while in use
+    block = Roi((0, 0, 4), (4, 4, 4))
+    arrays.write(array, block, np.full((4, 4, 4), 7, np.uint16))
+    assert (tmp_path / "halo" / "0_0_1.bin").exists()
+    # rewriting part of a chunk removes its slabs (they would be stale)
+    arrays.write(array, Roi((0, 0, 4), (2, 4, 4)), np.full((2, 4, 4), 9, np.uint16))
+    assert not (tmp_path / "halo" / "0_0_1.bin").exists()
+    arrays.write(array, block, np.arange(64, dtype=np.uint16).reshape(4, 4, 4))
+    read = Roi((-1, -1, 3), (6, 6, 6))
+    np.testing.assert_array_equal(arrays.read(array, read), arrays.read(plain, read))
+
+
+def test_slab_geometry():
+    chunk = ((0, 0), (4, 6))
+    assert slab_boxes(chunk, (1, 2)) == [
+        ((0, 0), (1, 6)),
+        ((3, 0), (4, 6)),
+        ((0, 0), (4, 2)),
+        ((0, 4), (4, 6)),
+    ]
+    assert slab_holding(((3, 1), (4, 3)), chunk, (1, 2)) == 1
+    assert slab_holding(((1, 1), (3, 3)), chunk, (1, 2)) is None
+    # a chunk clipped by the array's end has slabs no thicker than itself
+    assert slab_boxes(((8, 0), (9, 4)), (2, 1))[:2] == [((8, 0), (9, 4)), ((8, 0), (9, 4))]
+    assert list(chunks_in((9, 4), (4, 4), ((-1, -1), (5, 2)))) == [
+        ((0, 0), ((0, 0), (4, 4))),
+        ((1, 0), ((4, 0), (8, 4))),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("block", "context", "chunk", "expected"),
+    [
+        (64, 1, 64, (1, 1, 1)),  # 27 chunks for 1: worth a halo
+        (64, 0, 64, None),  # no context
+        (256, 1, 64, (1, 1, 1)),  # 6^3 / 4^3 = 3.4
+        (64, 40, 64, None),  # slabs as thick as the chunks
+        (1024, 1, 64, None),  # 18^3 / 16^3 = 1.4: not worth it
+    ],
+)
+def test_plan_thickness(block, context, chunk, expected):
+    write = Roi((0, 0, 0), (block,) * 3)
+    read = write.grow(context, context)
+    got = plan_thickness(read, write, Coordinate((1, 1, 1)), Coordinate((chunk,) * 3), Coordinate((0, 0, 0)))
+    assert (tuple(got) if got is not None else None) == expected
+
+
+def test_chunks_touched():
+    chunk = Coordinate((64, 64, 64))
+    origin = Coordinate((0, 0, 0))
+    assert chunks_touched(Roi((0, 0, 0), (64, 64, 64)), origin, chunk) == 1
+    assert chunks_touched(Roi((-1, -1, -1), (66, 66, 66)), origin, chunk) == 27
+    assert chunks_touched(Roi((-1, -1, -1), (66, 66, 66)), Coordinate((-1, -1, -1)), chunk) == 8
