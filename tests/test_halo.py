@@ -124,3 +124,71 @@ def test_chunks_touched():
     assert chunks_touched(Roi((0, 0, 0), (64, 64, 64)), origin, chunk) == 1
     assert chunks_touched(Roi((-1, -1, -1), (66, 66, 66)), origin, chunk) == 27
     assert chunks_touched(Roi((-1, -1, -1), (66, 66, 66)), Coordinate((-1, -1, -1)), chunk) == 8
+
+
+def _halo_files(run_dir) -> int:
+    return sum(1 for _ in run_dir.rglob("halo/*/*.bin"))
+
+
+def test_segment_with_and_without_halo_real_scheduler(tmp_path):
+    """Two real workers; a halo on the input and on the fragments changes nothing but speed."""
+    import voxblock
+    from voxblock_testing.volumes import blobs, read_array
+
+    raw = blobs(f"{tmp_path}/v.zarr/raw", (48, 48, 32), chunk_shape=(16, 16, 16), seed=3)
+    block = Roi((0, 0, 0), (16, 16, 16))
+    outputs = {}
+    for halo_choice in (None, False):
+        output = f"{tmp_path}/v.zarr/seg_{halo_choice}"
+        ok = voxblock.segment_blockwise(
+            "threshold-label",
+            (1, 1, 1),
+            Roi((0, 0, 0), (48, 48, 32)),
+            block,
+            block,
+            num_workers=2,
+            input=raw,
+            output=output,
+            parameters={"threshold": 0.5, "connectivity": 26},
+            progress=False,
+            halo=halo_choice,
+        )
+        assert ok
+        outputs[halo_choice] = read_array(output)
+        files = _halo_files(tmp_path / "v.zarr.voxblock" / f"seg_{halo_choice}")
+        # 18 input chunks and 18 fragment chunks keep slabs; none when switched off
+        assert files == (36 if halo_choice is None else 0)
+    np.testing.assert_array_equal(outputs[None], outputs[False])
+
+
+def test_cli_no_halo(tmp_path):
+    from click.testing import CliRunner
+
+    from voxblock.cli import main
+    from voxblock_testing.volumes import random_raw
+
+    raw = random_raw(f"{tmp_path}/v.zarr/raw", (32, 32, 32), chunk_shape=(16, 16, 16), seed=2)
+    for flag in ("--halo", "--no-halo"):
+        result = CliRunner().invoke(
+            main,
+            [
+                "segment",
+                "threshold-label",
+                "--input",
+                raw,
+                "--output",
+                f"{tmp_path}/v.zarr/seg{flag}",
+                "--block-size",
+                "16",
+                "--context",
+                "1",
+                "-p",
+                "threshold=0.5",
+                "--workers",
+                "1",
+                "--no-progress",
+                flag,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert (_halo_files(tmp_path / "v.zarr.voxblock" / f"seg{flag}") > 0) == (flag == "--halo")

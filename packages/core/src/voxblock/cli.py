@@ -38,6 +38,12 @@ CLUSTER_KEYS = (
     "host",
 )
 
+HALO_HELP = (
+    "read each block's context from thin copies of chunk faces kept in the run directory "
+    "instead of decoding whole neighbouring chunks [default: where the context is thin next "
+    "to the chunks]"
+)
+
 
 def _cluster_options(function: Any) -> Any:
     """Where workers run: --cluster and its resources (defaults from voxblock.toml [cluster])."""
@@ -154,6 +160,7 @@ def _run_options(function: Any) -> Any:
         click.option("--fresh", is_flag=True, help="forget done blocks and start over"),
         click.option("--overwrite", is_flag=True, help="replace an output that holds other data"),
         click.option("--no-progress", is_flag=True, help="no progress bar"),
+        click.option("--halo/--no-halo", default=None, help=HALO_HELP),
     ]
     function = _cluster_options(function)  # listed after the run options
     for decorate in reversed(options):
@@ -271,6 +278,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             "fresh",
             "overwrite",
             "no_progress",
+            "halo",
         )
     }
     if cls is None:
@@ -308,6 +316,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             fresh=common["fresh"],
             overwrite=common["overwrite"],
             compute=compute,
+            halo=common["halo"],
             **options,
         )
         report = run_tasks([task], progress=not common["no_progress"], host=host)
@@ -450,6 +459,7 @@ main.add_command(
 @click.option("--fresh", is_flag=True, help="forget every pass and start over")
 @click.option("--overwrite", is_flag=True, help="replace an output that holds other data")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
+@click.option("--halo/--no-halo", default=None, help=HALO_HELP)
 @_cluster_options
 def segment(function: str, **values: Any) -> None:
     """Segment a volume blockwise into one consistent labelling.
@@ -499,6 +509,7 @@ def segment(function: str, **values: Any) -> None:
             progress=not values["no_progress"],
             compute=compute,
             host=host,
+            halo=values["halo"],
         )
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None

@@ -30,6 +30,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -78,20 +79,27 @@ def serve_blocks(job: Job) -> None:
     """
     import daisy.v2 as daisy
 
+    started = time.monotonic()
     run_dir = RunDirectory(Path(job.run_dir))
     client = daisy.Client()
     with arrays.halos_in_use(job.halos):
         job.worker.setup()
-        _serve(client, job, run_dir)
+        ready = time.monotonic()
+        blocks, last = _serve(client, job, run_dir)
+    run_dir.record_worker(
+        {"setup_seconds": ready - started, "blocks": blocks, "serving_seconds": max(0.0, last - ready)}
+    )
 
 
-def _serve(client: Any, job: Job, run_dir: RunDirectory) -> None:
+def _serve(client: Any, job: Job, run_dir: RunDirectory) -> tuple[int, float]:
+    """Serve blocks until none are left: (blocks done, when the last one ended)."""
+    blocks, last = 0, time.monotonic()
     while True:
         current = None
         try:
             with client.acquire_block() as block:
                 if block is None:
-                    return
+                    return blocks, last
                 current = block
                 try:
                     job.worker.process(block)
@@ -105,6 +113,8 @@ def _serve(client: Any, job: Job, run_dir: RunDirectory) -> None:
                     # attempt the run may end as soon as it does
                     run_dir.record_failure(block, error)
                     raise
+            blocks += 1
+            last = time.monotonic()
         except Exception:
             if current is None:
                 raise

@@ -165,19 +165,24 @@ class _Grid:
         return tuple(begin), tuple(b + s for b, s in zip(begin, roi.shape / self.voxel_size))
 
 
-def load_slabs(array: Any, halo: Halo, index: tuple[int, ...], chunk: Box) -> list[np.ndarray] | None:
-    """The face slabs of one chunk, or None where none are kept (or the file is not whole)."""
+def load_slab(array: Any, halo: Halo, index: tuple[int, ...], chunk: Box, k: int) -> np.ndarray | None:
+    """Face slab `k` of one chunk, or None where none is kept (or its file is not whole)."""
     channels = tuple(array.shape[: array.channel_dims])
-    try:
-        flat = np.fromfile(halo.path(index), dtype=array.dtype)
-    except (FileNotFoundError, ValueError):
-        return None
     shapes = [channels + tuple(e - b for b, e in zip(*slab)) for slab in slab_boxes(chunk, halo.thickness)]
     sizes = [int(np.prod(s)) for s in shapes]
-    if flat.size != sum(sizes):
+    itemsize = np.dtype(array.dtype).itemsize
+    path = halo.path(index)
+    try:
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size != sum(sizes) * itemsize:
+                return None
+            file.seek(sum(sizes[:k]) * itemsize)
+            flat = np.fromfile(file, dtype=array.dtype, count=sizes[k])
+    except (FileNotFoundError, ValueError):
         return None
-    bounds = np.cumsum([0, *sizes])
-    return [flat[b:e].reshape(shape) for b, e, shape in zip(bounds[:-1], bounds[1:], shapes)]
+    if flat.size != sizes[k]:
+        return None
+    return flat.reshape(shapes[k])
 
 
 def save_slabs(
@@ -217,11 +222,10 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
         if contains(core, piece):
             continue
         k = slab_holding(piece, chunk, halo.thickness)
-        slabs = load_slabs(array, halo, index, chunk) if k is not None else None
+        slab = load_slab(array, halo, index, chunk, k) if k is not None else None
         target = _slices(piece, box[0], channel_dims)
-        if slabs is not None and k is not None:
-            slab = slab_boxes(chunk, halo.thickness)[k]
-            data[target] = slabs[k][_slices(piece, slab[0], channel_dims)]
+        if slab is not None and k is not None:
+            data[target] = slab[_slices(piece, slab_boxes(chunk, halo.thickness)[k][0], channel_dims)]
         elif _stored(source, index, channel_dims) is False:
             data[target] = source.fill_value  # what zarr reads for a chunk never written
         elif k is not None and halo.from_reads:

@@ -41,6 +41,10 @@ class TaskReport:
     abandoned: str | None = None
     last_worker_error: str | None = None
     seconds: float = 0.0
+    # from the worker processes that ended normally: the longest set-up (imports, model
+    # load), and blocks per second while serving (after set-up), all workers together
+    worker_setup_seconds: float = 0.0
+    serving_blocks_per_second: float = 0.0
 
     @property
     def succeeded(self) -> bool:
@@ -69,6 +73,11 @@ class RunReport:
                 f"({t.seconds:.1f} s; {t.retried_blocks} blocks retried, "
                 f"{t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
             )
+            if t.serving_blocks_per_second:
+                lines.append(
+                    f"  workers: set-up {t.worker_setup_seconds:.1f} s, then "
+                    f"{t.serving_blocks_per_second:.1f} blocks/s"
+                )
             for failed in t.failed_blocks[:20]:
                 roi = failed.write_roi
                 lines.append(
@@ -193,6 +202,8 @@ def _run_pipeline(
     import daisy.v2 as daisy
 
     daisy_tasks = {id(t): t.daisy_task(ids[id(t)], serial=serial) for t in ordered}
+    for task in ordered:
+        task.run_dir.forget_workers()  # this run's timings only
     edges = [(daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks]
     pipeline = daisy.Pipeline(list(daisy_tasks.values()), edges)
     previous_log_dir = daisy_logging.get_log_basedir()
@@ -298,7 +309,20 @@ def _task_report(
         abandoned=state.abandon_reason if state.abandoned else None,
         last_worker_error=state.last_worker_error,
         seconds=seconds,
+        **_worker_timings(task.run_dir.worker_records()),
     )
+
+
+def _worker_timings(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Set-up and serving rate over the worker processes of one run (see `compute.serve_blocks`)."""
+    if not records:
+        return {}
+    serving = max(r.get("serving_seconds", 0.0) for r in records)
+    blocks = sum(r.get("blocks", 0) for r in records)
+    return {
+        "worker_setup_seconds": max(r.get("setup_seconds", 0.0) for r in records),
+        "serving_blocks_per_second": blocks / serving if serving > 0 else 0.0,
+    }
 
 
 class InitCallbacks:

@@ -6,6 +6,7 @@
     <run_dir>/failures/      one JSON line per failed block attempt
     <run_dir>/logs/          one .out/.err pair per worker process
     <run_dir>/halo/          chunk face slabs for reads with context (voxblock.halo)
+    <run_dir>/workers/       one JSON per worker process of the last run: start-up and block times
     <run_dir>/report.json    the summary of the last run
 
 By default it sits beside the output container (`volume.zarr.voxblock/
@@ -57,6 +58,10 @@ class RunDirectory:
     @property
     def init_dir(self) -> Path:
         return self.path / "init"
+
+    @property
+    def workers_dir(self) -> Path:
+        return self.path / "workers"
 
     @property
     def halo_dir(self) -> Path:
@@ -193,6 +198,26 @@ class RunDirectory:
         except FileNotFoundError:
             return []
         return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    # -- worker timings -------------------------------------------------------
+
+    def record_worker(self, timings: dict[str, Any]) -> None:
+        """Worker side, when its loop ends: how long set-up took and how long it served blocks."""
+        self.workers_dir.mkdir(parents=True, exist_ok=True)
+        record = {**timings, "host": socket.gethostname(), "pid": os.getpid()}
+        _write_atomic(self.workers_dir / f"{socket.gethostname()}-{os.getpid()}.json", json.dumps(record))
+
+    def worker_records(self) -> list[dict[str, Any]]:
+        records = []
+        for path in sorted(self.workers_dir.glob("*.json")):
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError):
+                continue
+        return records
+
+    def forget_workers(self) -> None:
+        shutil.rmtree(self.workers_dir, ignore_errors=True)
 
     # -- init callback gate ---------------------------------------------------
 

@@ -217,11 +217,15 @@ class Predict(ArrayWorker):
         self._model = load_model(self.model, self.checkpoint, self._device)
 
     def normalized(self, data: np.ndarray) -> np.ndarray:
-        data = data.astype(np.float32)
+        if self.normalize == "none":
+            return data.astype(np.float32, copy=False)
+        data = data.astype(np.float32)  # a copy, normalised in place: no temporaries per block
         if self.normalize == "minmax":
-            data = (data - np.float32(self.min)) / np.float32(self.max - self.min)
+            np.subtract(data, np.float32(self.min), out=data)
+            np.divide(data, np.float32(self.max - self.min), out=data)
         elif self.normalize == "scale":
-            data = data * np.float32(self.scale) + np.float32(self.shift)
+            np.multiply(data, np.float32(self.scale), out=data)
+            np.add(data, np.float32(self.shift), out=data)
         return data
 
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:

@@ -36,9 +36,9 @@ def block_edges(own: np.ndarray, neighbours: np.ndarray, context: np.ndarray) ->
         count_a[0] = 0  # background is not an object
     keys, overlap = np.unique(index_a[both].astype(np.int64) * ids_b.size + index_b[both], return_counts=True)
     pair_a, pair_b = np.divmod(keys, ids_b.size)
-    return np.column_stack(
-        [ids_a[pair_a], ids_b[pair_b], overlap, count_a[pair_a], count_b[pair_b]]
-    ).astype(np.uint64)
+    return np.column_stack([ids_a[pair_a], ids_b[pair_b], overlap, count_a[pair_a], count_b[pair_b]]).astype(
+        np.uint64
+    )
 
 
 def select_edges(edges: np.ndarray, merge: str = "any", threshold: float = 0.0) -> np.ndarray:
