@@ -49,6 +49,9 @@ def bench(session: nox.Session) -> None:
     session.install(TORCH)
     session.install(*PACKAGES, "matplotlib>=3.8", "psutil>=5.9")
     session.run("python", "benchmarks/run.py", *args)
+    if "--full" in args and not any(a.startswith("--only") for a in args):
+        # the README's table comes from the full run that measured it
+        session.run("python", "tools/readme_section.py", "performance", "benchmarks/results/README-table.md")
 
 
 @nox.session
