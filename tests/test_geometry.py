@@ -94,6 +94,7 @@ def test_written_roi_is_the_union_of_writes_in_the_target(case: BlockingCase):
     assert sum(_volume(w) for w in writes) == _volume(written)
     for w in writes:
         assert written.contains(w)
+    assert blocking.first_block() == blocking.blocks()[0]
 
 
 @settings(max_examples=1000, deadline=None)

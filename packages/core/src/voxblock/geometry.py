@@ -6,6 +6,7 @@ against the real scheduler. ROIs are `funlib.geometry.Roi` in world units.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -115,33 +116,58 @@ class Blocking:
         below, above = self.context
         return self.total_roi.grow(-below, -above)
 
-    def _candidates(self):
-        """Every grid position whose write ROI starts inside the target region."""
+    def _axis_blocks(self, axis: int) -> list[tuple[int, int, int, int]]:
+        """(read begin, read end, write begin, write end) of the blocks along one axis.
+
+        The fit modes decide per axis (a block is kept, or clipped, on each
+        axis alone), so the blocks are the product of these lists.
+        """
         target = self.target_roi
-        if target.empty:
-            return
-        stride = self.write_roi.shape
-        counts = [-(-t // s) for t, s in zip(target.shape, stride)]
-        to_start = self.total_roi.begin - self.read_roi.begin
-        first_read, first_write = self.read_roi.shift(to_start), self.write_roi.shift(to_start)
-        for index in _grid(counts):
-            shift = Coordinate(i * s for i, s in zip(index, stride))
-            yield first_read.shift(shift), first_write.shift(shift)
+        stride = self.write_roi.shape[axis]
+        count = -(-target.shape[axis] // stride) if not target.empty else 0
+        start = self.total_roi.begin[axis] - self.read_roi.begin[axis]
+        total_b, total_e = self.total_roi.begin[axis], self.total_roi.end[axis]
+        target_b, target_e = target.begin[axis], target.end[axis]
+        kept = []
+        for i in range(count):
+            shift = start + i * stride
+            read_b, read_e = self.read_roi.begin[axis] + shift, self.read_roi.end[axis] + shift
+            write_b, write_e = self.write_roi.begin[axis] + shift, self.write_roi.end[axis] + shift
+            if self.fit == "valid":
+                if total_b <= read_b and read_e <= total_e:
+                    kept.append((read_b, read_e, write_b, write_e))
+            elif write_b < target_e and target_b < write_e:
+                if self.fit == "overhang":
+                    kept.append((read_b, read_e, write_b, write_e))
+                else:
+                    read_b, read_e = max(read_b, total_b), min(read_e, total_e)
+                    kept.append((read_b, read_e, max(write_b, target_b), min(write_e, target_e)))
+        return kept
 
     def blocks(self) -> list[tuple[Roi, Roi]]:
         """(read ROI, write ROI) of every block the task runs, in grid order."""
-        target = self.target_roi
+        axes = [self._axis_blocks(d) for d in range(self.total_roi.dims)]
         result = []
-        for read, write in self._candidates():
-            if self.fit == "valid":
-                if self.total_roi.contains(read):
-                    result.append((read, write))
-            elif write.intersects(target):
-                if self.fit == "overhang":
-                    result.append((read, write))
-                else:
-                    result.append((read.intersect(self.total_roi), write.intersect(target)))
+        for combination in itertools.product(*axes):
+            read_b, read_e, write_b, write_e = zip(*combination)
+            result.append(
+                (
+                    Roi(read_b, tuple(e - b for b, e in zip(read_b, read_e))),
+                    Roi(write_b, tuple(e - b for b, e in zip(write_b, write_e))),
+                )
+            )
         return result
+
+    def first_block(self) -> tuple[Roi, Roi] | None:
+        """The first block of `blocks()`, without listing them all."""
+        axes = [self._axis_blocks(d) for d in range(self.total_roi.dims)]
+        if not all(axes):
+            return None
+        read_b, read_e, write_b, write_e = zip(*(axis[0] for axis in axes))
+        return (
+            Roi(read_b, tuple(e - b for b, e in zip(read_b, read_e))),
+            Roi(write_b, tuple(e - b for b, e in zip(write_b, write_e))),
+        )
 
     @property
     def num_blocks(self) -> int:
@@ -160,11 +186,11 @@ class Blocking:
     @property
     def written_roi(self) -> Roi:
         """The bounding box of what the task writes, clipped to the target region."""
-        blocks = self.blocks()
-        if not blocks:
+        axes = [self._axis_blocks(d) for d in range(self.total_roi.dims)]
+        if not all(axes):
             return Roi(self.total_roi.begin, (0,) * self.total_roi.dims)
-        begin = Coordinate(min(w.begin[d] for _, w in blocks) for d in range(self.total_roi.dims))
-        end = Coordinate(max(w.end[d] for _, w in blocks) for d in range(self.total_roi.dims))
+        begin = Coordinate(min(b[2] for b in axis) for axis in axes)
+        end = Coordinate(max(b[3] for b in axis) for axis in axes)
         return Roi(begin, end - begin).intersect(self.target_roi)
 
     def chunk_misalignment(self, array_roi: Roi, chunk_world: Coordinate) -> str | None:
@@ -179,7 +205,8 @@ class Blocking:
                     f"the write block {tuple(self.write_roi.shape)} is not a multiple of the "
                     f"output chunk {tuple(chunk_world)} (world units)"
                 )
-        for _, write in self.blocks()[:1]:
+        first = self.first_block()
+        for _, write in [first] if first is not None else []:
             for d in range(self.total_roi.dims):
                 if (write.begin[d] - array_roi.begin[d]) % chunk_world[d] != 0:
                     return (
@@ -188,15 +215,6 @@ class Blocking:
                         f"{tuple(chunk_world)} world units)"
                     )
         return None
-
-
-def _grid(counts: list[int]):
-    if not counts:
-        yield ()
-        return
-    for i in range(counts[0]):
-        for rest in _grid(counts[1:]):
-            yield (i, *rest)
 
 
 def to_world(voxels: Coordinate, voxel_size: Coordinate) -> Coordinate:

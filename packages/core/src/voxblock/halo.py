@@ -18,7 +18,10 @@ file is removed before the chunk is rewritten and saved after.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+import operator
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,23 +78,37 @@ def contains(outer: Box, inner: Box) -> bool:
     return all(o <= i for o, i in zip(outer[0], inner[0])) and all(i <= o for i, o in zip(inner[1], outer[1]))
 
 
+@functools.lru_cache(maxsize=256)
+def _relative_slabs(extent: tuple[int, ...], thickness: tuple[int, ...]) -> tuple[Box, ...]:
+    """The face slabs of a chunk of this extent, relative to its first voxel (the same for most chunks)."""
+    slabs = []
+    for axis, t in enumerate(thickness):
+        depth = min(t, extent[axis])
+        for low in (0, extent[axis] - depth):
+            begin = (0,) * len(extent)
+            slabs.append(
+                ((*begin[:axis], low, *begin[axis + 1 :]), (*extent[:axis], low + depth, *extent[axis + 1 :]))
+            )
+    return tuple(slabs)
+
+
 def slab_boxes(chunk: Box, thickness: tuple[int, ...]) -> list[Box]:
     """The face slabs of a chunk: axis 0 low, axis 0 high, axis 1 low, ..."""
-    slabs = []
     begin, end = chunk
-    for axis, t in enumerate(thickness):
-        depth = min(t, end[axis] - begin[axis])
-        for low in (begin[axis], end[axis] - depth):
-            slabs.append(
-                ((*begin[:axis], low, *begin[axis + 1 :]), (*end[:axis], low + depth, *end[axis + 1 :]))
-            )
-    return slabs
+    extent = tuple(e - b for b, e in zip(begin, end))
+    return [
+        (tuple(map(operator.add, low, begin)), tuple(map(operator.add, high, begin)))
+        for low, high in _relative_slabs(extent, thickness)
+    ]
 
 
 def slab_holding(piece: Box, chunk: Box, thickness: tuple[int, ...]) -> int | None:
     """Which face slab of `chunk` contains `piece` (a part of the chunk), if any."""
-    for k, slab in enumerate(slab_boxes(chunk, thickness)):
-        if contains(slab, piece):
+    begin, end = chunk
+    extent = tuple(e - b for b, e in zip(begin, end))
+    relative = (tuple(map(operator.sub, piece[0], begin)), tuple(map(operator.sub, piece[1], begin)))
+    for k, slab in enumerate(_relative_slabs(extent, thickness)):
+        if contains(slab, relative):
             return k
     return None
 
@@ -165,22 +182,35 @@ class _Grid:
         return tuple(begin), tuple(b + s for b, s in zip(begin, roi.shape / self.voxel_size))
 
 
+@functools.lru_cache(maxsize=256)
+def _file_layout(
+    extent: tuple[int, ...], thickness: tuple[int, ...], channels: tuple[int, ...]
+) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+    """Shapes of a chunk's slabs in its file, and where each starts (elements; last: the total)."""
+    shapes = tuple(
+        channels + tuple(e - b for b, e in zip(*slab)) for slab in _relative_slabs(extent, thickness)
+    )
+    starts = [0]
+    for shape in shapes:
+        starts.append(starts[-1] + math.prod(shape))
+    return shapes, tuple(starts)
+
+
 def load_slab(array: Any, halo: Halo, index: tuple[int, ...], chunk: Box, k: int) -> np.ndarray | None:
     """Face slab `k` of one chunk, or None where none is kept (or its file is not whole)."""
-    channels = tuple(array.shape[: array.channel_dims])
-    shapes = [channels + tuple(e - b for b, e in zip(*slab)) for slab in slab_boxes(chunk, halo.thickness)]
-    sizes = [int(np.prod(s)) for s in shapes]
-    itemsize = np.dtype(array.dtype).itemsize
-    path = halo.path(index)
+    extent = tuple(e - b for b, e in zip(*chunk))
+    shapes, starts = _file_layout(extent, halo.thickness, tuple(array.shape[: array.channel_dims]))
+    dtype = array.dtype
+    itemsize = dtype.itemsize
     try:
-        with open(path, "rb") as file:
-            if os.fstat(file.fileno()).st_size != sum(sizes) * itemsize:
+        with open(halo.path(index), "rb") as file:
+            if os.fstat(file.fileno()).st_size != starts[-1] * itemsize:
                 return None
-            file.seek(sum(sizes[:k]) * itemsize)
-            flat = np.fromfile(file, dtype=array.dtype, count=sizes[k])
+            file.seek(starts[k] * itemsize)
+            flat = np.fromfile(file, dtype=dtype, count=starts[k + 1] - starts[k])
     except (FileNotFoundError, ValueError):
         return None
-    if flat.size != sizes[k]:
+    if flat.size != starts[k + 1] - starts[k]:
         return None
     return flat.reshape(shapes[k])
 

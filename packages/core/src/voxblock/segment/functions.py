@@ -43,9 +43,11 @@ def threshold_label(
         allowed = {2: (4, 8), 3: (6, 18, 26)}[foreground.ndim]
         if connectivity not in allowed:
             connectivity = allowed[0] if connectivity in (4, 6) else allowed[-1]
-        # uint8, not bool: cc3d 4.1 mislabels some bool 2-D images with 8-connectivity
+        # uint8, not bool: cc3d 4.1 mislabels some bool 2-D images with 8-connectivity;
+        # uint32 labels (a block has fewer voxels than that) halve what later steps move
+        out_dtype = np.uint32 if foreground.size < 2**32 else np.uint64
         return cc3d.connected_components(
-            foreground.view(np.uint8), connectivity=connectivity, out_dtype=np.uint64
+            foreground.view(np.uint8), connectivity=connectivity, out_dtype=out_dtype
         )
     from scipy import ndimage
 

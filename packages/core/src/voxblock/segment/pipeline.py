@@ -124,10 +124,10 @@ def _preview(function: SegmentFunction, source: Any, blocking: Blocking) -> None
     """Run the function on the first block in the driver: a wrong shape or dtype fails now."""
     import daisy.v2 as daisy
 
-    blocks = blocking.blocks()
-    if not blocks:
+    first = blocking.first_block()
+    if first is None:
         raise VoxblockError(f"no block fits in the total ROI {blocking.total_roi}")
-    read, write = blocks[0]
+    read, write = first
     try:
         labels = function(source, daisy.Block(blocking.total_roi, read, write))
     except VoxblockError:
