@@ -18,6 +18,7 @@ file is removed before the chunk is rewritten and saved after.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -46,8 +47,8 @@ class Halo:
     # keep the slabs of chunks that reads decode (inputs: never rewritten during the run)
     from_reads: bool = False
 
-    def path(self, index: tuple[int, ...]) -> Path:
-        return Path(self.directory) / ("_".join(str(i) for i in index) + ".bin")
+    def path(self, index: tuple[int, ...]) -> str:
+        return os.path.join(self.directory, "_".join(map(str, index)) + ".bin")
 
 
 # -- geometry (pure; boxes are (begin, end) voxel tuples relative to the array's first voxel) --
@@ -224,7 +225,7 @@ def save_slabs(
         for slab in slab_boxes(chunk, halo.thickness)
     ]
     path = halo.path(index)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = f"{path}.{os.getpid()}.tmp"
     np.concatenate(parts).astype(array.dtype, copy=False).tofile(tmp)
     os.replace(tmp, path)
 
@@ -289,7 +290,8 @@ def forget(array: Any, halo: Halo, roi: Roi) -> None:
     """Remove the slabs of every chunk `roi` touches: they are about to be rewritten."""
     grid = _Grid.of(array)
     for index, _ in chunks_in(grid.shape, grid.chunk, grid.box(roi)):
-        halo.path(index).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(halo.path(index))
 
 
 def keep(array: Any, halo: Halo, roi: Roi, data: np.ndarray) -> None:

@@ -40,14 +40,9 @@ def to_global(local: np.ndarray, index: int, id_range: int) -> np.ndarray:
     largest = int(local.max(initial=0))
     if largest > id_range:
         raise ValueError(f"block {index} produced label {largest}, more than its ID range of {id_range}")
-    offset = np.uint64(index) * np.uint64(id_range)
-    if local.dtype.kind == "u" and local.dtype.itemsize <= 4 and largest < 1 << 20:
-        # a table lookup: one pass over the block instead of a masked add
-        table = np.arange(largest + 1, dtype=np.uint64) + offset
-        table[0] = 0
-        return table[local]
     result = local.astype(np.uint64)
-    np.add(result, offset, out=result, where=result > 0)
+    result += np.uint64(index) * np.uint64(id_range)
+    result[local == 0] = 0  # faster than a masked add
     return result
 
 
