@@ -77,7 +77,7 @@ class Bench:
         self.size = args.size or (512 if args.full else 256)
         self.workers = args.workers
         self.block = args.block
-        self.repeats = args.repeats or (1 if args.full else 2)
+        self.repeats = args.repeats or 2
         self.workdir: Path = args.workdir / self.mode
         self.out = self.workdir / "out.zarr"
         self.runs = self.workdir / "runs"
