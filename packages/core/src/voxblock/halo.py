@@ -257,7 +257,7 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
         target = _slices(piece, box[0], channel_dims)
         if slab is not None and k is not None:
             data[target] = slab[_slices(piece, slab_boxes(chunk, halo.thickness)[k][0], channel_dims)]
-        elif _stored(source, index, channel_dims) is False:
+        elif source.fill_value is not None and _stored(source, index, channel_dims) is False:
             data[target] = source.fill_value  # what zarr reads for a chunk never written
         elif k is not None and halo.from_reads:
             # decode the whole chunk (zarr would anyway) and keep its slabs for the next blocks
