@@ -222,11 +222,12 @@ SEGMENT_DRIVER = """
 import sys, voxblock
 from funlib.geometry import Roi
 
-source, output = sys.argv[1:3]
+source, output, halo = sys.argv[1:4]
 block = Roi((0, 0, 0), (8, 8, 8))
 ok = voxblock.segment_blockwise("threshold-label", (1, 1, 1), Roi((0, 0, 0), (32, 32, 32)), block, block,
                                 num_workers=2, input=source, output=output,
-                                parameters={"threshold": 0.6, "connectivity": 26}, progress=False)
+                                parameters={"threshold": 0.6, "connectivity": 26}, progress=False,
+                                halo=halo == "halo")
 sys.exit(0 if ok else 1)
 """
 
@@ -234,13 +235,14 @@ sys.exit(0 if ok else 1)
 @pytest.mark.parametrize("phase", ["fragments", "solve", "relabel"])
 def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, phase):
     name, _ = source
-    clean = start(SEGMENT_DRIVER, name, f"{tmp_path}/clean.zarr/seg")
+    # the clean run reads whole chunks; the killed one keeps and reads chunk face slabs (halo)
+    clean = start(SEGMENT_DRIVER, name, f"{tmp_path}/clean.zarr/seg", "no-halo")
     assert clean.wait(timeout=300) == 0, clean.stderr.read().decode()[-2000:]
     expected = read_array(f"{tmp_path}/clean.zarr/seg")
 
     output = f"{tmp_path}/out.zarr/seg"
     run_dir = tmp_path / "out.zarr.voxblock" / "seg"
-    process = start(SEGMENT_DRIVER, name, output)
+    process = start(SEGMENT_DRIVER, name, output, "halo")
     # kill as soon as the pass has taken its lock (the pass is running)
     lock = run_dir / phase / "lock"
     deadline = time.monotonic() + 120
@@ -251,8 +253,9 @@ def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, ph
         if phase != "solve":
             time.sleep(0.5)  # let some blocks finish
         kill_group(process)
-    again = start(SEGMENT_DRIVER, name, output)
+    again = start(SEGMENT_DRIVER, name, output, "halo")
     assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
+    assert any((run_dir / "fragments" / "halo").rglob("*.bin")), "the halo was not used"
     result = read_array(output)
     same = np.array_equal(result, expected)
     fault_tally.add(
