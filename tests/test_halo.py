@@ -192,3 +192,11 @@ def test_cli_no_halo(tmp_path):
         )
         assert result.exit_code == 0, result.output
         assert (_halo_files(tmp_path / "v.zarr.voxblock" / f"seg{flag}") > 0) == (flag == "--halo")
+
+
+def test_plan_thickness_forced_wherever_the_context_is_thinner_than_a_chunk():
+    write = Roi((0, 0, 0), (1024,) * 3)
+    chunk, voxel, origin = Coordinate((64,) * 3), Coordinate((1, 1, 1)), Coordinate((0, 0, 0))
+    assert plan_thickness(write.grow(1, 1), write, voxel, chunk, origin) is None  # does not pay
+    assert tuple(plan_thickness(write.grow(1, 1), write, voxel, chunk, origin, force=True)) == (1, 1, 1)
+    assert plan_thickness(write.grow(64, 64), write, voxel, chunk, origin, force=True) is None

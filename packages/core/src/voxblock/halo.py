@@ -129,17 +129,25 @@ def chunks_touched(roi: Roi, origin: Coordinate, chunk_world: Coordinate) -> int
 
 
 def plan_thickness(
-    read_roi: Roi, write_roi: Roi, voxel_size: Coordinate, chunk_shape: Coordinate, origin: Coordinate
+    read_roi: Roi,
+    write_roi: Roi,
+    voxel_size: Coordinate,
+    chunk_shape: Coordinate,
+    origin: Coordinate,
+    force: bool = False,
 ) -> Coordinate | None:
     """The slab thickness (voxels) that pays for a halo of an array read with this context, or None.
 
     A halo pays when a block (the first one: they repeat on the grid) decodes
     many more chunks than it writes (`MIN_AMPLIFICATION`) and the slabs
-    stay thin next to the chunks.
+    stay thin next to the chunks. `force`: wherever the context is thinner
+    than a chunk.
     """
     thickness = context_thickness(read_roi, write_roi, voxel_size)
     if not any(thickness) or any(t >= c for t, c in zip(thickness, chunk_shape)):
         return None
+    if force:
+        return thickness
     chunk_world = chunk_shape * voxel_size
     amplification = chunks_touched(read_roi, origin, chunk_world) / chunks_touched(
         write_roi, origin, chunk_world

@@ -21,7 +21,7 @@ from voxblock import arrays
 from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
-from voxblock.halo import Halo, context_thickness, plan_thickness
+from voxblock.halo import Halo, plan_thickness
 from voxblock.rundir import RunDirectory, default_run_dir
 from voxblock.workers import Preparation, Worker, make_worker, stable_hash
 
@@ -198,15 +198,13 @@ class BlockwiseTask:
         self._prepared = True
 
     def _halo_thickness(self, array: Any) -> Coordinate | None:
-        chunk = arrays.spatial_chunk_shape(array)
-        voxel_size = array.voxel_size
-        if self.halo:
-            thickness = context_thickness(self.blocking.read_roi, self.blocking.write_roi, voxel_size)
-            if any(thickness) and all(t < c for t, c in zip(thickness, chunk)):
-                return thickness
-            return None
         return plan_thickness(
-            self.blocking.read_roi, self.blocking.write_roi, voxel_size, chunk, array.roi.begin
+            self.blocking.read_roi,
+            self.blocking.write_roi,
+            array.voxel_size,
+            arrays.spatial_chunk_shape(array),
+            array.roi.begin,
+            force=bool(self.halo),
         )
 
     def halos(self) -> dict[str, Halo]:
