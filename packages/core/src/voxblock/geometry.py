@@ -7,6 +7,7 @@ against the real scheduler. ROIs are `funlib.geometry.Roi` in world units.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
 
@@ -147,27 +148,12 @@ class Blocking:
     def blocks(self) -> list[tuple[Roi, Roi]]:
         """(read ROI, write ROI) of every block the task runs, in grid order."""
         axes = [self._axis_blocks(d) for d in range(self.total_roi.dims)]
-        result = []
-        for combination in itertools.product(*axes):
-            read_b, read_e, write_b, write_e = zip(*combination)
-            result.append(
-                (
-                    Roi(read_b, tuple(e - b for b, e in zip(read_b, read_e))),
-                    Roi(write_b, tuple(e - b for b, e in zip(write_b, write_e))),
-                )
-            )
-        return result
+        return [_block(combination) for combination in itertools.product(*axes)]
 
     def first_block(self) -> tuple[Roi, Roi] | None:
         """The first block of `blocks()`, without listing them all."""
         axes = [self._axis_blocks(d) for d in range(self.total_roi.dims)]
-        if not all(axes):
-            return None
-        read_b, read_e, write_b, write_e = zip(*(axis[0] for axis in axes))
-        return (
-            Roi(read_b, tuple(e - b for b, e in zip(read_b, read_e))),
-            Roi(write_b, tuple(e - b for b, e in zip(write_b, write_e))),
-        )
+        return _block([axis[0] for axis in axes]) if all(axes) else None
 
     @property
     def num_blocks(self) -> int:
@@ -215,6 +201,15 @@ class Blocking:
                         f"{tuple(chunk_world)} world units)"
                     )
         return None
+
+
+def _block(per_axis: Sequence[tuple[int, int, int, int]]) -> tuple[Roi, Roi]:
+    """(read ROI, write ROI) from (read begin, read end, write begin, write end) on each axis."""
+    read_b, read_e, write_b, write_e = zip(*per_axis)
+    return (
+        Roi(read_b, tuple(e - b for b, e in zip(read_b, read_e))),
+        Roi(write_b, tuple(e - b for b, e in zip(write_b, write_e))),
+    )
 
 
 def to_world(voxels: Coordinate, voxel_size: Coordinate) -> Coordinate:

@@ -16,14 +16,15 @@ import numpy as np
 EDGE_FIELDS = ("a", "b", "overlap", "size_a", "size_b")
 
 
-def block_edges(own: np.ndarray, neighbours: np.ndarray, context: np.ndarray) -> np.ndarray:
+def block_edges(own: np.ndarray, neighbours: np.ndarray, context: np.ndarray | None = None) -> np.ndarray:
     """Edges (a, b, overlap, size_a, size_b) between `own` and `neighbours` labels.
 
     `own` and `neighbours` cover the same voxels (0 is background or not yet
-    written); `context` is True where the neighbours' fragments count. Sizes
-    are measured inside the region where both could be compared.
+    written); `context` is True where the neighbours' fragments count (None:
+    everywhere). Sizes are measured inside the region where both could be
+    compared.
     """
-    region = context & (neighbours > 0)
+    region = neighbours > 0 if context is None else context & (neighbours > 0)
     a = own[region].astype(np.uint64)
     b = neighbours[region].astype(np.uint64)
     both = (a > 0) & (b > 0)

@@ -99,7 +99,7 @@ class SegmentBlocks(Worker):
         for box in context_shell(read_roi, write_roi):
             own.append(self._grid.to_global(crop_to(local, read_roi, box, voxel_size), write_roi).ravel())
             theirs.append(arrays.read(self._fragments, box).ravel())
-        edges = block_edges(np.concatenate(own), np.concatenate(theirs), np.ones(sum(map(len, own)), bool))
+        edges = block_edges(np.concatenate(own), np.concatenate(theirs))
         present = np.flatnonzero(np.bincount(inner.ravel()))
         ids = self._grid.to_global(present[present > 0], write_roi)
         _save_npz(Path(self.edge_dir) / f"{index}.npz", edges=edges, fragments=ids)
