@@ -200,3 +200,24 @@ def test_plan_thickness_forced_wherever_the_context_is_thinner_than_a_chunk():
     assert plan_thickness(write.grow(1, 1), write, voxel, chunk, origin) is None  # does not pay
     assert tuple(plan_thickness(write.grow(1, 1), write, voxel, chunk, origin, force=True)) == (1, 1, 1)
     assert plan_thickness(write.grow(64, 64), write, voxel, chunk, origin, force=True) is None
+
+
+@pytest.mark.bad_input
+def test_a_halo_that_is_not_a_choice_is_refused_before_anything_is_written(tmp_path):
+    import voxblock
+    from voxblock_testing.volumes import random_raw
+
+    raw = random_raw(f"{tmp_path}/v.zarr/raw", (16, 16, 16), chunk_shape=(8, 8, 8), seed=1)
+    block = Roi((0, 0, 0), (8, 8, 8))
+    with pytest.raises(voxblock.VoxblockError, match="halo must be True, False or None"):
+        voxblock.BlockwiseTask(
+            "threshold",
+            Roi((0, 0, 0), (16, 16, 16)),
+            block,
+            block,
+            input=raw,
+            output=f"{tmp_path}/v.zarr/m",
+            halo="yes",
+        )
+    assert not (tmp_path / "v.zarr" / "m").exists()
+    assert not (tmp_path / "v.zarr.voxblock").exists()
