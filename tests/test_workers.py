@@ -19,11 +19,14 @@ import pytest
 import zarr
 from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds, prepare_ds
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import voxblock
 from voxblock import Blocking, VoxblockError
 from voxblock.workers import registered_workers
 from voxblock_workers.argmax import smallest_unsigned
+from voxblock_workers.relabel import relabel_block
 from voxblock_workers.watershed import Watershed
 
 THIRDPARTY = Path(__file__).parent / "thirdparty"
@@ -211,6 +214,28 @@ def test_relabel_npz_and_zarr_tables(tmp_path):
         assert result.dtype == np.uint64
         np.testing.assert_array_equal(result, expected, err_msg=key)
     assert (fragments > 40).any() and (fragments == 0).any()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    dtype=st.sampled_from([np.uint8, np.uint32, np.uint64, np.int64]),
+    values=st.lists(st.integers(0, 2**7 - 1), min_size=1, max_size=300),
+    table=st.dictionaries(st.integers(0, 2**7 - 1), st.integers(0, 2**7 - 1), max_size=40),
+    spread=st.sampled_from([1, 2**20, 2**40]),
+    unmapped_to_zero=st.booleans(),
+)
+def test_relabel_block_is_a_lookup(dtype, values, table, spread, unmapped_to_zero):
+    """Every ID becomes its table entry; an ID missing from it stays (or becomes 0)."""
+    info = np.iinfo(dtype)
+    spread = spread if info.max // spread >= 2**7 else 1
+    data = np.array(values, dtype=dtype) * dtype(spread)
+    keys = np.array(sorted(table), dtype=dtype) * dtype(spread)
+    mapped = np.array([table[k] for k in sorted(table)], dtype=dtype)
+    result = relabel_block(data.reshape(-1, 1), keys, mapped, unmapped_to_zero)
+    lookup = dict(zip(keys.tolist(), mapped.tolist()))
+    expected = [lookup.get(v, 0 if unmapped_to_zero else v) for v in data.tolist()]
+    assert result.dtype == data.dtype
+    assert result.ravel().tolist() == expected
 
 
 # -- watershed ----------------------------------------------------------------

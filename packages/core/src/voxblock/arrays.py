@@ -105,6 +105,7 @@ class ZarrArray:
             ]
         self._source_data = data
         self._halo: Any = None  # a voxblock.halo.Halo, where one is kept for this array
+        self._chunk_io: Any = None  # see chunk_io()
         self._offset = offset if offset is not None else Coordinate((0,) * physical)
         self._voxel_size = voxel_size if voxel_size is not None else Coordinate((1,) * physical)
         self._axis_names = list(axis_names)
@@ -487,17 +488,42 @@ def read(array: Array, roi: Roi, fill_value: float = 0) -> np.ndarray:
         raise BlockIOError(f"cannot read {_where(array, roi)}: {error!r}") from error
 
 
+# chunk I/O of arrays that take no new attributes (funlib's are frozen): id(zarr array) -> (it, I/O)
+_FROZEN_IO: dict[int, tuple[Any, Any]] = {}
+
+
+def chunk_io(array: Array) -> Any:
+    """What reads and writes index: direct chunk I/O (voxblock.chunks) where it applies, else zarr."""
+    cached = getattr(array, "_chunk_io", None)
+    if cached is not None:
+        return cached
+    source = array._source_data
+    kept = _FROZEN_IO.get(id(source))
+    if kept is not None and kept[0] is source:
+        return kept[1]
+    from voxblock.chunks import DirectChunks
+
+    cached = DirectChunks.of(source) or source
+    try:
+        array._chunk_io = cached
+    except (AttributeError, TypeError):
+        if len(_FROZEN_IO) > 64:
+            _FROZEN_IO.clear()
+        _FROZEN_IO[id(source)] = (source, cached)
+    return cached
+
+
 def _read(array: Array, roi: Roi, fill_value: float) -> np.ndarray:
     inside = array.roi.intersect(roi)
     if inside == roi:
-        return np.asarray(array._source_data[_slices(array, roi)])
+        return np.asarray(chunk_io(array)[_slices(array, roi)])
     shape = channel_shape(array) + tuple(roi.shape / array.voxel_size)
     data = np.full(shape, fill_value, dtype=array.dtype)
     if not inside.empty:
         begin = (inside.begin - roi.begin) / array.voxel_size
         end = (inside.end - roi.begin) / array.voxel_size
         target = (slice(None),) * array.channel_dims + tuple(slice(b, e) for b, e in zip(begin, end))
-        data[target] = array._source_data[_slices(array, inside)]
+        data[target] = chunk_io(array)[_slices(array, inside)]
     return data
 
 
@@ -525,7 +551,7 @@ def _write(array: Array, roi: Roi, data: np.ndarray) -> None:
         begin = (inside.begin - roi.begin) / array.voxel_size
         end = (inside.end - roi.begin) / array.voxel_size
         data = data[(slice(None),) * (data.ndim - roi.dims) + tuple(slice(b, e) for b, e in zip(begin, end))]
-    array._source_data[_slices(array, inside)] = data
+    chunk_io(array)[_slices(array, inside)] = data
 
 
 @dataclass(frozen=True)

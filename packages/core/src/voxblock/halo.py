@@ -249,7 +249,9 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
     for index, chunk in chunks_in(grid.shape, grid.chunk, box):
         piece = intersect(chunk, box)
         (whole.append(piece) if piece == chunk else rest.append((index, chunk, piece)))
-    source = array._source_data
+    from voxblock.arrays import chunk_io
+
+    source = chunk_io(array)
     core: Box = (box[0], box[0])
     if whole:
         # the chunks used whole form a box (those of a box inside another): one zarr read
@@ -265,7 +267,7 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
         target = _slices(piece, box[0], channel_dims)
         if slab is not None and k is not None:
             data[target] = slab[_slices(piece, slab_boxes(chunk, halo.thickness)[k][0], channel_dims)]
-        elif source.fill_value is not None and _stored(source, index, channel_dims) is False:
+        elif source.fill_value is not None and _stored(array._source_data, index, channel_dims) is False:
             data[target] = source.fill_value  # what zarr reads for a chunk never written
         elif k is not None and halo.from_reads:
             # decode the whole chunk (zarr would anyway) and keep its slabs for the next blocks

@@ -102,14 +102,27 @@ class Relabel(ArrayWorker):
         self._segments = table[1][order]
 
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
-        import fastremap
+        return relabel_block(data, self._fragments, self._segments, self.unmapped_to_zero)
 
-        # only the IDs in this block: handing fastremap the whole table costs
-        # a conversion of every entry per block (100+ ms for 10^5 fragments)
-        present = fastremap.unique(data)
-        where = np.searchsorted(self._fragments, present).clip(0, max(len(self._fragments) - 1, 0))
-        found = self._fragments[where] == present if len(self._fragments) else np.zeros(len(present), bool)
-        table = dict(zip(present[found].tolist(), self._segments[where[found]].tolist()))
-        if self.unmapped_to_zero:
-            table.update(dict.fromkeys(present[~found].tolist(), 0))
-        return fastremap.remap(data, table, preserve_missing_labels=True, in_place=True)
+
+def relabel_block(
+    data: np.ndarray, fragments: np.ndarray, segments: np.ndarray, unmapped_to_zero: bool = False
+) -> np.ndarray:
+    """`data` with every ID in `fragments` (sorted) replaced by its entry in `segments`.
+
+    Renumbers the block to 1..n and looks up only its own IDs: cheaper than
+    a unique plus a dict remap, and handing fastremap the whole table would
+    cost a conversion of every entry per block (100+ ms for 10^5 fragments).
+    """
+    import fastremap
+
+    compact, mapping = fastremap.renumber(data, preserve_zero=False, in_place=False)
+    present = np.fromiter(mapping.keys(), dtype=data.dtype, count=len(mapping))
+    position = np.fromiter(mapping.values(), dtype=np.int64, count=len(mapping))
+    table = np.zeros(len(present) + 1, dtype=data.dtype)
+    table[position] = 0 if unmapped_to_zero else present
+    if len(fragments):
+        where = np.searchsorted(fragments, present).clip(0, len(fragments) - 1)
+        found = fragments[where] == present
+        table[position[found]] = segments[where[found]]
+    return table[compact]

@@ -88,8 +88,11 @@ class SegmentBlocks(Worker):
         import fastremap
 
         voxel_size = self._fragments.voxel_size
-        labels = check_labels(self._function(self._source, block), block, voxel_size)
-        local, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True)
+        local = check_labels(self._function(self._source, block), block, voxel_size)
+        if local.dtype == bool:
+            local = local.view(np.uint8)
+        if int(local.max(initial=0)) > self._grid.id_range:  # IDs past the block's range: compact them
+            local, _ = fastremap.renumber(np.ascontiguousarray(local), preserve_zero=True)
         index = self._grid.index(block.write_roi)
         read_roi, write_roi = block.read_roi, block.write_roi
         inner = crop_to(local, read_roi, write_roi, voxel_size)
@@ -102,7 +105,7 @@ class SegmentBlocks(Worker):
         edges = block_edges(np.concatenate(own), np.concatenate(theirs))
         present = np.flatnonzero(np.bincount(inner.ravel()))
         ids = self._grid.to_global(present[present > 0], write_roi)
-        _save_npz(Path(self.edge_dir) / f"{index}.npz", edges=edges, fragments=ids)
+        save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
 
 
 def check_labels(labels: Any, block: Any, voxel_size: Coordinate) -> np.ndarray:
@@ -137,10 +140,28 @@ def _preview(function: SegmentFunction, source: Any, blocking: Blocking) -> None
     check_labels(labels, daisy.Block(blocking.total_roi, read, write), source.voxel_size)
 
 
-def _save_npz(path: Path, **values: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **values)
+def save_block_edges(path: Path, edges: np.ndarray, fragments: np.ndarray) -> None:
+    """One block's edges (E x 5) and fragment IDs in one flat uint64 .npy: [E, N, edges, ids].
+
+    A plain .npy, not an .npz: a zip archive per block cost more than the edges did.
+    """
+    flat = np.concatenate(
+        [np.array([len(edges), len(fragments)], np.uint64), edges.astype(np.uint64).ravel(), fragments]
+    ).astype(np.uint64, copy=False)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial")  # never matches *.npy
+    with open(tmp, "wb") as file:
+        np.save(file, flat)
     os.replace(tmp, path)
+
+
+def load_block_edges(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    flat = np.load(path)
+    num_edges, num_fragments = (int(n) for n in flat[:2])
+    edges = flat[2 : 2 + 5 * num_edges].reshape(num_edges, 5)
+    fragments = flat[2 + 5 * num_edges : 2 + 5 * num_edges + num_fragments]
+    if len(fragments) != num_fragments:
+        raise VoxblockError(f"{path} is truncated: rerun segment_blockwise with fresh=True")
+    return edges, fragments
 
 
 @dataclass
@@ -158,7 +179,7 @@ class SolveLut(Worker):
     merge_threshold: float = option(0.5)
 
     def prepare(self, preparation: Preparation) -> None:
-        found = len(list(Path(self.edge_dir).glob("*.npz")))
+        found = len(list(Path(self.edge_dir).glob("*.npy")))
         if found != self.num_blocks:
             raise VoxblockError(
                 f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
@@ -167,10 +188,10 @@ class SolveLut(Worker):
 
     def process(self, block: Any) -> None:
         all_edges, all_fragments = [], []
-        for path in sorted(Path(self.edge_dir).glob("*.npz")):
-            with np.load(path) as stored:
-                all_edges.append(stored["edges"])
-                all_fragments.append(stored["fragments"])
+        for path in sorted(Path(self.edge_dir).glob("*.npy")):
+            edges, fragments = load_block_edges(path)
+            all_edges.append(edges)
+            all_fragments.append(fragments)
         edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 5), np.uint64)
         fragments = np.concatenate(all_fragments) if all_fragments else np.zeros(0, np.uint64)
         lut = segment_lut(fragments, select_edges(edges, self.merge, self.merge_threshold))
@@ -318,6 +339,7 @@ def segment_blockwise(
         "merge": merge,
         "merge_threshold": merge_threshold,
         "fit": fit,
+        "edge_files": "npy",  # how pass 1 stores edges: a run directory of another layout starts afresh
     }
     key = stable_hash(identity)
     seg = Segmentation(

@@ -1,0 +1,117 @@
+"""Direct chunk I/O (voxblock.chunks) reads and writes exactly what zarr does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zarr
+from funlib.geometry import Roi
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.codecs import BloscCodec, GzipCodec, ShardingCodec, ZstdCodec
+
+from voxblock import arrays
+from voxblock.chunks import DirectChunks
+
+COMPRESSORS = {
+    "default": "auto",
+    "none": None,
+    "zstd-checksum": [ZstdCodec(level=3, checksum=True)],
+    "blosc-lz4": [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
+    "gzip": [GzipCodec(level=1)],
+}
+
+
+@st.composite
+def boxes(draw, shape):
+    begin = [draw(st.integers(0, s - 1)) for s in shape]
+    end = [draw(st.integers(b + 1, s)) for b, s in zip(begin, shape)]
+    return tuple(slice(b, e) for b, e in zip(begin, end))
+
+
+@st.composite
+def layouts(draw):
+    dims = draw(st.integers(1, 4))
+    shape = tuple(draw(st.integers(1, 13)) for _ in range(dims))
+    chunks = tuple(draw(st.integers(1, s + 2)) for s in shape)
+    return shape, chunks
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    layout=layouts(),
+    dtype=st.sampled_from(["uint8", "int16", "uint32", "uint64", "float32", "float64"]),
+    compressor=st.sampled_from(sorted(COMPRESSORS)),
+    fill=st.sampled_from([0, 3]),
+    write_empty=st.booleans(),
+    data=st.data(),
+)
+def test_direct_reads_and_writes_match_zarr(
+    tmp_path_factory, layout, dtype, compressor, fill, write_empty, data
+):
+    shape, chunks = layout
+    path = tmp_path_factory.mktemp("chunks") / "a.zarr"
+    codecs = COMPRESSORS[compressor]
+    created = zarr.create_array(
+        str(path), shape=shape, chunks=chunks, dtype=dtype, fill_value=fill, compressors=codecs
+    )
+    source = zarr.open_array(str(path), mode="r+", config={"write_empty_chunks": write_empty})
+    direct = DirectChunks.of(source)
+    assert direct is not None
+    expected = np.full(shape, fill, dtype=dtype)
+    for _ in range(data.draw(st.integers(1, 6))):
+        box = data.draw(boxes(shape))
+        size = tuple(s.stop - s.start for s in box)
+        value = data.draw(st.sampled_from(["random", "fill", "zero"]))
+        if value == "random":
+            block = np.random.default_rng(data.draw(st.integers(0, 99))).integers(0, 50, size).astype(dtype)
+        else:
+            block = np.full(size, fill if value == "fill" else 0, dtype=dtype)
+        if data.draw(st.booleans()):
+            direct[box] = block
+        else:
+            source[box] = block
+        expected[box] = block
+        np.testing.assert_array_equal(created[...], expected)
+        read_box = data.draw(boxes(shape))
+        np.testing.assert_array_equal(direct[read_box], expected[read_box])
+    assert not list(path.rglob("*.partial")), "a temporary chunk file was left behind"
+    if not write_empty:
+        # like zarr, a chunk holding only the fill value is not stored
+        for index in np.ndindex(*(-(-s // c) for s, c in zip(shape, chunks))):
+            region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+            if (expected[region] == fill).all():
+                assert not direct.path(index).exists()
+
+
+def test_what_zarr_must_handle_itself_goes_through_zarr(tmp_path):
+    v2 = zarr.create_array(str(tmp_path / "v2.zarr"), shape=(8, 8), chunks=(4, 4), dtype="u2", zarr_format=2)
+    sharded = zarr.create_array(
+        str(tmp_path / "sharded.zarr"),
+        shape=(8, 8),
+        chunks=(2, 2),
+        shards=(4, 4),
+        dtype="u2",
+    )
+    assert isinstance(sharded.metadata.codecs[0], ShardingCodec)
+    memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 8), chunks=(4, 4), dtype="u2")
+    for source in (v2, sharded, memory):
+        assert DirectChunks.of(source) is None
+    # and voxblock still reads and writes them, through zarr
+    for name in ("v2", "sharded"):
+        path = tmp_path / f"{name}.zarr"
+        zarr.open_array(str(path), mode="r+").attrs.update({"voxel_size": [1, 1], "offset": [0, 0]})
+        array = arrays.open_array(path, mode="r+")
+        data = np.arange(36, dtype="u2").reshape(6, 6)
+        arrays.write(array, Roi((1, 2), (6, 6)), data)
+        np.testing.assert_array_equal(arrays.read(array, Roi((1, 2), (6, 6))), data)
+        np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[1:7, 2:8], data)
+
+
+def test_direct_access_takes_unit_step_slices_only(tmp_path):
+    source = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 8), chunks=(4, 4), dtype="u1")
+    direct = DirectChunks.of(source)
+    with pytest.raises(IndexError):
+        direct[0:8:2, 0:8]
+    with pytest.raises(IndexError):
+        direct[0:8]
