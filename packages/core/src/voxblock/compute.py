@@ -23,6 +23,7 @@ run still known to the scheduler.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shlex
@@ -40,7 +41,6 @@ from typing import Any
 
 import cloudpickle
 
-from voxblock import arrays
 from voxblock.rundir import RunDirectory
 from voxblock.workers import Worker
 
@@ -84,13 +84,22 @@ def serve_blocks(job: Job) -> None:
     keep_freed_memory()
     run_dir = RunDirectory(Path(job.run_dir))
     client = daisy.Client()
-    with arrays.halos_in_use(job.halos):
+    with _halos(job):
         job.worker.setup()
         ready = time.monotonic()
         blocks, last = _serve(client, job, run_dir)
     run_dir.record_worker(
         {"setup_seconds": ready - started, "blocks": blocks, "serving_seconds": max(0.0, last - ready)}
     )
+
+
+def _halos(job: Job) -> contextlib.AbstractContextManager[None]:
+    """The job's halos in use; no array module (nor numpy) for a worker that has none."""
+    if not job.halos:
+        return contextlib.nullcontext()
+    from voxblock import arrays
+
+    return arrays.halos_in_use(job.halos)
 
 
 # glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit
@@ -158,7 +167,7 @@ class ServeInProcess:
     ready: bool = False
 
     def __call__(self, block: Any) -> None:
-        with arrays.halos_in_use(self.job.halos):
+        with _halos(self.job):
             self._process(block)
 
     def _process(self, block: Any) -> None:

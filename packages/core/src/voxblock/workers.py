@@ -27,14 +27,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from voxblock import arrays
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, Fit, check_blocking_on_grid
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from voxblock import arrays
     from voxblock.arrays import Array
 
 ENTRY_POINT_GROUP = "voxblock.workers"
@@ -144,6 +145,8 @@ class ArrayWorker(Worker):
         """Raise VoxblockError if this worker cannot use `source` (dtype, channels)."""
 
     def output_dtype(self, source: Array) -> np.dtype:
+        import numpy as np
+
         return np.dtype(source.dtype)
 
     def output_channels(self, source: Array) -> tuple[int, ...]:
@@ -159,6 +162,8 @@ class ArrayWorker(Worker):
         return [self.input]
 
     def prepare(self, preparation: Preparation) -> None:
+        from voxblock import arrays
+
         if not self.input:
             raise VoxblockError(f"worker {self.name!r} needs an input array (input=...)")
         if not self.output:
@@ -181,10 +186,16 @@ class ArrayWorker(Worker):
         )
 
     def setup(self) -> None:
+        from voxblock import arrays
+
         self._source = arrays.open_input(self.input)
         self._target = arrays.open_output(self.output)
 
     def process(self, block: Any) -> None:
+        import numpy as np
+
+        from voxblock import arrays
+
         data = arrays.read(self._source, block.read_roi, fill_value=self.fill_value)
         result = np.asarray(self.compute(data, block))
         spatial = tuple(result.shape[result.ndim - block.write_roi.dims :])
@@ -209,6 +220,8 @@ def crop_to(data: np.ndarray, data_roi: Roi, roi: Roi, voxel_size: Coordinate) -
 
 def prepare_output(preparation: Preparation, source: Array, spec: arrays.OutputSpec) -> None:
     """Check an output against what the task will write; create it if missing."""
+    from voxblock import arrays
+
     blocking = preparation.blocking
     if spec.roi.empty:
         raise VoxblockError(
@@ -248,7 +261,8 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, Coordinate)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
+    numpy = sys.modules.get("numpy")  # a numpy scalar means numpy is imported already
+    if numpy is not None and isinstance(value, numpy.generic):
         return value.item()
     if callable(value):
         return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', repr(value))}"
