@@ -196,8 +196,12 @@ class Bench:
         return {"read": t1 - t0, "compute": t2 - t1, "write": t3 - t2, "total": t3 - t0}
 
     def best_in_memory(self, *args: Any) -> dict[str, float]:
-        runs = [self.in_memory(*args) for _ in range(self.repeats)]
-        return min(runs, key=lambda r: r["total"])
+        """The best of at least 3 runs: a first run in a process spends much of its time faulting
+        in fresh memory on a VM (cc3d over 512^3: 2-3 s instead of 0.5), and voxblock's rows are
+        compared with the warm reference, the harder one to meet."""
+        runs = [self.in_memory(*args) for _ in range(max(3, self.repeats))]
+        best = min(runs, key=lambda r: r["total"])
+        return {**best, "slowest": max(r["total"] for r in runs)}
 
     # -- cases ----------------------------------------------------------------------------------
 
@@ -315,7 +319,8 @@ class Bench:
                 memory["total"],
                 blocks,
                 voxels,
-                note=f"read {memory['read']:.2f} op {memory['compute']:.2f} write {memory['write']:.2f}",
+                note=f"read {memory['read']:.2f} op {memory['compute']:.2f} write {memory['write']:.2f}"
+                f" (slowest run {memory['slowest']:.2f} s)",
             )
             z = self.add(
                 op,
@@ -404,7 +409,8 @@ class Bench:
             memory["total"],
             self.blocks_of(size),
             size**3,
-            note=f"read {memory['read']:.2f} cc3d {memory['compute']:.2f} write {memory['write']:.2f}",
+            note=f"read {memory['read']:.2f} cc3d {memory['compute']:.2f} write {memory['write']:.2f}"
+            f" (slowest run {memory['slowest']:.2f} s)",
         )
 
         def vox() -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,17 @@ def volume(tmp_path: Path) -> tuple[str, np.ndarray]:
 
 def read_all(name: str) -> np.ndarray:
     return open_ds(name)[WORLD]
+
+
+def test_the_worker_loop_loads_no_array_library_until_a_worker_needs_one():
+    """A worker process pays for numpy and zarr only when its worker reads arrays: the no-op
+    benchmark row starts its workers as fast as bare daisy does."""
+    code = (
+        "import sys, voxblock.compute, voxblock.workers, voxblock.rundir\n"
+        "print(sorted(m for m in ('numpy', 'zarr', 'funlib.persistence') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
 
 
 def test_dacapo_style_worker_file_runs_unchanged(volume, tmp_path):
