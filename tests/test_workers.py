@@ -500,6 +500,7 @@ def _bad_cases(tmp_path):
     np.savez(tmp_path / "lut3.npz", rng.integers(0, 9, (3, 5)))
     np.savez(tmp_path / "lutf.npz", fragment_segment_lut=rng.random((2, 5)))
     np.savez(tmp_path / "lutbig.npz", fragment_segment_lut=np.array([[1, 2], [5, 2**40]]))
+    np.savez(tmp_path / "lutdup.npz", fragment_segment_lut=np.array([[7, 3, 9, 3], [1, 2, 3, 4]]))
     net = torch.nn.Conv3d(1, 1, 5)  # context 2 per side, the task gives 1
     torch.jit.save(torch.jit.script(net), str(tmp_path / "net.pt"))
     torch.jit.save(torch.jit.script(torch.nn.Flatten()), str(tmp_path / "flat.pt"))
@@ -517,6 +518,11 @@ def _bad_cases(tmp_path):
         "relabel lut floats": ("relabel", {"input": labels, "lut": str(tmp_path / "lutf.npz")}, "integers"),
         "relabel lut too big": ("relabel", {"input": labels, "lut": str(tmp_path / "lutbig.npz")}, "fit"),
         "relabel lut missing": ("relabel", {"input": labels, "lut": str(tmp_path / "no.npz")}, "not exist"),
+        "relabel lut twice": (
+            "relabel",
+            {"input": labels, "lut": str(tmp_path / "lutdup.npz")},
+            "more than once",
+        ),
         "watershed no offsets": ("watershed", {"input": probs}, "offsets"),
         "watershed offsets count": (
             "watershed",

@@ -18,7 +18,8 @@ NPZ_KEY = "fragment_segment_lut"
 
 
 def load_lut(lut: str) -> np.ndarray:
-    """The 2xN lookup table (row 0: fragments, row 1: segments) from a .npz file or a zarr array."""
+    """The 2xN lookup table (row 0: fragments, row 1: segments) from a .npz file or a zarr array,
+    sorted by fragment."""
     if not lut:
         raise VoxblockError("relabel needs a lookup table (lut=PATH.npz or lut=CONTAINER/DATASET)")
     text = str(lut).rstrip("/")
@@ -63,7 +64,10 @@ def load_lut(lut: str) -> np.ndarray:
         )
     if table.dtype.kind not in "iu":
         raise VoxblockError(f"relabel: lookup table {text} has dtype {table.dtype}; it must hold integers")
-    if len(np.unique(table[0])) != table.shape[1]:
+    # sorted by fragment: what lookups need, and a duplicate is then next to its twin
+    # (a sort, not np.unique: its hash table took 0.15 s for 262k fragments)
+    table = table[:, np.argsort(table[0], kind="stable")]
+    if (table[0, 1:] == table[0, :-1]).any():
         raise VoxblockError(f"relabel: lookup table {text} maps some fragment ID more than once")
     return table
 
@@ -96,10 +100,7 @@ class Relabel(ArrayWorker):
 
     def setup(self) -> None:
         super().setup()
-        table = load_lut(self.lut)
-        order = np.argsort(table[0], kind="stable")
-        self._fragments = table[0][order]
-        self._segments = table[1][order]
+        self._fragments, self._segments = load_lut(self.lut)
 
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
         return relabel_block(data, self._fragments, self._segments, self.unmapped_to_zero)
