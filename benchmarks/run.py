@@ -708,7 +708,8 @@ class Bench:
             f"{machine['memory_gib']} GiB, Python {machine['python']} "
             f"(daisy {machine['versions']['daisy']}, zarr {machine['versions']['zarr']}); volume "
             f"{self.size}^3, {self.block}^3 blocks and zarr chunks, {self.workers} workers, "
-            f"best of {self.repeats} run(s). Load average (1 min) {machine['load_before'][0]} before, "
+            f"best of {self.repeats} run(s) (in-memory references: best of {max(3, self.repeats)}). "
+            f"Load average (1 min) {machine['load_before'][0]} before, "
             f"{machine['load_average'][0]} after: other work on the machine slowed the rows unevenly.",
             "",
             "| case | system | seconds | Mvoxel/s | blocks/s | note |",

@@ -75,6 +75,10 @@ def intersect(a: Box, b: Box) -> Box:
     return tuple(map(max, a[0], b[0])), tuple(map(min, a[1], b[1]))
 
 
+def _shifted(box: Box, by: tuple[int, ...]) -> Box:
+    return tuple(map(operator.add, box[0], by)), tuple(map(operator.add, box[1], by))
+
+
 def contains(outer: Box, inner: Box) -> bool:
     return all(o <= i for o, i in zip(outer[0], inner[0])) and all(i <= o for i, o in zip(inner[1], outer[1]))
 
@@ -238,45 +242,87 @@ def save_slabs(
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Part of a read that one chunk supplies, from a slab (k) or not; boxes relative to the read."""
+
+    index: tuple[int, ...]  # the chunk's grid index, relative to the read's first chunk
+    chunk: Box  # the chunk (clipped to the array)
+    piece: Box  # the part of it the read needs
+    k: int | None  # the face slab holding the piece, if one does
+    slab_begin: tuple[int, ...]  # where that slab starts
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_plan(
+    box: Box, shape: tuple[int, ...], chunk: tuple[int, ...], thickness: tuple[int, ...]
+) -> tuple[Box | None, tuple[_Piece, ...]]:
+    """Which chunks a read uses whole (one box, or None) and where every other piece comes from.
+
+    Everything is relative to the first voxel of the first chunk the read
+    touches, and `shape` (the array's end) is capped past the last one, so
+    blocks in the same place on the chunk grid share one plan: per block,
+    what is left is copying, not geometry.
+    """
+    whole: list[Box] = []
+    rest: list[_Piece] = []
+    for index, piece_chunk in chunks_in(shape, chunk, box):
+        piece = intersect(piece_chunk, box)
+        if piece == piece_chunk:
+            whole.append(piece)
+            continue
+        k = slab_holding(piece, piece_chunk, thickness)
+        slab_begin = piece_chunk[0]
+        if k is not None:
+            extent = tuple(e - b for b, e in zip(*piece_chunk))
+            slab_begin = tuple(map(operator.add, _relative_slabs(extent, thickness)[k][0], piece_chunk[0]))
+        rest.append(_Piece(index, piece_chunk, piece, k, slab_begin))
+    if not whole:
+        return None, tuple(rest)
+    # the chunks used whole form a box (those of a box inside another): one read
+    core = whole[0]
+    if len(whole) > 1:
+        core = tuple(map(min, *(p[0] for p in whole))), tuple(map(max, *(p[1] for p in whole)))
+    return core, tuple(p for p in rest if not contains(core, p.piece))
+
+
 def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
     """`roi` of the array (fill value outside it), taking chunk slivers from the halo."""
+    from voxblock.arrays import chunk_io
+
     grid = _Grid.of(array)
     box = grid.box(roi)
     channel_dims = len(grid.channels)
     data = np.full(grid.channels + tuple(e - b for b, e in zip(*box)), fill_value, dtype=array.dtype)
-    whole: list[Box] = []
-    rest: list[tuple[tuple[int, ...], Box, Box]] = []
-    for index, chunk in chunks_in(grid.shape, grid.chunk, box):
-        piece = intersect(chunk, box)
-        (whole.append(piece) if piece == chunk else rest.append((index, chunk, piece)))
-    from voxblock.arrays import chunk_io
-
+    # the plan is relative to `base`, the first voxel of the first chunk the read touches
+    first = tuple(max(b, 0) // c for b, c in zip(box[0], grid.chunk))
+    base = tuple(f * c for f, c in zip(first, grid.chunk))
+    relative = _shifted(box, tuple(-b for b in base))
+    window = tuple(-(-max(e, 0) // c) * c for e, c in zip(relative[1], grid.chunk))
+    shape = tuple(min(s - b, w) for s, b, w in zip(grid.shape, base, window))
+    core, rest = _read_plan(relative, shape, grid.chunk, halo.thickness)
     source = chunk_io(array)
-    core: Box = (box[0], box[0])
-    if whole:
-        # the chunks used whole form a box (those of a box inside another): one zarr read
-        core = whole[0]
-        if len(whole) > 1:
-            core = tuple(map(min, *(p[0] for p in whole))), tuple(map(max, *(p[1] for p in whole)))
-        data[_slices(core, box[0], channel_dims)] = source[_slices(core, (0,) * len(box[0]), channel_dims)]
-    for index, chunk, piece in rest:
-        if contains(core, piece):
+    at, origin = relative[0], (0,) * len(base)
+    if core is not None:
+        data[_slices(core, at, channel_dims)] = source[_slices(_shifted(core, base), origin, channel_dims)]
+    for part in rest:
+        index = tuple(map(operator.add, part.index, first))
+        target = _slices(part.piece, at, channel_dims)
+        slab = load_slab(array, halo, index, part.chunk, part.k) if part.k is not None else None
+        if slab is not None:
+            data[target] = slab[_slices(part.piece, part.slab_begin, channel_dims)]
             continue
-        k = slab_holding(piece, chunk, halo.thickness)
-        slab = load_slab(array, halo, index, chunk, k) if k is not None else None
-        target = _slices(piece, box[0], channel_dims)
-        if slab is not None and k is not None:
-            data[target] = slab[_slices(piece, slab_boxes(chunk, halo.thickness)[k][0], channel_dims)]
-        elif source.fill_value is not None and _stored(array._source_data, index, channel_dims) is False:
+        chunk = _shifted(part.chunk, base)
+        if source.fill_value is not None and _stored(array._source_data, index, channel_dims) is False:
             data[target] = source.fill_value  # what zarr reads for a chunk never written
-        elif k is not None and halo.from_reads:
+        elif part.k is not None and halo.from_reads:
             # decode the whole chunk (zarr would anyway) and keep its slabs for the next blocks
-            whole_chunk = source[_slices(chunk, (0,) * len(box[0]), channel_dims)]
-            data[target] = whole_chunk[_slices(piece, chunk[0], channel_dims)]
+            whole_chunk = source[_slices(chunk, origin, channel_dims)]
+            data[target] = whole_chunk[_slices(part.piece, part.chunk[0], channel_dims)]
             Path(halo.directory).mkdir(parents=True, exist_ok=True)
             save_slabs(array, halo, index, chunk, whole_chunk, chunk[0])
         else:
-            data[target] = source[_slices(piece, (0,) * len(box[0]), channel_dims)]
+            data[target] = source[_slices(_shifted(part.piece, base), origin, channel_dims)]
     return data
 
 
