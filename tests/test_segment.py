@@ -16,7 +16,7 @@ from scipy import ndimage
 
 import voxblock
 from voxblock.segment.edges import block_edges, select_edges
-from voxblock.segment.ids import block_index, check_id_space, to_global
+from voxblock.segment.ids import block_index, check_id_space, smallest_id_dtype, to_global
 from voxblock.segment.solve import segment_lut
 from voxblock_testing.volumes import write_array
 
@@ -140,6 +140,8 @@ def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity)
     assert edges.shape[1] == 5 and edges.shape[0] > 0
     fragments = open_ds(f"{tmp_path}/v.zarr/seg_fragments")[world]
     assert len(np.unique(fragments)) >= len(np.unique(result))
+    # fragment IDs of a volume this size fit in uint32; segment IDs are uint64 all the same
+    assert fragments.dtype == np.uint32 and result.dtype == np.uint64
 
     # a rerun resumes every pass and leaves the result as it is
     assert segment()
@@ -327,6 +329,17 @@ def test_block_ids_come_from_the_grid_position_and_never_collide():
         to_global(np.array([17]), 0, 16)
     with pytest.raises(voxblock.VoxblockError, match="do not fit in uint64"):
         check_id_space(2**40, 2**30)
+
+
+def test_fragment_ids_take_the_smallest_unsigned_type_that_holds_them():
+    largest_u32 = 2**32 - 1
+    assert smallest_id_dtype(1, largest_u32) == np.uint32
+    assert smallest_id_dtype(2, largest_u32 // 2 + 1) == np.uint64
+    assert smallest_id_dtype(512, 66**3) == np.uint32
+    ids = to_global(np.array([0, 1, 5], dtype=np.uint32), 3, 10, np.uint32)
+    assert ids.dtype == np.uint32 and ids.tolist() == [0, 31, 35]
+    with pytest.raises(ValueError, match="do not fit in uint32"):
+        to_global(np.array([1]), 2**20, 2**12, np.uint32)
 
 
 def test_watershed_fragments_merge_into_whole_volume_objects(tmp_path):

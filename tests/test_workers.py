@@ -223,18 +223,20 @@ def test_relabel_npz_and_zarr_tables(tmp_path):
     table=st.dictionaries(st.integers(0, 2**7 - 1), st.integers(0, 2**7 - 1), max_size=40),
     spread=st.sampled_from([1, 2**20, 2**40]),
     unmapped_to_zero=st.booleans(),
+    wider=st.booleans(),
 )
-def test_relabel_block_is_a_lookup(dtype, values, table, spread, unmapped_to_zero):
+def test_relabel_block_is_a_lookup(dtype, values, table, spread, unmapped_to_zero, wider):
     """Every ID becomes its table entry; an ID missing from it stays (or becomes 0)."""
     info = np.iinfo(dtype)
     spread = spread if info.max // spread >= 2**7 else 1
     data = np.array(values, dtype=dtype) * dtype(spread)
     keys = np.array(sorted(table), dtype=dtype) * dtype(spread)
     mapped = np.array([table[k] for k in sorted(table)], dtype=dtype)
-    result = relabel_block(data.reshape(-1, 1), keys, mapped, unmapped_to_zero)
+    output = np.dtype(np.int64 if np.dtype(dtype).kind == "i" else np.uint64) if wider else None
+    result = relabel_block(data.reshape(-1, 1), keys, mapped, unmapped_to_zero, output)
     lookup = dict(zip(keys.tolist(), mapped.tolist()))
     expected = [lookup.get(v, 0 if unmapped_to_zero else v) for v in data.tolist()]
-    assert result.dtype == data.dtype
+    assert result.dtype == (output or data.dtype)
     assert result.ravel().tolist() == expected
 
 
@@ -522,6 +524,21 @@ def _bad_cases(tmp_path):
             "relabel",
             {"input": labels, "lut": str(tmp_path / "lutdup.npz")},
             "more than once",
+        ),
+        "relabel narrower output": (
+            "relabel",
+            {"input": labels, "lut": str(tmp_path / "lutdup.npz"), "dtype": "uint8"},
+            "unmapped_to_zero",
+        ),
+        "relabel float output": (
+            "relabel",
+            {"input": labels, "lut": str(tmp_path / "lutdup.npz"), "dtype": "float32"},
+            "not an integer",
+        ),
+        "relabel no dtype": (
+            "relabel",
+            {"input": labels, "lut": str(tmp_path / "lutdup.npz"), "dtype": "uint77"},
+            "not a numpy dtype",
         ),
         "watershed no offsets": ("watershed", {"input": probs}, "offsets"),
         "watershed offsets count": (

@@ -34,14 +34,22 @@ def check_id_space(num_blocks: int, id_range: int) -> None:
         )
 
 
-def to_global(local: np.ndarray, index: int, id_range: int) -> np.ndarray:
-    """Local labels 1..id_range -> the block's global IDs; 0 stays background."""
+def smallest_id_dtype(num_blocks: int, id_range: int) -> np.dtype:
+    """uint32 where every block's IDs fit in it (half the bytes to move), else uint64."""
+    return np.dtype(np.uint32 if num_blocks * id_range <= np.iinfo(np.uint32).max else np.uint64)
+
+
+def to_global(local: np.ndarray, index: int, id_range: int, dtype: np.dtype | type = np.uint64) -> np.ndarray:
+    """Local labels 1..id_range -> the block's global IDs (of `dtype`); 0 stays background."""
     local = np.asarray(local)
     largest = int(local.max(initial=0))
     if largest > id_range:
         raise ValueError(f"block {index} produced label {largest}, more than its ID range of {id_range}")
-    result = local.astype(np.uint64)
-    result += np.uint64(index) * np.uint64(id_range)
+    dtype = np.dtype(dtype)
+    if (index + 1) * id_range > np.iinfo(dtype).max:
+        raise ValueError(f"the IDs of block {index} do not fit in {dtype}")
+    result = local.astype(dtype)
+    result += dtype.type(index * id_range)
     result[local == 0] = 0  # faster than a masked add
     return result
 
@@ -81,6 +89,11 @@ class BlockGrid:
     def index(self, write_roi: Roi) -> int:
         return block_index(write_roi, Coordinate(self.origin), Coordinate(self.stride), self.counts)
 
-    def to_global(self, local: np.ndarray, write_roi: Roi) -> np.ndarray:
-        """Local labels 1..id_range of the block at `write_roi` -> globally unique uint64 IDs."""
-        return to_global(local, self.index(write_roi), self.id_range)
+    @property
+    def id_dtype(self) -> np.dtype:
+        """The smallest unsigned type that holds every ID of the grid."""
+        return smallest_id_dtype(int(np.prod(self.counts)), self.id_range)
+
+    def to_global(self, local: np.ndarray, write_roi: Roi, dtype: np.dtype | type = np.uint64) -> np.ndarray:
+        """Local labels 1..id_range of the block at `write_roi` -> globally unique IDs."""
+        return to_global(local, self.index(write_roi), self.id_range, dtype)

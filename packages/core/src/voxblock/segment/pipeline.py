@@ -74,7 +74,9 @@ class SegmentBlocks(Worker):
         prepare_output(
             preparation,
             source,
-            arrays.OutputSpec.like(source, self.fragments, np.uint64, blocking.written_roi),
+            arrays.OutputSpec.like(
+                source, self.fragments, BlockGrid.from_dict(self.grid).id_dtype, blocking.written_roi
+            ),
         )
         Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
 
@@ -96,15 +98,18 @@ class SegmentBlocks(Worker):
         index = self._grid.index(block.write_roi)
         read_roi, write_roi = block.read_roi, block.write_roi
         inner = crop_to(local, read_roi, write_roi, voxel_size)
-        arrays.write(self._fragments, write_roi, self._grid.to_global(inner, write_roi))
+        ids_dtype = self._fragments.dtype
+        arrays.write(self._fragments, write_roi, self._grid.to_global(inner, write_roi, ids_dtype))
         # the context: what this block's labels say about fragments neighbours wrote there
         own, theirs = [], []
         for box in context_shell(read_roi, write_roi):
-            own.append(self._grid.to_global(crop_to(local, read_roi, box, voxel_size), write_roi).ravel())
+            own.append(
+                self._grid.to_global(crop_to(local, read_roi, box, voxel_size), write_roi, ids_dtype).ravel()
+            )
             theirs.append(arrays.read(self._fragments, box).ravel())
         edges = block_edges(np.concatenate(own), np.concatenate(theirs))
         present = np.flatnonzero(np.bincount(inner.ravel()))
-        ids = self._grid.to_global(present[present > 0], write_roi)
+        ids = self._grid.to_global(present[present > 0], write_roi, ids_dtype)
         save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
 
 
@@ -339,7 +344,9 @@ def segment_blockwise(
         "merge": merge,
         "merge_threshold": merge_threshold,
         "fit": fit,
-        "edge_files": "npy",  # how pass 1 stores edges: a run directory of another layout starts afresh
+        # how pass 1 stores its results: a run directory of another layout starts afresh
+        "edge_files": "npy",
+        "fragments": "smallest unsigned dtype",
     }
     key = stable_hash(identity)
     seg = Segmentation(
@@ -422,6 +429,7 @@ def segment_blockwise(
         input=seg.fragments,
         output=str(output_name),
         lut=seg.lut,
+        dtype="uint64",  # fragments may be uint32; segment IDs are uint64 whatever the volume's size
         **common,
         **where,
     )
