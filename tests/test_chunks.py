@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import zarr
@@ -115,3 +117,21 @@ def test_direct_access_takes_unit_step_slices_only(tmp_path):
         direct[0:8:2, 0:8]
     with pytest.raises(IndexError):
         direct[0:8]
+
+
+def test_an_array_pickles_without_its_chunk_io_and_reads_the_same_after(tmp_path):
+    """Workers may carry opened arrays to other processes: the direct I/O is made again there."""
+    path = tmp_path / "a.zarr"
+    data = np.arange(6 * 8 * 8, dtype="u4").reshape(6, 8, 8)
+    zarr.create_array(str(path), shape=data.shape, chunks=(4, 4, 4), dtype="u4")[...] = data
+    zarr.open_array(str(path), mode="r+").attrs.update({"voxel_size": [1, 1, 1], "offset": [0, 0, 0]})
+    array = arrays.open_array(path, mode="r+")
+    roi = Roi((1, 2, 3), (4, 5, 5))
+    expected = data[1:5, 2:7, 3:8]
+    np.testing.assert_array_equal(array[roi], expected)  # world-unit indexing takes the direct path
+    assert isinstance(array._chunk_io, DirectChunks)
+    copy = pickle.loads(pickle.dumps(array))
+    assert copy._chunk_io is None
+    np.testing.assert_array_equal(arrays.read(copy, roi), expected)
+    copy[roi] = expected + 1
+    np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[1:5, 2:7, 3:8], expected + 1)

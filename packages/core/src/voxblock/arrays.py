@@ -120,6 +120,10 @@ class ZarrArray:
         physical_shape = Coordinate(s for s, p in zip(shape, self._physical) if p)
         self._roi = Roi(self._offset, self._voxel_size * physical_shape)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # direct chunk I/O is per process: made again where the array is unpickled
+        return {**self.__dict__, "_chunk_io": None}
+
     @property
     def roi(self) -> Roi:
         return self._roi
@@ -185,7 +189,7 @@ class ZarrArray:
         if isinstance(key, Roi):
             if not self._roi.contains(key):
                 raise IndexError(f"Requested roi {key} is not contained in this array {self._roi}.")
-            return np.asarray(self._source_data[self._slices(key)])
+            return np.asarray(chunk_io(self)[self._slices(key)])
         if isinstance(key, Coordinate):
             if not self._roi.contains(key):
                 raise IndexError("Requested coordinate is not contained in this array.")
@@ -199,7 +203,8 @@ class ZarrArray:
         if isinstance(key, Roi):
             if not self._roi.contains(key):
                 raise IndexError(f"Requested roi {key} is not contained in this array {self._roi}.")
-            key = self._slices(key)
+            chunk_io(self)[self._slices(key)] = value
+            return
         self._source_data[key] = value
 
     def to_ndarray(self, roi: Roi, fill_value: Any = 0) -> np.ndarray:
