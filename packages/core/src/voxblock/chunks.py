@@ -26,7 +26,33 @@ from typing import Any
 
 import numpy as np
 
+# -- chunk grid geometry (pure; boxes are (begin, end) voxel tuples from the array's first voxel) --
+
 Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def chunks_in(
+    shape: tuple[int, ...], chunk: tuple[int, ...], box: Box
+) -> Iterator[tuple[tuple[int, ...], Box]]:
+    """(grid index, chunk box clipped to the array) of every chunk that `box` touches."""
+    begin = tuple(max(b, 0) for b in box[0])
+    end = tuple(min(e, s) for e, s in zip(box[1], shape))
+    if any(b >= e for b, e in zip(begin, end)):
+        return
+    ranges = [range(b // c, (e - 1) // c + 1) for b, e, c in zip(begin, end, chunk)]
+    for index in itertools.product(*ranges):
+        low = tuple(i * c for i, c in zip(index, chunk))
+        high = tuple(min(lo + c, s) for lo, c, s in zip(low, chunk, shape))
+        yield index, (low, high)
+
+
+def intersect(a: Box, b: Box) -> Box:
+    return tuple(map(max, a[0], b[0])), tuple(map(min, a[1], b[1]))
+
+
+def box_slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
+    """`box` as slices of an array whose first voxel is at `origin`."""
+    return tuple(slice(b - o, e - o) for b, e, o in zip(*box, origin))
 
 
 class DirectChunks:
@@ -148,24 +174,16 @@ class DirectChunks:
             end.append(max(start, stop))
         return tuple(begin), tuple(end)
 
-    def _touched(self, box: Box) -> Iterator[tuple[tuple[int, ...], Box]]:
-        """(index, in-array box) of every chunk `box` touches."""
-        ranges = [range(b // c, (e - 1) // c + 1) for b, e, c in zip(*box, self.chunks)]
-        for index in itertools.product(*ranges):
-            low = tuple(i * c for i, c in zip(index, self.chunks))
-            high = tuple(min(lo + c, s) for lo, c, s in zip(low, self.chunks, self.shape))
-            yield index, (low, high)
-
     def __getitem__(self, key: Any) -> np.ndarray:
         box = self._box(key)
         out = np.empty(tuple(e - b for b, e in zip(*box)), dtype=self.dtype)
         if out.size == 0:
             return out
-        for index, chunk in self._touched(box):
-            piece = tuple(map(max, chunk[0], box[0])), tuple(map(min, chunk[1], box[1]))
-            target = _slices(piece, box[0])
+        for index, chunk in chunks_in(self.shape, self.chunks, box):
+            piece = intersect(chunk, box)
             decoded = self.read_chunk(index)
-            out[target] = self.fill_value if decoded is None else decoded[_slices(piece, chunk[0])]
+            target = box_slices(piece, box[0])
+            out[target] = self.fill_value if decoded is None else decoded[box_slices(piece, chunk[0])]
         return out
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -174,9 +192,9 @@ class DirectChunks:
         value = np.broadcast_to(np.asarray(value), shape)
         if 0 in shape:
             return
-        for index, chunk in self._touched(box):
-            piece = tuple(map(max, chunk[0], box[0])), tuple(map(min, chunk[1], box[1]))
-            part = value[_slices(piece, box[0])]
+        for index, chunk in chunks_in(self.shape, self.chunks, box):
+            piece = intersect(chunk, box)
+            part = value[box_slices(piece, box[0])]
             if piece == chunk and part.shape == self.chunks:
                 self.write_chunk(index, part)
                 continue
@@ -185,9 +203,5 @@ class DirectChunks:
             else:  # part of a chunk: the rest is what is stored
                 current = self.read_chunk(index)
                 whole = np.full(self.chunks, self.fill_value) if current is None else np.array(current)
-            whole[_slices(piece, chunk[0])] = part
+            whole[box_slices(piece, chunk[0])] = part
             self.write_chunk(index, whole)
-
-
-def _slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(b - o, e - o) for b, e, o in zip(*box, origin))

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import math
 import operator
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from funlib.geometry import Coordinate, Roi
+
+from voxblock.chunks import Box, box_slices, chunks_in, intersect
 
 # a halo is worth it when the read ROI touches this many times the chunks the
 # write ROI does, and its slabs stay below this fraction of the array's bytes
@@ -52,27 +52,6 @@ class Halo:
 
 
 # -- geometry (pure; boxes are (begin, end) voxel tuples relative to the array's first voxel) --
-
-Box = tuple[tuple[int, ...], tuple[int, ...]]
-
-
-def chunks_in(
-    shape: tuple[int, ...], chunk: tuple[int, ...], box: Box
-) -> Iterator[tuple[tuple[int, ...], Box]]:
-    """(grid index, chunk box clipped to the array) of every chunk that `box` touches."""
-    begin = tuple(max(b, 0) for b in box[0])
-    end = tuple(min(e, s) for e, s in zip(box[1], shape))
-    if any(b >= e for b, e in zip(begin, end)):
-        return
-    ranges = [range(b // c, (e - 1) // c + 1) for b, e, c in zip(begin, end, chunk)]
-    for index in itertools.product(*ranges):
-        low = tuple(i * c for i, c in zip(index, chunk))
-        high = tuple(min(lo + c, s) for lo, c, s in zip(low, chunk, shape))
-        yield index, (low, high)
-
-
-def intersect(a: Box, b: Box) -> Box:
-    return tuple(map(max, a[0], b[0])), tuple(map(min, a[1], b[1]))
 
 
 def _shifted(box: Box, by: tuple[int, ...]) -> Box:
@@ -166,7 +145,7 @@ def plan_thickness(
 
 
 def _slices(box: Box, within: tuple[int, ...], channel_dims: int) -> tuple[slice, ...]:
-    return (slice(None),) * channel_dims + tuple(slice(b - w, e - w) for b, e, w in zip(*box, within))
+    return (slice(None),) * channel_dims + box_slices(box, within)
 
 
 @dataclass(frozen=True)
