@@ -631,44 +631,32 @@ class Bench:
         size = self.size
         pred = volumes.ensure(self.workdir, "pred32", size)  # 32^3 chunks: every block size aligns
         voxels = size**3
-        for workers in sorted({1, self.workers, 2 * self.workers}):
+
+        def point(axis: str, value: int) -> None:
+            """One point of a sweep: the floor and voxblock with `axis` (workers or block) set."""
             f = self.floor(
                 "threshold",
                 pred,
                 "sweep-floor",
                 np.uint8,
                 size,
-                workers=workers,
                 direct=True,
                 threshold=volumes.THRESHOLD,
+                **{axis: value},
             )
             v = self.voxblock_api(
-                "threshold", pred, "sweep-api", size, workers=workers, threshold=volumes.THRESHOLD
+                "threshold", pred, "sweep-api", size, threshold=volumes.THRESHOLD, **{axis: value}
             )
-            self.sweep["workers"].append(
-                {"workers": workers, "floor": voxels / f / 1e6, "voxblock": voxels / v / 1e6}
-            )
-            print(f"  sweep workers={workers}: floor {voxels / f / 1e6:.0f}, voxblock {voxels / v / 1e6:.0f}")
-        for block in (32, 64, 128):
-            f = self.floor(
-                "threshold",
-                pred,
-                "sweep-floor",
-                np.uint8,
-                size,
-                block=block,
-                direct=True,
-                threshold=volumes.THRESHOLD,
-            )
-            v = self.voxblock_api(
-                "threshold", pred, "sweep-api", size, block=block, threshold=volumes.THRESHOLD
-            )
-            self.sweep["block"].append(
-                {"block": block, "floor": voxels / f / 1e6, "voxblock": voxels / v / 1e6}
-            )
+            rates = {"floor": voxels / f / 1e6, "voxblock": voxels / v / 1e6}
+            self.sweep[axis].append({axis: value, **rates})
             print(
-                f"  sweep block={block}: floor {voxels / f / 1e6:.0f}, voxblock {voxels / v / 1e6:.0f} Mvox/s"
+                f"  sweep {axis}={value}: floor {rates['floor']:.0f}, voxblock {rates['voxblock']:.0f} Mvox/s"
             )
+
+        for workers in sorted({1, self.workers, 2 * self.workers}):
+            point("workers", workers)
+        for block in (32, 64, 128):
+            point("block", block)
 
     # -- output ---------------------------------------------------------------------------------
 
