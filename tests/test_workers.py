@@ -206,12 +206,13 @@ def test_relabel_npz_and_zarr_tables(tmp_path):
     cases = [
         ("kept", {"lut": str(tmp_path / "lut.npz")}, kept),
         ("zeroed", {"lut": f"{tmp_path}/v.zarr/lut", "unmapped_to_zero": True}, zeroed),
+        ("narrow", {"lut": str(tmp_path / "lut.npz"), "unmapped_to_zero": True, "dtype": "uint16"}, zeroed),
     ]
     for key, options, expected in cases:
         output = f"{tmp_path}/v.zarr/{key}"
         run("relabel", total, block, block, input=source, output=output, **options)
         result = read_array(output)
-        assert result.dtype == np.uint64
+        assert result.dtype == np.dtype(options.get("dtype", "uint64"))
         np.testing.assert_array_equal(result, expected, err_msg=key)
     assert (fragments > 40).any() and (fragments == 0).any()
 
