@@ -222,27 +222,28 @@ SEGMENT_DRIVER = """
 import sys, voxblock
 from funlib.geometry import Roi
 
-source, output, halo = sys.argv[1:4]
+source, output, halo, stitch = sys.argv[1:5]
 block = Roi((0, 0, 0), (8, 8, 8))
 ok = voxblock.segment_blockwise("threshold-label", (1, 1, 1), Roi((0, 0, 0), (32, 32, 32)), block, block,
                                 num_workers=2, input=source, output=output,
                                 parameters={"threshold": 0.6, "connectivity": 26}, progress=False,
-                                halo=halo == "halo")
+                                halo=halo == "halo", stitch=stitch)
 sys.exit(0 if ok else 1)
 """
 
 
+@pytest.mark.parametrize("stitch", ["context", "faces"])
 @pytest.mark.parametrize("phase", ["fragments", "solve", "relabel"])
-def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, phase):
+def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, phase, stitch):
     name, _ = source
     # the clean run reads whole chunks; the killed one keeps and reads chunk face slabs (halo)
-    clean = start(SEGMENT_DRIVER, name, f"{tmp_path}/clean.zarr/seg", "no-halo")
+    clean = start(SEGMENT_DRIVER, name, f"{tmp_path}/clean.zarr/seg", "no-halo", stitch)
     assert clean.wait(timeout=300) == 0, clean.stderr.read().decode()[-2000:]
     expected = read_array(f"{tmp_path}/clean.zarr/seg")
 
     output = f"{tmp_path}/out.zarr/seg"
     run_dir = tmp_path / "out.zarr.voxblock" / "seg"
-    process = start(SEGMENT_DRIVER, name, output, "halo")
+    process = start(SEGMENT_DRIVER, name, output, "halo", stitch)
     # kill as soon as the pass has taken its lock (the pass is running)
     lock = run_dir / phase / "lock"
     deadline = time.monotonic() + 120
@@ -253,9 +254,12 @@ def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, ph
         if phase != "solve":
             time.sleep(0.5)  # let some blocks finish
         kill_group(process)
-    again = start(SEGMENT_DRIVER, name, output, "halo")
+    again = start(SEGMENT_DRIVER, name, output, "halo", stitch)
     assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
-    assert any((run_dir / "fragments" / "halo").rglob("*.bin")), "the halo was not used"
+    if stitch == "context":
+        assert any((run_dir / "fragments" / "halo").rglob("*.bin")), "the halo was not used"
+    else:  # blocks labelled alone: no context to read, and no fragments stored
+        assert not (tmp_path / "out.zarr" / "seg_fragments").exists()
     result = read_array(output)
     same = np.array_equal(result, expected)
     fault_tally.add(

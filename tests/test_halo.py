@@ -152,6 +152,7 @@ def test_segment_with_and_without_halo_real_scheduler(tmp_path):
             parameters={"threshold": 0.5, "connectivity": 26},
             progress=False,
             halo=halo_choice,
+            stitch="context",  # the context is what the halo serves
         )
         assert ok
         outputs[halo_choice] = read_array(output)
@@ -187,6 +188,8 @@ def test_cli_no_halo(tmp_path):
                 "--workers",
                 "1",
                 "--no-progress",
+                "--stitch",
+                "context",
                 flag,
             ],
         )

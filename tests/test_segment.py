@@ -68,19 +68,20 @@ def volumes(draw):
     data=volumes(),
     block=st.integers(2, 9),
     context=st.integers(1, 3),
-    fully_connected=st.booleans(),
+    rank=st.integers(1, 3),
     fit=st.sampled_from(["overhang", "shrink"]),
     voxel=st.sampled_from([1, 2]),
     halo=st.sampled_from([None, True]),
+    stitch=st.sampled_from(["context", "faces"]),
 )
 def test_threshold_label_blockwise_equals_whole_volume(
-    tmp_path_factory, data, block, context, fully_connected, fit, voxel, halo
+    tmp_path_factory, data, block, context, rank, fit, voxel, halo, stitch
 ):
     tmp = tmp_path_factory.mktemp("seg")
     ndim = data.ndim
     voxel_size = (voxel,) * ndim
     raw = write_volume(tmp, data, voxel_size, chunks=block)
-    connectivity = {2: (4, 8), 3: (6, 26)}[ndim][int(fully_connected)]
+    connectivity = {2: (4, 8, 8), 3: (6, 18, 26)}[ndim][rank - 1]
     world = Roi((0,) * ndim, tuple(s * voxel for s in data.shape))
     write = Roi((0,) * ndim, (block * voxel,) * ndim)
     ok = voxblock.segment_blockwise(
@@ -97,6 +98,7 @@ def test_threshold_label_blockwise_equals_whole_volume(
         progress=False,
         serial=True,
         halo=halo,  # True: context from chunk face slabs wherever they are thinner than a chunk
+        stitch=stitch,
     )
     assert ok
     result = open_ds(f"{tmp}/v.zarr/seg")[world]
@@ -106,12 +108,15 @@ def test_threshold_label_blockwise_equals_whole_volume(
     assert list(labels) == list(range(1, len(labels) + 1))  # consecutive from 1
 
 
+@pytest.mark.parametrize("stitch", ["context", "faces"])
 @pytest.mark.parametrize("connectivity", [6, 26])
-def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity):
+def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity, stitch):
     rng = np.random.default_rng(7)
     data = ndimage.gaussian_filter(rng.random((30, 34, 26)), 1.5).astype(np.float32)
     data[:, 17, :] = 1.0  # a sheet crossing every block boundary in x and z
     data[5:25, 3, 3] = 1.0  # a thin rod
+    data[6:10, 6:10, 6:10] = 0
+    data[8, 8, 8] = data[7, 7, 7] = 1.0  # alone, in two blocks that touch only at a corner
     raw = write_volume(tmp_path, data, (1, 1, 1))
     threshold = float(np.quantile(data, 0.65))
     world = Roi((0, 0, 0), data.shape)
@@ -128,24 +133,32 @@ def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity)
             input=raw,
             output=f"{tmp_path}/v.zarr/seg",
             parameters={"threshold": threshold, "connectivity": connectivity},
+            stitch=stitch,
             progress=False,
         )
 
     assert segment()
     result = open_ds(f"{tmp_path}/v.zarr/seg")[world]
     assert same_partition(result, whole_volume_labels(data > threshold, connectivity))
+    assert (result[8, 8, 8] == result[7, 7, 7]) == (connectivity == 26)
     lut = zarr.open(f"{tmp_path}/v.zarr/seg_lut", mode="r")
     assert lut.shape[0] == 2 and lut.shape[1] > 0
     edges = zarr.open(f"{tmp_path}/v.zarr/seg_edges", mode="r")
     assert edges.shape[1] == 5 and edges.shape[0] > 0
-    fragments = open_ds(f"{tmp_path}/v.zarr/seg_fragments")[world]
-    assert len(np.unique(fragments)) >= len(np.unique(result))
-    # fragment IDs of a volume this size fit in uint32; segment IDs are uint64 all the same
-    assert fragments.dtype == np.uint32 and result.dtype == np.uint64
+    run_dir = tmp_path / "v.zarr.voxblock" / "seg"
+    if stitch == "context":
+        fragments = open_ds(f"{tmp_path}/v.zarr/seg_fragments")[world]
+        assert len(np.unique(fragments)) >= len(np.unique(result))
+        # fragment IDs of a volume this size fit in uint32; segment IDs are uint64 all the same
+        assert fragments.dtype == np.uint32
+    else:  # nothing per voxel but the segmentation: one small file of outer layers per block
+        assert not (tmp_path / "v.zarr" / "seg_fragments").exists()
+        assert len(list((run_dir / "faces").iterdir())) == 80
+    assert result.dtype == np.uint64
 
     # a rerun resumes every pass and leaves the result as it is
     assert segment()
-    report = json.loads((tmp_path / "v.zarr.voxblock" / "seg" / "fragments" / "report.json").read_text())
+    report = json.loads((run_dir / "fragments" / "report.json").read_text())
     assert report["processed"] == 0 and report["skipped"] == report["total_blocks"]
     np.testing.assert_array_equal(open_ds(f"{tmp_path}/v.zarr/seg")[world], result)
 
@@ -214,6 +227,9 @@ def segment_function(input_array, block):
         ("threshold-label", {"parameters": {"thresh": 1}}, "no parameter thresh"),
         ("threshold-label", {"merge": "most"}, "merge must be one of"),
         ("threshold-label", {"fit": "valid"}, "fit must be overhang or shrink"),
+        ("threshold-label", {"stitch": "seams"}, "stitch must be one of"),
+        ("threshold-label", {"stitch": "faces", "merge": "iou"}, "needs stitch='context'"),
+        (SEGMENT_FILE, {"stitch": "faces"}, "may need context"),
         (BAD_SHAPE, {}, "returned shape (3, 3, 3)"),
         (BAD_DTYPE, {}, "labels must be integers"),
         ("scale", {}, "cannot segment blocks"),
@@ -386,3 +402,60 @@ def test_watershed_fragments_merge_into_whole_volume_objects(tmp_path):
     foreground = labels > 0
     assert same_partition(np.where(foreground, result, 0), np.where(foreground, whole, 0))
     assert same_partition(np.where(foreground, result, 0), labels)  # one segment per object
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=3).map(tuple),
+    rank=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_touching_pairs_are_every_block_to_shell_contact(shape, rank, seed):
+    """The pairs from faces and neighbours' facing layers equal a brute-force search of the padded volume."""
+    from voxblock.segment import faces as stitching
+
+    rank = min(rank, len(shape))
+    rng = np.random.default_rng(seed)
+    world = rng.integers(0, 4, tuple(s + 2 for s in shape)).astype(np.uint32) * (
+        rng.random(tuple(s + 2 for s in shape)) > 0.3
+    )
+    inner = world[(slice(1, -1),) * len(shape)]
+    # each neighbour's block, cut from the world, seen only through its faces
+    neighbours = {}
+    for direction in stitching.offsets(len(shape), rank):
+        cut = tuple(
+            slice(1, -1) if d == 0 else (slice(s + 1, s + 2) if d > 0 else slice(0, 1))
+            for d, s in zip(direction, shape)
+        )
+        # a neighbour one voxel thick where it touches; its full extent elsewhere
+        block = world[cut]
+        neighbours[direction] = stitching.facing_layer(stitching.faces(block), direction)
+    padded = stitching.padded_boundary(shape, stitching.faces(inner), neighbours, np.dtype(np.uint32))
+    own, theirs = stitching.touching_pairs(padded, rank)
+    found = set(zip(own.tolist(), theirs.tolist()))
+
+    expected = set()
+    for x in np.ndindex(*shape):
+        for d in stitching.offsets(len(shape), rank):
+            y = tuple(xi + 1 + di for xi, di in zip(x, d))
+            if all(1 <= yi <= s for yi, s in zip(y, shape)):
+                continue  # both inside the block: not a contact between blocks
+            a, b = int(inner[x]), int(world[y])
+            if a and b:
+                expected.add((a, b))
+    assert found == expected
+
+
+def test_faces_round_trip_through_their_file(tmp_path):
+    from voxblock.segment import faces as stitching
+
+    labels = np.arange(3 * 4 * 5, dtype=np.uint32).reshape(3, 4, 5)
+    stitching.save_faces(tmp_path / "0.bin", stitching.faces(labels), labels.shape, np.dtype(np.uint32))
+    loaded = stitching.load_faces(tmp_path / "0.bin", np.dtype(np.uint32))
+    assert loaded is not None
+    for got, want in zip(loaded, stitching.faces(labels)):
+        np.testing.assert_array_equal(got, want)
+    assert stitching.load_faces(tmp_path / "1.bin", np.dtype(np.uint32)) is None
+    (tmp_path / "2.bin").write_bytes(np.array([3, 3, 4, 5, 1, 2], np.uint32).tobytes())
+    with pytest.raises(ValueError, match="holds 6 values"):
+        stitching.load_faces(tmp_path / "2.bin", np.dtype(np.uint32))

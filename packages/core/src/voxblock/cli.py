@@ -452,6 +452,14 @@ main.add_command(
     help="minimum overlap fraction or IoU for --merge overlap/iou",
 )
 @click.option("--fit", type=click.Choice(["overhang", "shrink"]), default="overhang", show_default=True)
+@click.option(
+    "--stitch",
+    type=click.Choice(["auto", "context", "faces"]),
+    default="auto",
+    show_default=True,
+    help="how blocks are joined: faces (connected components only: exact, no fragments stored), "
+    "context (any function: overlaps in the context), auto (faces where it applies)",
+)
 @click.option("--workers", default=2, show_default=True, help="worker processes")
 @click.option("--max-retries", default=2, show_default=True, help="retries of a failing block")
 @click.option("--timeout", type=float, default=None, help="seconds a block may take")
@@ -469,7 +477,9 @@ def segment(function: str, **values: Any) -> None:
     segment_function(input_array, block, **parameters). Each block is labelled
     with its context; labels that meet in the context are merged; IDs end up
     consecutive from 1. Fragments, edges (OUTPUT_edges) and the lookup table
-    (OUTPUT_lut) stay in the output container.
+    (OUTPUT_lut) stay in the output container. threshold-label is joined at
+    block faces instead (exact, and no fragments are stored: each block is
+    labelled again in the last pass); --stitch context keeps the fragments.
 
     \b
     Example:
@@ -503,6 +513,7 @@ def segment(function: str, **values: Any) -> None:
             merge=values["merge"],
             merge_threshold=values["merge_threshold"],
             fit=values["fit"],
+            stitch=values["stitch"],
             keep_fragments=not values["drop_fragments"],
             fresh=values["fresh"],
             overwrite=values["overwrite"],

@@ -25,6 +25,20 @@ from voxblock.workers import load_worker_module, worker_class
 BUILT_IN = ("threshold-label",)
 
 
+def connectivity_rank(ndim: int, connectivity: int) -> int:
+    """On how many axes one step between connected voxels may move: 1 faces only, ndim fully.
+
+    In 2-D and 3-D: 4/6 -> 1, 8/18 -> 2, 26 -> 3; an unknown value means the
+    face connectivity if it is 4 or 6, else full. Other dimensions: 4/6 -> 1, else full.
+    """
+    if ndim in (2, 3):
+        allowed = {2: (4, 8), 3: (6, 18, 26)}[ndim]
+        if connectivity not in allowed:
+            connectivity = allowed[0] if connectivity in (4, 6) else allowed[-1]
+        return {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}[connectivity]
+    return 1 if connectivity in (4, 6) else ndim
+
+
 def threshold_label(
     input_array: Any,
     block: Any,
@@ -32,29 +46,29 @@ def threshold_label(
     connectivity: int = 6,
     channel: int | None = None,
 ) -> np.ndarray:
-    """Foreground (> threshold) split into connected components (cc3d, 2-3x scipy's speed)."""
+    """Foreground (> threshold) split into connected components (cc3d, 2-3x scipy's speed).
+
+    Labels are consecutive from 1: segment_blockwise's face stitching relies on it.
+    """
     data = arrays.read(input_array, block.read_roi)
     if channel is not None:
         data = data[channel]
     foreground = data > threshold
+    rank = connectivity_rank(foreground.ndim, connectivity)
     if foreground.ndim in (2, 3):
         import cc3d
 
-        allowed = {2: (4, 8), 3: (6, 18, 26)}[foreground.ndim]
-        if connectivity not in allowed:
-            connectivity = allowed[0] if connectivity in (4, 6) else allowed[-1]
         # uint8, not bool: cc3d 4.1 mislabels some bool 2-D images with 8-connectivity;
         # uint32 labels (a block has fewer voxels than that) halve what later steps move
         out_dtype = np.uint32 if foreground.size < 2**32 else np.uint64
         return cc3d.connected_components(
-            foreground.view(np.uint8), connectivity=connectivity, out_dtype=out_dtype
+            foreground.view(np.uint8),
+            connectivity={(2, 1): 4, (2, 2): 8, (3, 1): 6, (3, 2): 18, (3, 3): 26}[foreground.ndim, rank],
+            out_dtype=out_dtype,
         )
     from scipy import ndimage
 
-    structure = ndimage.generate_binary_structure(
-        foreground.ndim, 1 if connectivity in (4, 6) else foreground.ndim
-    )
-    labels, _ = ndimage.label(foreground, structure=structure)
+    labels, _ = ndimage.label(foreground, structure=ndimage.generate_binary_structure(foreground.ndim, rank))
     return labels.astype(np.uint64)
 
 
@@ -118,6 +132,13 @@ class SegmentFunction:
 
             self._function = function
         return self
+
+    def stitch_rank(self, ndim: int) -> int | None:
+        """The connectivity rank if labels are connected components of a per-voxel foreground
+        (blocks can then be stitched exactly at their faces); None if they may need context."""
+        if self.kind == "built-in":
+            return connectivity_rank(ndim, int(self.parameters.get("connectivity", 6)))
+        return None
 
     def __call__(self, input_array: Any, block: Any) -> np.ndarray:
         self.load()

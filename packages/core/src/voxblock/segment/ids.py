@@ -89,6 +89,15 @@ class BlockGrid:
     def index(self, write_roi: Roi) -> int:
         return block_index(write_roi, Coordinate(self.origin), Coordinate(self.stride), self.counts)
 
+    def neighbour(self, write_roi: Roi, direction: tuple[int, ...]) -> int | None:
+        """The index of the block at `direction` (steps of whole blocks) from this one; None off the grid."""
+        position = [
+            (b - o) // s + d for b, o, s, d in zip(write_roi.begin, self.origin, self.stride, direction)
+        ]
+        if any(p < 0 or p >= c for p, c in zip(position, self.counts)):
+            return None
+        return int(np.ravel_multi_index(position, self.counts))
+
     @property
     def id_dtype(self) -> np.dtype:
         """The smallest unsigned type that holds every ID of the grid."""

@@ -1,13 +1,18 @@
-"""segment_blockwise: per-block segmentation with context, a global solve, a relabel.
+"""segment_blockwise: per-block segmentation, a global solve, a relabel.
 
-Pass 1 (fragments) labels every block over its read ROI, stores the write
+Two ways to stitch blocks. With context (any segment function): pass 1
+(fragments) labels every block over its read ROI, stores the write
 ROI part with block-position IDs, and records edges where its labels meet
 fragments that neighbouring blocks wrote into its context. The task runs
 with `read_write_conflict`, so of two neighbours one always runs after the
 other and sees its fragments: every pair of touching blocks is compared
 once. Pass 2 (solve) turns all edges into a lookup table; pass 3 (relabel)
-applies it with the relabel worker. Each pass is a resumable task with its
-own run directory; edges and the table are kept in the output container.
+applies it with the relabel worker. At faces (connected components of a
+per-voxel foreground, such as threshold-label; see `segment.faces`): pass 1
+labels each block alone and keeps only its outermost layers, pass 3 labels
+each block again and writes its segments, so no fragments are stored. Each
+pass is a resumable task with its own run directory; edges and the table
+are kept in the output container.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from voxblock.compute import Local
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
 from voxblock.rundir import default_run_dir
+from voxblock.segment import faces as face_stitching
 from voxblock.segment.edges import block_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.ids import BlockGrid
@@ -35,6 +41,7 @@ from voxblock.segment.solve import segment_lut
 from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output, stable_hash, worker_class
 
 MERGES = ("any", "overlap", "iou")
+STITCHES = ("auto", "context", "faces")
 SEGMENT_KEY = "voxblock_segment"
 
 
@@ -128,21 +135,25 @@ def check_labels(labels: Any, block: Any, voxel_size: Coordinate) -> np.ndarray:
     return labels
 
 
-def _preview(function: SegmentFunction, source: Any, blocking: Blocking) -> None:
-    """Run the function on the first block in the driver: a wrong shape or dtype fails now."""
+def _preview(function: SegmentFunction, source: Any, blocking: Blocking, own: bool = False) -> None:
+    """Run the function on the first block in the driver: a wrong shape or dtype fails now.
+
+    `own`: the function sees the block's write ROI alone (stitching at faces).
+    """
     import daisy.v2 as daisy
 
     first = blocking.first_block()
     if first is None:
         raise VoxblockError(f"no block fits in the total ROI {blocking.total_roi}")
     read, write = first
+    block = daisy.Block(blocking.total_roi, write if own else read, write)
     try:
-        labels = function(source, daisy.Block(blocking.total_roi, read, write))
+        labels = function(source, block)
     except VoxblockError:
         raise
     except Exception as error:
         raise VoxblockError(f"the segment function failed on the first block {write}: {error!r}") from error
-    check_labels(labels, daisy.Block(blocking.total_roi, read, write), source.voxel_size)
+    check_labels(labels, block, source.voxel_size)
 
 
 def save_block_edges(path: Path, edges: np.ndarray, fragments: np.ndarray) -> None:
@@ -167,6 +178,143 @@ def load_block_edges(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if len(fragments) != num_fragments:
         raise VoxblockError(f"{path} is truncated: rerun segment_blockwise with fresh=True")
     return edges, fragments
+
+
+def own_block(block: Any) -> Any:
+    """The block as the segment function sees it when stitching at faces: its write ROI alone."""
+    import daisy.v2 as daisy
+
+    return daisy.Block(block.write_roi, block.write_roi, block.write_roi)
+
+
+def own_labels(function: SegmentFunction, source: Any, block: Any, grid: BlockGrid) -> np.ndarray:
+    """The function's labels of the block's write ROI alone, checked, as integers."""
+    own = own_block(block)
+    labels = check_labels(function(source, own), own, source.voxel_size)
+    if labels.dtype == bool:
+        labels = labels.view(np.uint8)
+    largest = int(labels.max(initial=0))
+    if largest > grid.id_range:
+        raise VoxblockError(
+            f"the segment function returned label {largest}; a block holds at most {grid.id_range}"
+        )
+    return labels
+
+
+@dataclass
+class StitchFaces(Worker):
+    """Pass 1 at faces: label each block alone; keep its outer layers; edges to done neighbours."""
+
+    name = "segment-faces"
+    fit = "overhang"
+    # touching blocks (their read ROIs reach one voxel into each other) never run at once:
+    # of two neighbours the later one finds the other's faces and records their edges
+    read_write_conflict = True
+
+    function: str = option("", help="segment function (labels: connected components of a foreground)")
+    parameters: dict = option({}, help="parameters of the segment function")
+    input: str = option("")
+    face_dir: str = option("")
+    edge_dir: str = option("")
+    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
+    rank: int = option(1, help="connectivity rank: 1 faces only ... ndim fully connected")
+
+    def segment_function(self) -> SegmentFunction:
+        return SegmentFunction(self.function, dict(self.parameters)).load()
+
+    def prepare(self, preparation: Preparation) -> None:
+        source = arrays.open_input(self.input)
+        check_blocking_on_grid(preparation.blocking, source.voxel_size)
+        _preview(self.segment_function(), source, preparation.blocking, own=True)
+        Path(self.face_dir).mkdir(parents=True, exist_ok=True)
+        Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
+
+    def setup(self) -> None:
+        self._function = self.segment_function()
+        self._source = arrays.open_input(self.input)
+        self._grid = BlockGrid.from_dict(self.grid)
+        self._dtype = self._grid.id_dtype
+        self._directions = face_stitching.offsets(self._source.voxel_size.dims, self.rank)
+
+    def process(self, block: Any) -> None:
+        grid, dtype, write_roi = self._grid, self._dtype, block.write_roi
+        labels = own_labels(self._function, self._source, block, grid)
+        index = grid.index(write_roi)
+        own_faces = [grid.to_global(face, write_roi, dtype) for face in face_stitching.faces(labels)]
+        face_dir = Path(self.face_dir)
+        face_stitching.save_faces(face_dir / f"{index}.bin", own_faces, labels.shape, dtype)
+        neighbours = {}
+        for direction in self._directions:
+            other = grid.neighbour(write_roi, direction)
+            their_faces = (
+                None if other is None else face_stitching.load_faces(face_dir / f"{other}.bin", dtype)
+            )
+            if their_faces is not None:
+                neighbours[direction] = face_stitching.facing_layer(their_faces, direction)
+        padded = face_stitching.padded_boundary(labels.shape, own_faces, neighbours, dtype)
+        edges = block_edges(*face_stitching.touching_pairs(padded, self.rank))
+        # labels are consecutive from 1 (threshold-label): the block's fragments are 1..largest
+        largest = int(labels.max(initial=0))
+        ids = grid.to_global(np.arange(1, largest + 1, dtype=dtype), write_roi, dtype)
+        save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
+
+
+@dataclass
+class LabelSegments(Worker):
+    """Pass 3 at faces: label each block again, as in pass 1, and write its segment IDs."""
+
+    name = "segment-labels"
+    fit = "overhang"
+
+    function: str = option("", help="segment function, the same as pass 1's")
+    parameters: dict = option({}, help="parameters of the segment function")
+    input: str = option("")
+    output: str = option("")
+    lut: str = option("")
+    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
+
+    def outputs(self) -> list[str]:
+        return [self.output]
+
+    def prepare(self, preparation: Preparation) -> None:
+        source = arrays.open_input(self.input)
+        prepare_output(
+            preparation,
+            source,
+            arrays.OutputSpec.like(source, self.output, np.uint64, preparation.blocking.target_roi),
+        )
+
+    def setup(self) -> None:
+        self._function = SegmentFunction(self.function, dict(self.parameters)).load()
+        self._source = arrays.open_input(self.input)
+        self._output = arrays.open_output(self.output)
+        self._grid = BlockGrid.from_dict(self.grid)
+        table = np.asarray(zarr.open_array(str(arrays.ArrayName.parse(self.lut).path), mode="r")[...])
+        if table.shape[1] and not (table[0, 1:] > table[0, :-1]).all():
+            table = table[:, np.argsort(table[0], kind="stable")]
+        self._fragments, self._segments = table[0], table[1]
+
+    def process(self, block: Any) -> None:
+        labels = own_labels(self._function, self._source, block, self._grid)
+        largest = int(labels.max(initial=0))
+        first = self._grid.index(block.write_roi) * self._grid.id_range + 1
+        start = int(np.searchsorted(self._fragments, first))
+        found = self._fragments[start : start + largest]
+        following = self._fragments[start + largest] if start + largest < self._fragments.size else 0
+        if (
+            found.size != largest
+            or (largest and (int(found[0]) != first or int(found[-1]) != first + largest - 1))
+            or first + largest <= following < first + self._grid.id_range
+        ):
+            raise VoxblockError(
+                f"block {block.write_roi} has {largest} labels now but a different set in the first pass: "
+                "the segment function is not deterministic, or the run directory is stale (fresh=True)"
+            )
+        table = np.zeros(largest + 1, np.uint64)
+        table[1:] = self._segments[start : start + largest]
+        segments = table[labels]
+        roi = block.write_roi.intersect(self._output.roi)
+        arrays.write(self._output, roi, crop_to(segments, block.write_roi, roi, self._output.voxel_size))
 
 
 @dataclass
@@ -238,6 +386,10 @@ class Segmentation:
     def edge_dir(self) -> Path:
         return self.run_dir / "edges"
 
+    @property
+    def face_dir(self) -> Path:
+        return self.run_dir / "faces"
+
     def recorded_key(self) -> str | None:
         try:
             return json.loads((self.run_dir / "segment.json").read_text()).get("key")
@@ -257,7 +409,7 @@ class Segmentation:
         """Forget every pass: intermediate arrays, edges and the passes' run directories."""
         for name in self.intermediates():
             shutil.rmtree(arrays.ArrayName.parse(name).path, ignore_errors=True)
-        for sub in ("edges", "fragments", "solve", "relabel"):
+        for sub in ("edges", "faces", "fragments", "solve", "relabel"):
             shutil.rmtree(self.run_dir / sub, ignore_errors=True)
 
 
@@ -278,6 +430,7 @@ def segment_blockwise(
     merge: str = "any",
     merge_threshold: float = 0.5,
     fit: str = "overhang",
+    stitch: str = "auto",
     keep_fragments: bool = True,
     fresh: bool = False,
     overwrite: bool = False,
@@ -295,6 +448,13 @@ def segment_blockwise(
     (reads past the input are zeros). For a local function such as
     `threshold-label` the result equals the whole-volume labelling up to a
     permutation of IDs. Returns False, with a report, if any pass failed.
+    `stitch` says how blocks are joined: "context" compares each block's
+    labels with the fragments its neighbours stored in its context (any
+    function; merge thresholds apply; fragments are kept); "faces" labels
+    each block alone and joins labels that touch across block faces, then
+    labels each block again to write it (connected components of a
+    foreground only: threshold-label; exact, and nothing per voxel is
+    stored); "auto" picks faces where it applies and merge is "any".
     `serial=True` runs every pass in this process (debugging, fast tests).
     `compute` (e.g. `voxblock.Slurm(cpus=2)`) says where the workers of
     every pass run and `host` the scheduler address they connect to.
@@ -314,6 +474,8 @@ def segment_blockwise(
         raise VoxblockError(f"merge must be one of {', '.join(MERGES)}; got {merge!r}")
     if not 0 <= merge_threshold <= 1:
         raise VoxblockError(f"merge_threshold must be in [0, 1]; got {merge_threshold}")
+    if stitch not in STITCHES:
+        raise VoxblockError(f"stitch must be one of {', '.join(STITCHES)}; got {stitch!r}")
     context = Coordinate(context)
     source = arrays.open_input(input)
     if len(context) != source.voxel_size.dims or any(c < v for c, v in zip(context, source.voxel_size)):
@@ -325,6 +487,17 @@ def segment_blockwise(
         raise VoxblockError(f"the read ROI {read_roi} must contain the write ROI {write_roi}")
     worker_class("relabel")  # the relabel pass needs voxblock-workers: say so now
     function = SegmentFunction(str(segment_function), dict(parameters or {})).load()
+    rank = function.stitch_rank(source.voxel_size.dims)
+    if stitch == "faces" and rank is None:
+        raise VoxblockError(
+            f"stitch='faces' needs labels that are connected components of a foreground "
+            f"(threshold-label); {segment_function} may need context: use stitch='context'"
+        )
+    if stitch == "faces" and merge != "any":
+        raise VoxblockError(
+            f"stitch='faces' joins every touching pair; merge={merge!r} needs stitch='context'"
+        )
+    method = "faces" if stitch != "context" and rank is not None and merge == "any" else "context"
     output_name = arrays.ArrayName.parse(output)
     blocking = Blocking(
         total_roi.grow(context, context),
@@ -344,6 +517,7 @@ def segment_blockwise(
         "merge": merge,
         "merge_threshold": merge_threshold,
         "fit": fit,
+        "stitch": method,
         # how pass 1 stores its results: a run directory of another layout starts afresh
         "edge_files": "npy",
         "fragments": "smallest unsigned dtype",
@@ -362,27 +536,40 @@ def segment_blockwise(
     seg.record(identity)
 
     target = blocking.target_roi
-    # a block can hold at most one label per voxel of its read ROI
-    grid = BlockGrid.of(blocking, int(np.prod(blocking.read_roi.shape / source.voxel_size)))
+    # a block can hold at most one label per voxel it labels
+    labelled = blocking.write_roi if method == "faces" else blocking.read_roi
+    grid = BlockGrid.of(blocking, int(np.prod(labelled.shape / source.voxel_size)))
     common = {"num_workers": num_workers, "max_retries": max_retries, "timeout": timeout}
     where = {"compute": compute, "host": host}
-    fragments = BlockwiseTask(
-        SegmentBlocks(
+    same_blocks = {"fit": fit, "run_dir": seg.run_dir / "fragments"}
+    if method == "faces":
+        first_pass: Worker = StitchFaces(
+            function=str(segment_function),
+            parameters=function.parameters,
+            input=str(arrays.ArrayName.parse(input)),
+            face_dir=str(seg.face_dir),
+            edge_dir=str(seg.edge_dir),
+            grid=grid.to_dict(),
+            rank=rank,
+        )
+    else:
+        first_pass = SegmentBlocks(
             function=str(segment_function),
             parameters=function.parameters,
             input=str(arrays.ArrayName.parse(input)),
             fragments=seg.fragments,
             edge_dir=str(seg.edge_dir),
             grid=grid.to_dict(),
-        ),
+        )
+    fragments = BlockwiseTask(
+        first_pass,
         blocking.total_roi,
         blocking.read_roi,
         blocking.write_roi,
         upstream_tasks=upstream_tasks,
-        fit=fit,
         task_id="fragments",
-        run_dir=seg.run_dir / "fragments",
         overwrite=True,
+        **same_blocks,
         **common,
         **where,
         **kwargs,
@@ -417,22 +604,46 @@ def segment_blockwise(
     if not second.succeeded:
         return False
     changed = changed or second.tasks[-1].processed > 0
-    relabel = BlockwiseTask(
-        "relabel",
-        target,
-        write_roi,
-        write_roi,
-        task_id="relabel",
-        run_dir=seg.run_dir / "relabel",
-        fresh=changed,
-        overwrite=True,
-        input=seg.fragments,
-        output=str(output_name),
-        lut=seg.lut,
-        dtype="uint64",  # fragments may be uint32; segment IDs are uint64 whatever the volume's size
-        **common,
-        **where,
-    )
+    if method == "faces":
+        # the same blocks as pass 1, so that each is labelled exactly as it was there
+        relabel = BlockwiseTask(
+            LabelSegments(
+                function=str(segment_function),
+                parameters=function.parameters,
+                input=str(arrays.ArrayName.parse(input)),
+                output=str(output_name),
+                lut=seg.lut,
+                grid=grid.to_dict(),
+            ),
+            blocking.total_roi,
+            blocking.read_roi,
+            blocking.write_roi,
+            fit=fit,
+            read_write_conflict=False,
+            task_id="relabel",
+            run_dir=seg.run_dir / "relabel",
+            fresh=changed,
+            overwrite=True,
+            **common,
+            **where,
+        )
+    else:
+        relabel = BlockwiseTask(
+            "relabel",
+            target,
+            write_roi,
+            write_roi,
+            task_id="relabel",
+            run_dir=seg.run_dir / "relabel",
+            fresh=changed,
+            overwrite=True,
+            input=seg.fragments,
+            output=str(output_name),
+            lut=seg.lut,
+            dtype="uint64",  # fragments may be uint32; segment IDs are uint64 whatever the volume's size
+            **common,
+            **where,
+        )
     third = run_tasks([relabel], progress=progress, serial=serial)
     if not third.succeeded:
         return False
@@ -441,6 +652,7 @@ def segment_blockwise(
         shutil.rmtree(arrays.ArrayName.parse(seg.fragments).path, ignore_errors=True)
         shutil.rmtree(seg.run_dir / "fragments", ignore_errors=True)
         shutil.rmtree(seg.edge_dir, ignore_errors=True)
+        shutil.rmtree(seg.face_dir, ignore_errors=True)
     return True
 
 
