@@ -848,7 +848,11 @@ def _voxblock_classes():
 
 
 class RssPoller:
-    """The peak resident memory of each child process of this one, polled every 20 ms."""
+    """The peak resident memory of each child process of this one, polled every 20 ms.
+
+    voxblock's fork server is left out: it serves no block, it only holds the
+    imports that the workers forked from it share.
+    """
 
     def __init__(self) -> None:
         import psutil
@@ -864,6 +868,8 @@ class RssPoller:
         while not self._stop.is_set():
             for child in self._me.children(recursive=True):
                 try:
+                    if "voxblock.forkserver" in " ".join(child.cmdline()):
+                        continue
                     rss = child.memory_info().rss
                 except psutil.Error:
                     continue

@@ -459,3 +459,26 @@ def test_faces_round_trip_through_their_file(tmp_path):
     (tmp_path / "2.bin").write_bytes(np.array([3, 3, 4, 5, 1, 2], np.uint32).tobytes())
     with pytest.raises(ValueError, match="holds 6 values"):
         stitching.load_faces(tmp_path / "2.bin", np.dtype(np.uint32))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    pairs=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6)), max_size=60),
+    big=st.booleans(),
+)
+def test_contact_edges_count_each_touching_pair(pairs, big):
+    from collections import Counter
+
+    from voxblock.segment.edges import contact_edges
+
+    shift = 2**40 if big else 0  # IDs past 32 bits take the slower path
+    own = np.array([a + shift for a, _ in pairs], dtype=np.uint64)
+    theirs = np.array([b for _, b in pairs], dtype=np.uint64)
+    edges = contact_edges(own, theirs)
+    counted = Counter(zip(own.tolist(), theirs.tolist()))
+    assert {(a, b): n for a, b, n in edges[:, :3].tolist()} == dict(counted)
+    of_a = Counter(a for a, _ in counted.elements())
+    of_b = Counter(b for _, b in counted.elements())
+    assert [(s_a, s_b) for s_a, s_b in edges[:, 3:].tolist()] == [
+        (of_a[a], of_b[b]) for a, b in edges[:, :2].tolist()
+    ]

@@ -193,6 +193,36 @@ class ServeHere:
         serve_blocks(self.job)
 
 
+@dataclass(frozen=True)
+class ServeForked:
+    """daisy's process function for `Local` with a fork server: a warm child serves the blocks.
+
+    The child shares this process's streams and environment; this process
+    waits for it and exits as it did (see `voxblock.forkserver`). With no
+    server to answer, it serves the blocks itself.
+    """
+
+    server: str
+    run_dir: Path
+    modules: tuple[str, ...] = ()
+
+    def __call__(self) -> None:
+        from voxblock import forkserver
+
+        code = forkserver.run_forked(self.server, str(self.run_dir), self.modules)
+        if code is None:
+            serve_blocks(cloudpickle.loads((Path(self.run_dir) / WORKER_FILE).read_bytes()))
+            return
+        if code != 0:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if code < 0:  # killed by a signal: end by the same one, so that daisy reports it as such
+                with contextlib.suppress(OSError, ValueError):  # SIGKILL's cannot be set, nor needs to
+                    signal.signal(-code, signal.SIG_DFL)
+                os.kill(os.getpid(), -code)
+            os._exit(code if code > 0 else 128 - code)  # daisy reads a block timeout from the code
+
+
 def run_name(task_id: str) -> str:
     """A name unique to one run of one task, for the jobs it starts: TASK-TOKEN."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id) or "task"
@@ -405,9 +435,22 @@ class Compute:
 
 @dataclass(frozen=True)
 class Local(Compute):
-    """Worker processes on this machine, started by daisy."""
+    """Worker processes on this machine, started by daisy.
+
+    With `fork_server` (Linux), each worker is forked from one warm process
+    per driver that has numpy, zarr and the worker's modules imported
+    (`voxblock.forkserver`): a pass starts in milliseconds, not 0.3 s.
+    """
+
+    fork_server: bool = True
 
     def process_function(self, job: Job) -> Callable[[], None]:
+        from voxblock import forkserver
+
+        if self.fork_server and forkserver.available():
+            job.save()
+            modules = (type(job.worker).__module__, *job.worker.preload)
+            return ServeForked(forkserver.address(), Path(job.run_dir), modules)
         return ServeHere(job)
 
 

@@ -73,6 +73,8 @@ class Worker:
     name: ClassVar[str] = ""
     fit: ClassVar[Fit] = "valid"
     read_write_conflict: ClassVar[bool] = False
+    # modules a worker process imports on its first block: a fork server imports them once
+    preload: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, preparation: Preparation) -> None:
         """Driver side, before any block: validate inputs, create outputs."""

@@ -42,6 +42,29 @@ def block_edges(own: np.ndarray, neighbours: np.ndarray, context: np.ndarray | N
     )
 
 
+def contact_edges(own: np.ndarray, theirs: np.ndarray) -> np.ndarray:
+    """Edges (a, b, contacts, contacts of a, contacts of b) from pairs of touching labelled voxels.
+
+    For stitching at faces, where every contact merges: one sort of the pairs
+    instead of block_edges' three.
+    """
+    if own.size == 0:
+        return np.zeros((0, 5), dtype=np.uint64)
+    a = own.astype(np.uint64)
+    b = theirs.astype(np.uint64)
+    if int(a.max()) < 2**32 and int(b.max()) < 2**32:
+        keys, overlap = np.unique((a << np.uint64(32)) | b, return_counts=True)
+        pair_a, pair_b = keys >> np.uint64(32), keys & np.uint64(2**32 - 1)
+    else:
+        pairs, overlap = np.unique(np.stack([a, b], axis=1), axis=0, return_counts=True)
+        pair_a, pair_b = pairs[:, 0], pairs[:, 1]
+    sizes = []
+    for ids in (pair_a, pair_b):
+        _, index = np.unique(ids, return_inverse=True)
+        sizes.append(np.bincount(index, weights=overlap)[index])
+    return np.column_stack([pair_a, pair_b, overlap, *sizes]).astype(np.uint64)
+
+
 def select_edges(edges: np.ndarray, merge: str = "any", threshold: float = 0.0) -> np.ndarray:
     """The (a, b) pairs to merge: any overlap, or overlap fraction / IoU >= threshold."""
     if edges.size == 0:

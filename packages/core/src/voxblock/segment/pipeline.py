@@ -34,9 +34,9 @@ from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
-from voxblock.segment.edges import block_edges, select_edges
+from voxblock.segment.edges import block_edges, contact_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
-from voxblock.segment.ids import BlockGrid
+from voxblock.segment.ids import BlockGrid, to_global
 from voxblock.segment.solve import segment_lut
 from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output, stable_hash, worker_class
 
@@ -51,6 +51,7 @@ class SegmentBlocks(Worker):
 
     name = "segment-fragments"
     fit = "overhang"
+    preload = ("cc3d", "fastremap")
     read_write_conflict = True
 
     function: str = option("", help="segment function file, threshold-label, or a worker name")
@@ -207,6 +208,7 @@ class StitchFaces(Worker):
 
     name = "segment-faces"
     fit = "overhang"
+    preload = ("cc3d", "fastremap")
     # touching blocks (their read ROIs reach one voxel into each other) never run at once:
     # of two neighbours the later one finds the other's faces and records their edges
     read_write_conflict = True
@@ -240,7 +242,8 @@ class StitchFaces(Worker):
         grid, dtype, write_roi = self._grid, self._dtype, block.write_roi
         labels = own_labels(self._function, self._source, block, grid)
         index = grid.index(write_roi)
-        own_faces = [grid.to_global(face, write_roi, dtype) for face in face_stitching.faces(labels)]
+        # faces are kept with the block's own labels: a reader adds the block's ID offset
+        own_faces = face_stitching.faces(labels)
         face_dir = Path(self.face_dir)
         face_stitching.save_faces(face_dir / f"{index}.bin", own_faces, labels.shape, dtype)
         neighbours = {}
@@ -250,12 +253,14 @@ class StitchFaces(Worker):
                 None if other is None else face_stitching.load_faces(face_dir / f"{other}.bin", dtype)
             )
             if their_faces is not None:
-                neighbours[direction] = face_stitching.facing_layer(their_faces, direction)
+                layer = face_stitching.facing_layer(their_faces, direction)
+                neighbours[direction] = to_global(layer, other, grid.id_range, dtype)
         padded = face_stitching.padded_boundary(labels.shape, own_faces, neighbours, dtype)
-        edges = block_edges(*face_stitching.touching_pairs(padded, self.rank))
+        own, theirs = face_stitching.touching_pairs(padded, self.rank)
+        edges = contact_edges(to_global(own, index, grid.id_range, dtype), theirs)
         # labels are consecutive from 1 (threshold-label): the block's fragments are 1..largest
         largest = int(labels.max(initial=0))
-        ids = grid.to_global(np.arange(1, largest + 1, dtype=dtype), write_roi, dtype)
+        ids = to_global(np.arange(1, largest + 1, dtype=dtype), index, grid.id_range, dtype)
         save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
 
 
@@ -265,6 +270,7 @@ class LabelSegments(Worker):
 
     name = "segment-labels"
     fit = "overhang"
+    preload = ("cc3d", "fastremap")
 
     function: str = option("", help="segment function, the same as pass 1's")
     parameters: dict = option({}, help="parameters of the segment function")

@@ -1,0 +1,311 @@
+"""Worker processes forked from a warm process instead of started cold.
+
+daisy 2 starts every worker as a fresh Python process (its scheduler is
+multi-threaded and cannot fork), which then imports numpy, zarr and the
+worker's modules: about 0.3 s of CPU per worker and pass, most of a short
+pass, and paid again by every pass of a segmentation. voxblock keeps one
+single-threaded fork server per driver process, with those modules imported
+once. The process daisy starts (the launcher) hands the server its
+environment (daisy's context in it), working directory and standard streams
+over a Unix socket; the server forks a child that serves the blocks and
+reports its exit status, which the launcher exits with, so daisy sees the
+child's exit (a crash, its block-timeout exit) as its worker's. When a
+launcher goes away before its child ends (killed by daisy, a user, a test),
+its connection closes and the server kills the child: no orphan keeps
+serving blocks. The server ends with the driver, and its children with it.
+
+Linux only; anywhere else, or with `Local(fork_server=False)`, each worker
+imports what it needs itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import importlib
+import os
+import pickle
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# what every worker needs; funlib.persistence is left out: importing it starts threads
+CORE_MODULES = ("numpy", "zarr", "cloudpickle", "funlib.geometry", "voxblock.arrays", "voxblock.compute")
+_PID, _STATUS, _LENGTH = struct.Struct("!q"), struct.Struct("!i"), struct.Struct("!Q")
+_PR_SET_PDEATHSIG = 1
+
+_lock = threading.Lock()
+_server: subprocess.Popen | None = None
+_address: str | None = None
+_directory: str | None = None
+
+
+def available() -> bool:
+    return sys.platform.startswith("linux") and hasattr(socket, "send_fds") and hasattr(os, "fork")
+
+
+# -- the driver's side ---------------------------------------------------------------------
+
+
+def address() -> str:
+    """The socket of this process's fork server, started on first use (and again if it died)."""
+    global _server, _address, _directory
+    with _lock:
+        if _server is not None and _server.poll() is None and _address is not None:
+            return _address
+        _stop_locked()
+        _directory = tempfile.mkdtemp(prefix="voxblock-fork-")
+        _address = os.path.join(_directory, "socket")
+        # the socket listens before the server starts: a launcher can never connect too early
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(_address)
+        listener.listen(128)
+        try:
+            _server = subprocess.Popen(
+                [sys.executable, "-m", "voxblock.forkserver", str(listener.fileno()), str(os.getpid())],
+                pass_fds=[listener.fileno()],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            listener.close()
+        return _address
+
+
+def stop() -> None:
+    """End this process's fork server (at exit; tests)."""
+    with _lock:
+        _stop_locked()
+
+
+def _stop_locked() -> None:
+    global _server, _address, _directory
+    if _server is not None and _server.poll() is None:
+        _server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _server.wait(5)
+    if _directory is not None:
+        shutil.rmtree(_directory, ignore_errors=True)
+    _server = _address = _directory = None
+
+
+atexit.register(stop)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+# -- the launcher's side (in the process daisy started) --------------------------------------
+
+
+def run_forked(server: str, run_dir: str, modules: Sequence[str]) -> int | None:
+    """Have the server fork a worker for `run_dir` with this process's streams and environment;
+    its exit code (negative: killed by that signal), or None if no server answered."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(server)
+    except OSError:
+        connection.close()
+        return None
+    with connection:
+        request = pickle.dumps(
+            {
+                "env": dict(os.environ),
+                "cwd": os.getcwd(),
+                "path": list(sys.path),  # where this process finds the job's modules (e.g. a test's)
+                "run_dir": run_dir,
+                "modules": list(modules),
+            }
+        )
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        socket.send_fds(connection, [_LENGTH.pack(len(request))], [0, 1, 2])
+        connection.sendall(request)
+        if _receive(connection, _PID.size) is None:
+            return None  # the server ended before it forked: nothing ran
+        status = _receive(connection, _STATUS.size)
+        if status is None:
+            raise RuntimeError("voxblock's fork server ended while this worker ran")
+        return _STATUS.unpack(status)[0]
+
+
+def _receive(connection: socket.socket, size: int) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def _import(modules: Iterable[str]) -> None:
+    for name in modules:
+        if name not in sys.modules:
+            with contextlib.suppress(Exception):  # the worker will raise the error itself
+                importlib.import_module(name)
+
+
+def serve(listener: socket.socket, driver: int) -> None:
+    """Fork a worker per connection; report each one's exit; kill it if its launcher goes."""
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    child_of: dict[socket.socket, int] = {}
+    connection_of: dict[int, socket.socket | None] = {}  # None: its launcher has gone
+    while os.getppid() == driver:
+        for key, _ in selector.select(0.1):
+            if key.fileobj is listener:
+                connection, _ = listener.accept()
+                pid = _fork_worker(connection, [listener, *child_of], selector)
+                if pid is None:
+                    connection.close()
+                    continue
+                child_of[connection] = pid
+                connection_of[pid] = connection
+                selector.register(connection, selectors.EVENT_READ)
+            else:  # a launcher says nothing more: readable means it has gone
+                connection = key.fileobj
+                assert isinstance(connection, socket.socket)
+                selector.unregister(connection)
+                connection.close()
+                pid = child_of.pop(connection)
+                connection_of[pid] = None
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        _reap(child_of, connection_of, selector)
+    for pid in connection_of:  # the driver has gone: so do its workers
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _fork_worker(
+    connection: socket.socket, inherited: list[socket.socket], selector: selectors.BaseSelector
+) -> int | None:
+    connection.settimeout(30)
+    try:
+        header, fds, _, _ = socket.recv_fds(connection, _LENGTH.size, 3)
+        body = _receive(connection, _LENGTH.unpack(header)[0]) if len(header) == _LENGTH.size else None
+        request = pickle.loads(body) if body is not None and len(fds) == 3 else None
+    except (OSError, pickle.UnpicklingError, struct.error):
+        return None
+    if request is None:
+        for fd in fds:
+            os.close(fd)
+        return None
+    _import(request["modules"])
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; coverage cannot follow it
+        selector.close()
+        for other in inherited:
+            other.close()
+        _run_child(connection, fds, request)
+    for fd in fds:
+        os.close(fd)
+    connection.settimeout(None)
+    try:
+        connection.sendall(_PID.pack(pid))
+    except OSError:
+        pass  # the launcher has gone already: the loop sees it and kills the child
+    return pid
+
+
+def _run_child(
+    connection: socket.socket, fds: list[int], request: dict[str, Any]
+) -> None:  # pragma: no cover
+    code = 1
+    try:
+        connection.close()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        sys.path[:] = request["path"]
+        importlib.invalidate_caches()
+        _reseed()
+        from pathlib import Path
+
+        import cloudpickle
+
+        from voxblock.compute import WORKER_FILE, serve_blocks
+
+        job = cloudpickle.loads((Path(request["run_dir"]) / WORKER_FILE).read_bytes())
+        serve_blocks(job)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+
+def _reseed() -> None:  # pragma: no cover - in the child
+    """Forked children would otherwise share the server's random state."""
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
+
+
+def _reap(
+    child_of: dict[socket.socket, int],
+    connection_of: dict[int, socket.socket | None],
+    selector: selectors.BaseSelector,
+) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        connection = connection_of.pop(pid, None)
+        if connection is None:
+            continue  # its launcher had gone; it was killed
+        selector.unregister(connection)
+        child_of.pop(connection, None)
+        with contextlib.suppress(OSError):
+            connection.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
+        connection.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    listener = socket.socket(fileno=int(args[0]))
+    driver = int(args[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver and the workers
+    _import(CORE_MODULES)
+    serve(listener, driver)
+
+
+if __name__ == "__main__":
+    main()

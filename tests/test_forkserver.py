@@ -1,0 +1,147 @@
+"""Workers forked from the warm fork server: real scheduler, real processes, real signals."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from funlib.geometry import Roi
+
+import voxblock
+from voxblock import forkserver
+from voxblock.workers import Worker, option
+
+pytestmark = pytest.mark.skipif(not forkserver.available(), reason="the fork server is Linux only")
+
+TOTAL = Roi((0, 0), (8, 8))
+BLOCK = Roi((0, 0), (4, 4))
+
+
+@dataclass
+class WhoAmI(Worker):
+    """Records which process served each block, and its parent; sleeps if asked."""
+
+    name = "who-am-i"
+    record_dir: str = option("")
+    sleep: float = option(0.0)
+
+    def process(self, block) -> None:
+        key = "_".join(map(str, block.write_roi.offset))
+        Path(self.record_dir, key).write_text(f"{os.getpid()} {os.getppid()}")
+        time.sleep(self.sleep)
+
+
+def run(record_dir: Path, **kwargs) -> voxblock.RunReport:
+    record_dir.mkdir(parents=True, exist_ok=True)
+    task = voxblock.BlockwiseTask(
+        WhoAmI(record_dir=str(record_dir)), TOTAL, BLOCK, BLOCK, 2, 0, run_dir=record_dir / "run", **kwargs
+    )
+    return voxblock.run_tasks([task], progress=False)
+
+
+def served_by(record_dir: Path) -> set[tuple[int, int]]:
+    return {tuple(map(int, p.read_text().split())) for p in record_dir.iterdir() if p.is_file()}
+
+
+def test_workers_of_every_run_are_forked_from_one_server(tmp_path):
+    assert run(tmp_path / "a").succeeded
+    assert run(tmp_path / "b").succeeded
+    first, second = served_by(tmp_path / "a"), served_by(tmp_path / "b")
+    parents = {parent for _, parent in first | second}
+    assert parents == {forkserver._server.pid}  # one warm server for both runs
+    assert {pid for pid, _ in first}.isdisjoint({pid for pid, _ in second})  # fresh workers per run
+
+
+def test_without_the_server_workers_start_cold(tmp_path):
+    assert run(tmp_path / "a", compute=voxblock.Local(fork_server=False)).succeeded
+    parents = {parent for _, parent in served_by(tmp_path / "a")}
+    assert forkserver._server is None or forkserver._server.pid not in parents
+    # and a launcher that finds no server serves the blocks itself
+    assert forkserver.run_forked(str(tmp_path / "no-such-socket"), str(tmp_path), ()) is None
+
+
+DRIVER = """
+import sys, voxblock
+sys.path.insert(0, sys.argv[2])
+from test_forkserver import WhoAmI, TOTAL, BLOCK
+from pathlib import Path
+record = Path(sys.argv[1])
+task = voxblock.BlockwiseTask(WhoAmI(record_dir=str(record), sleep=60.0), TOTAL, BLOCK, BLOCK, 2, 0,
+                              run_dir=record / "run")
+voxblock.run_tasks([task], progress=False)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def wait_until(condition, seconds: float = 20.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def start_driver(record: Path) -> tuple[subprocess.Popen, set[tuple[int, int]]]:
+    record.mkdir()
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(record), str(Path(__file__).parent)], start_new_session=True
+    )
+    assert wait_until(lambda: len(served_by(record)) == 2, 60), "the workers never started"
+    return driver, served_by(record)
+
+
+def launchers(driver: int) -> list[int]:
+    """daisy's worker processes of the driver: the launchers that asked the server for a worker."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == driver and b"daisy._subprocess_worker" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_launcher_takes_its_worker_with_it(tmp_path):
+    driver, workers = start_driver(tmp_path / "r")
+    try:
+        for launcher in launchers(driver.pid):
+            os.kill(launcher, signal.SIGKILL)
+        # nothing keeps serving blocks for a worker daisy believes is dead
+        assert wait_until(lambda: not any(alive(pid) for pid, _ in workers))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+
+def test_a_killed_driver_takes_the_server_and_its_workers_with_it(tmp_path):
+    driver, workers = start_driver(tmp_path / "r")
+    (server,) = {parent for _, parent in workers}
+    try:
+        os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its group lives on
+        driver.wait()
+        assert wait_until(lambda: not alive(server))
+        assert wait_until(lambda: not any(alive(pid) for pid, _ in workers))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
