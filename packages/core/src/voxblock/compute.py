@@ -429,6 +429,9 @@ class Compute:
     def process_function(self, job: Job) -> Callable[[], None]:
         raise NotImplementedError
 
+    def warm(self, worker: Worker) -> None:
+        """Called by `run_tasks` before it prepares the tasks: start what workers will need."""
+
     def cleanup(self, job: Job) -> None:
         """Called by `run_tasks` after the run, however it ended: end what is left of its workers."""
 
@@ -447,11 +450,22 @@ class Local(Compute):
     def process_function(self, job: Job) -> Callable[[], None]:
         from voxblock import forkserver
 
-        if self.fork_server and forkserver.available():
+        if self.fork_server and forkserver.enabled():
             job.save()
-            modules = (type(job.worker).__module__, *job.worker.preload)
-            return ServeForked(forkserver.address(), Path(job.run_dir), modules)
+            modules = worker_modules(job.worker)
+            return ServeForked(forkserver.address(modules), Path(job.run_dir), modules)
         return ServeHere(job)
+
+    def warm(self, worker: Worker) -> None:
+        from voxblock import forkserver
+
+        if self.fork_server and forkserver.enabled():
+            forkserver.address(worker_modules(worker))
+
+
+def worker_modules(worker: Worker) -> tuple[str, ...]:
+    """What a worker process imports for this worker: its module and what it declares."""
+    return (type(worker).__module__, *worker.preload)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ launcher goes away before its child ends (killed by daisy, a user, a test),
 its connection closes and the server kills the child: no orphan keeps
 serving blocks. The server ends with the driver, and its children with it.
 
-Linux only; anywhere else, or with `Local(fork_server=False)`, each worker
-imports what it needs itself.
+Linux only; anywhere else, with `Local(fork_server=False)` or with
+VOXBLOCK_FORK_SERVER=0, each worker imports what it needs itself.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -57,8 +58,23 @@ def available() -> bool:
 # -- the driver's side ---------------------------------------------------------------------
 
 
-def address() -> str:
-    """The socket of this process's fork server, started on first use (and again if it died)."""
+def enabled() -> bool:
+    """Available here, and not switched off with VOXBLOCK_FORK_SERVER=0."""
+    return available() and os.environ.get("VOXBLOCK_FORK_SERVER", "1").lower() not in (
+        "0",
+        "false",
+        "no",
+        "off",
+    )
+
+
+def address(preload: Sequence[str] = ()) -> str:
+    """The socket of this process's fork server, started on first use (and again if it died).
+
+    A server started now imports `preload` (module names) after what every
+    worker needs, before it forks anyone; started early, it does so while
+    the driver prepares its tasks.
+    """
     global _server, _address, _directory
     with _lock:
         if _server is not None and _server.poll() is None and _address is not None:
@@ -72,7 +88,14 @@ def address() -> str:
         listener.listen(128)
         try:
             _server = subprocess.Popen(
-                [sys.executable, "-m", "voxblock.forkserver", str(listener.fileno()), str(os.getpid())],
+                [
+                    sys.executable,
+                    "-m",
+                    "voxblock.forkserver",
+                    str(listener.fileno()),
+                    str(os.getpid()),
+                    *preload,
+                ],
                 pass_fds=[listener.fileno()],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -208,6 +231,7 @@ def _fork_worker(
         for fd in fds:
             os.close(fd)
         return None
+    sys.path[:] = request["path"]  # find the worker's modules where its launcher would
     _import(request["modules"])
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
@@ -302,8 +326,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     listener = socket.socket(fileno=int(args[0]))
     driver = int(args[1])
+    preload = args[2:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver and the workers
-    _import(CORE_MODULES)
+    # Python 3.12 warns on fork() where a native thread exists (numpy's BLAS pool); that
+    # pool is idle here and re-created in the child (OpenBLAS forks cleanly)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
+    _import([*CORE_MODULES, *preload])
     serve(listener, driver)
 
 

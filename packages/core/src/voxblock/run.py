@@ -171,6 +171,9 @@ def run_tasks(
         host = next((t.host for t in ordered if t.host), None)
     prepared: list[BlockwiseTask] = []
     errors: list[str] = []
+    if not serial:
+        for task in ordered:  # e.g. the fork server imports while the tasks are prepared
+            task.compute.warm(task.worker)
     try:
         for task in ordered:
             task.prepare()
