@@ -464,8 +464,12 @@ class Local(Compute):
 
 
 def worker_modules(worker: Worker) -> tuple[str, ...]:
-    """What a worker process imports for this worker: its module and what it declares."""
-    return (type(worker).__module__, *worker.preload)
+    """What the fork server imports for this worker: what it declares, and its module if that
+    is voxblock's own (a user's module, a script or a test, is imported by the worker alone:
+    its import-time code never runs in the server)."""
+    module = type(worker).__module__
+    own = (module,) if module.split(".")[0] in ("voxblock", "voxblock_workers") else ()
+    return (*worker.preload, *own)
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,9 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-# what every worker needs; funlib.persistence is left out: importing it starts threads
-CORE_MODULES = ("numpy", "zarr", "cloudpickle", "funlib.geometry", "voxblock.arrays", "voxblock.compute")
+# what every worker needs (the rest comes with the workers' own lists; funlib.persistence
+# never: importing it starts threads, and workers do not need it)
+CORE_MODULES = ("cloudpickle", "daisy.v2", "voxblock.compute")
 _PID, _STATUS, _LENGTH = struct.Struct("!q"), struct.Struct("!i"), struct.Struct("!Q")
 _PR_SET_PDEATHSIG = 1
 

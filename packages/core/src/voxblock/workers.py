@@ -73,7 +73,8 @@ class Worker:
     name: ClassVar[str] = ""
     fit: ClassVar[Fit] = "valid"
     read_write_conflict: ClassVar[bool] = False
-    # modules a worker process imports on its first block: a fork server imports them once
+    # modules a worker process will import (beyond voxblock's own worker module): a fork
+    # server imports them once, and its workers start with them loaded
     preload: ClassVar[tuple[str, ...]] = ()
 
     def prepare(self, preparation: Preparation) -> None:
@@ -137,6 +138,7 @@ class ArrayWorker(Worker):
     """
 
     fit: ClassVar[Fit] = "overhang"
+    preload: ClassVar[tuple[str, ...]] = ("numpy", "zarr", "voxblock.arrays", "voxblock.chunks")
 
     input: str = option("", help="input array, CONTAINER/DATASET (e.g. volume.zarr/raw)")
     output: str = option("", help="output array, CONTAINER/DATASET; created if missing")
