@@ -145,3 +145,17 @@ def test_a_killed_driver_takes_the_server_and_its_workers_with_it(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
+
+
+def test_a_fork_of_the_driver_leaves_the_drivers_server_alone(tmp_path):
+    forkserver.address()
+    server = forkserver._server
+    assert server is not None
+    pid = os.fork()
+    if pid == 0:  # the fork: ending "its" server at exit must not end the driver's
+        forkserver.stop()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert server.poll() is None
+    assert run(tmp_path / "a").succeeded
+    assert {parent for _, parent in served_by(tmp_path / "a")} == {server.pid}

@@ -50,6 +50,7 @@ _lock = threading.Lock()
 _server: subprocess.Popen | None = None
 _address: str | None = None
 _directory: str | None = None
+_owner: int | None = None  # the process that started the server: a fork of it must not share it
 
 
 def available() -> bool:
@@ -76,11 +77,14 @@ def address(preload: Sequence[str] = ()) -> str:
     worker needs, before it forks anyone; started early, it does so while
     the driver prepares its tasks.
     """
-    global _server, _address, _directory
+    global _server, _address, _directory, _owner
     with _lock:
+        if _owner != os.getpid():  # a fork of the driver: start its own
+            _server = _address = _directory = None
         if _server is not None and _server.poll() is None and _address is not None:
             return _address
         _stop_locked()
+        _owner = os.getpid()
         _directory = tempfile.mkdtemp(prefix="voxblock-fork-")
         _address = os.path.join(_directory, "socket")
         # the socket listens before the server starts: a launcher can never connect too early
@@ -115,6 +119,8 @@ def stop() -> None:
 
 def _stop_locked() -> None:
     global _server, _address, _directory
+    if _owner != os.getpid():
+        return  # the server of the process this one was forked from: not ours to end
     if _server is not None and _server.poll() is None:
         _server.terminate()
         with contextlib.suppress(subprocess.TimeoutExpired):
