@@ -46,20 +46,30 @@ SEGMENT_KEY = "voxblock_segment"
 
 
 @dataclass
-class SegmentBlocks(Worker):
-    """Pass 1: label each block with context; keep its write ROI; record edges."""
+class Labelling(Worker):
+    """What the passes that run the segment function share: the function, its input, the grid."""
 
-    name = "segment-fragments"
     fit = "overhang"
     preload = ("cc3d", "fastremap")
-    read_write_conflict = True
 
     function: str = option("", help="segment function file, threshold-label, or a worker name")
     parameters: dict = option({}, help="parameters of the segment function")
     input: str = option("")
+    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
+
+    def segment_function(self) -> SegmentFunction:
+        return SegmentFunction(self.function, dict(self.parameters)).load()
+
+
+@dataclass
+class SegmentBlocks(Labelling):
+    """Pass 1: label each block with context; keep its write ROI; record edges."""
+
+    name = "segment-fragments"
+    read_write_conflict = True
+
     fragments: str = option("")
     edge_dir: str = option("")
-    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
 
     def outputs(self) -> list[str]:
         return [self.fragments]
@@ -69,9 +79,6 @@ class SegmentBlocks(Worker):
 
     def context_outputs(self) -> list[str]:
         return [self.fragments]  # read back over each block's context: neighbours' fragments
-
-    def segment_function(self) -> SegmentFunction:
-        return SegmentFunction(self.function, dict(self.parameters)).load()
 
     def prepare(self, preparation: Preparation) -> None:
         function = self.segment_function()
@@ -203,26 +210,17 @@ def own_labels(function: SegmentFunction, source: Any, block: Any, grid: BlockGr
 
 
 @dataclass
-class StitchFaces(Worker):
+class StitchFaces(Labelling):
     """Pass 1 at faces: label each block alone; keep its outer layers; edges to done neighbours."""
 
     name = "segment-faces"
-    fit = "overhang"
-    preload = ("cc3d", "fastremap")
     # touching blocks (their read ROIs reach one voxel into each other) never run at once:
     # of two neighbours the later one finds the other's faces and records their edges
     read_write_conflict = True
 
-    function: str = option("", help="segment function (labels: connected components of a foreground)")
-    parameters: dict = option({}, help="parameters of the segment function")
-    input: str = option("")
     face_dir: str = option("")
     edge_dir: str = option("")
-    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
     rank: int = option(1, help="connectivity rank: 1 faces only ... ndim fully connected")
-
-    def segment_function(self) -> SegmentFunction:
-        return SegmentFunction(self.function, dict(self.parameters)).load()
 
     def prepare(self, preparation: Preparation) -> None:
         source = arrays.open_input(self.input)
@@ -265,19 +263,13 @@ class StitchFaces(Worker):
 
 
 @dataclass
-class LabelSegments(Worker):
+class LabelSegments(Labelling):
     """Pass 3 at faces: label each block again, as in pass 1, and write its segment IDs."""
 
     name = "segment-labels"
-    fit = "overhang"
-    preload = ("cc3d", "fastremap")
 
-    function: str = option("", help="segment function, the same as pass 1's")
-    parameters: dict = option({}, help="parameters of the segment function")
-    input: str = option("")
     output: str = option("")
     lut: str = option("")
-    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
 
     def outputs(self) -> list[str]:
         return [self.output]
@@ -291,7 +283,7 @@ class LabelSegments(Worker):
         )
 
     def setup(self) -> None:
-        self._function = SegmentFunction(self.function, dict(self.parameters)).load()
+        self._function = self.segment_function()
         self._source = arrays.open_input(self.input)
         self._output = arrays.open_output(self.output)
         self._grid = BlockGrid.from_dict(self.grid)
