@@ -482,3 +482,18 @@ def test_contact_edges_count_each_touching_pair(pairs, big):
     assert [(s_a, s_b) for s_a, s_b in edges[:, 3:].tolist()] == [
         (of_a[a], of_b[b]) for a, b in edges[:, :2].tolist()
     ]
+
+
+def test_a_block_labelled_again_must_have_its_first_pass_fragments():
+    from voxblock.segment.pipeline import block_segments
+
+    # block 0 owns IDs 1..10, block 1 IDs 11..20; block 1 had fragments 11, 12, 13
+    fragments = np.array([1, 2, 11, 12, 13, 21], dtype=np.uint64)
+    segments = np.array([1, 2, 1, 3, 4, 5], dtype=np.uint64)
+    np.testing.assert_array_equal(block_segments(fragments, segments, 11, 3, 10), [0, 1, 3, 4])
+    np.testing.assert_array_equal(block_segments(fragments, segments, 31, 0, 10), [0])  # an empty block
+    for count in (2, 4):  # fewer labels than in pass 1, or more
+        with pytest.raises(voxblock.VoxblockError, match="not deterministic"):
+            block_segments(fragments, segments, 11, count, 10)
+    with pytest.raises(voxblock.VoxblockError, match="not deterministic"):
+        block_segments(fragments, segments, 41, 1, 10)  # a block with no fragments in the table

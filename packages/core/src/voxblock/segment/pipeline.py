@@ -195,8 +195,8 @@ def own_block(block: Any) -> Any:
     return daisy.Block(block.write_roi, block.write_roi, block.write_roi)
 
 
-def own_labels(function: SegmentFunction, source: Any, block: Any, grid: BlockGrid) -> np.ndarray:
-    """The function's labels of the block's write ROI alone, checked, as integers."""
+def own_labels(function: SegmentFunction, source: Any, block: Any, grid: BlockGrid) -> tuple[np.ndarray, int]:
+    """The function's labels of the block's write ROI alone, checked, as integers; the largest."""
     own = own_block(block)
     labels = check_labels(function(source, own), own, source.voxel_size)
     if labels.dtype == bool:
@@ -206,7 +206,30 @@ def own_labels(function: SegmentFunction, source: Any, block: Any, grid: BlockGr
         raise VoxblockError(
             f"the segment function returned label {largest}; a block holds at most {grid.id_range}"
         )
-    return labels
+    return labels, largest
+
+
+def block_segments(
+    fragments: np.ndarray, segments: np.ndarray, first: int, count: int, id_range: int
+) -> np.ndarray:
+    """The lookup table of one block whose labels are 1..count and whose IDs start at `first`:
+    index k holds label k's segment (0 for 0). `fragments` is sorted, as the solve writes it.
+
+    A block labelled again must have exactly the fragments it had in pass 1: anything else is a
+    function that is not deterministic or a stale table, and is refused, never mislabelled.
+    """
+    start = int(np.searchsorted(fragments, first))
+    found = fragments[start : start + count]
+    after = int(fragments[start + count]) if start + count < fragments.size else 0
+    expected = found.size == count and (count == 0 or (found[0] == first and found[-1] == first + count - 1))
+    if not expected or first + count <= after < first + id_range:
+        raise VoxblockError(
+            f"the block has {count} labels now but a different set in the first pass: the segment "
+            "function is not deterministic, or the run directory is stale (fresh=True)"
+        )
+    table = np.zeros(count + 1, np.uint64)
+    table[1:] = segments[start : start + count]
+    return table
 
 
 @dataclass
@@ -238,7 +261,7 @@ class StitchFaces(Labelling):
 
     def process(self, block: Any) -> None:
         grid, dtype, write_roi = self._grid, self._dtype, block.write_roi
-        labels = own_labels(self._function, self._source, block, grid)
+        labels, largest = own_labels(self._function, self._source, block, grid)
         index = grid.index(write_roi)
         # faces are kept with the block's own labels: a reader adds the block's ID offset
         own_faces = face_stitching.faces(labels)
@@ -257,7 +280,6 @@ class StitchFaces(Labelling):
         own, theirs = face_stitching.touching_pairs(padded, self.rank)
         edges = contact_edges(to_global(own, index, grid.id_range, dtype), theirs)
         # labels are consecutive from 1 (threshold-label): the block's fragments are 1..largest
-        largest = int(labels.max(initial=0))
         ids = to_global(np.arange(1, largest + 1, dtype=dtype), index, grid.id_range, dtype)
         save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
 
@@ -293,23 +315,12 @@ class LabelSegments(Labelling):
         self._fragments, self._segments = table[0], table[1]
 
     def process(self, block: Any) -> None:
-        labels = own_labels(self._function, self._source, block, self._grid)
-        largest = int(labels.max(initial=0))
+        labels, largest = own_labels(self._function, self._source, block, self._grid)
         first = self._grid.index(block.write_roi) * self._grid.id_range + 1
-        start = int(np.searchsorted(self._fragments, first))
-        found = self._fragments[start : start + largest]
-        following = self._fragments[start + largest] if start + largest < self._fragments.size else 0
-        if (
-            found.size != largest
-            or (largest and (int(found[0]) != first or int(found[-1]) != first + largest - 1))
-            or first + largest <= following < first + self._grid.id_range
-        ):
-            raise VoxblockError(
-                f"block {block.write_roi} has {largest} labels now but a different set in the first pass: "
-                "the segment function is not deterministic, or the run directory is stale (fresh=True)"
-            )
-        table = np.zeros(largest + 1, np.uint64)
-        table[1:] = self._segments[start : start + largest]
+        try:
+            table = block_segments(self._fragments, self._segments, first, largest, self._grid.id_range)
+        except VoxblockError as error:
+            raise VoxblockError(f"block {block.write_roi}: {error}") from None
         segments = table[labels]
         roi = block.write_roi.intersect(self._output.roi)
         arrays.write(self._output, roi, crop_to(segments, block.write_roi, roi, self._output.voxel_size))
@@ -539,7 +550,6 @@ def segment_blockwise(
     grid = BlockGrid.of(blocking, int(np.prod(labelled.shape / source.voxel_size)))
     common = {"num_workers": num_workers, "max_retries": max_retries, "timeout": timeout}
     where = {"compute": compute, "host": host}
-    same_blocks = {"fit": fit, "run_dir": seg.run_dir / "fragments"}
     if method == "faces":
         first_pass: Worker = StitchFaces(
             function=str(segment_function),
@@ -567,7 +577,8 @@ def segment_blockwise(
         upstream_tasks=upstream_tasks,
         task_id="fragments",
         overwrite=True,
-        **same_blocks,
+        fit=fit,
+        run_dir=seg.run_dir / "fragments",
         **common,
         **where,
         **kwargs,
