@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,14 +136,21 @@ def test_a_killed_launcher_takes_its_worker_with_it(tmp_path):
         driver.wait()
 
 
+def socket_directories() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("voxblock-fork-*"))
+
+
 def test_a_killed_driver_takes_the_server_and_its_workers_with_it(tmp_path):
+    before = socket_directories()
     driver, workers = start_driver(tmp_path / "r")
     (server,) = {parent for _, parent in workers}
+    assert socket_directories() - before  # the driver's server listens there
     try:
         os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its group lives on
         driver.wait()
         assert wait_until(lambda: not alive(server))
         assert wait_until(lambda: not any(alive(pid) for pid, _ in workers))
+        assert not socket_directories() - before  # and nothing is left behind
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
@@ -159,3 +168,13 @@ def test_a_fork_of_the_driver_leaves_the_drivers_server_alone(tmp_path):
     assert server.poll() is None
     assert run(tmp_path / "a").succeeded
     assert {parent for _, parent in served_by(tmp_path / "a")} == {server.pid}
+
+
+def test_socket_directories_of_servers_killed_outright_are_removed(tmp_path):
+    forkserver.stop()
+    stale = Path(tempfile.mkdtemp(prefix="voxblock-fork-"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(str(stale / "socket"))  # bound, never listening: a server that was killed
+    forkserver.address()
+    assert not stale.exists()
+    assert run(tmp_path / "a").succeeded  # and the new server serves

@@ -38,6 +38,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 # what every worker needs (the rest comes with the workers' own lists; funlib.persistence
@@ -45,6 +46,7 @@ from typing import Any
 CORE_MODULES = ("cloudpickle", "daisy.v2", "voxblock.compute")
 _PID, _STATUS, _LENGTH = struct.Struct("!q"), struct.Struct("!i"), struct.Struct("!Q")
 _PR_SET_PDEATHSIG = 1
+_PREFIX = "voxblock-fork-"
 
 _lock = threading.Lock()
 _server: subprocess.Popen | None = None
@@ -84,8 +86,9 @@ def address(preload: Sequence[str] = ()) -> str:
         if _server is not None and _server.poll() is None and _address is not None:
             return _address
         _stop_locked()
+        _remove_stale()
         _owner = os.getpid()
-        _directory = tempfile.mkdtemp(prefix="voxblock-fork-")
+        _directory = tempfile.mkdtemp(prefix=_PREFIX)
         _address = os.path.join(_directory, "socket")
         # the socket listens before the server starts: a launcher can never connect too early
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -109,6 +112,21 @@ def address(preload: Sequence[str] = ()) -> str:
         finally:
             listener.close()
         return _address
+
+
+def _remove_stale() -> None:
+    """Socket directories of servers killed outright (kill -9 of a whole process group): whatever
+    of ours no server listens on any more."""
+    for directory in Path(tempfile.gettempdir()).glob(_PREFIX + "*"):
+        try:
+            if directory.stat().st_uid != os.getuid():
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(str(directory / "socket"))
+        except ConnectionRefusedError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def stop() -> None:
@@ -198,6 +216,21 @@ def serve(listener: socket.socket, driver: int) -> None:
     selector.register(listener, selectors.EVENT_READ)
     child_of: dict[socket.socket, int] = {}
     connection_of: dict[int, socket.socket | None] = {}  # None: its launcher has gone
+    try:
+        _serve_until_orphaned(listener, driver, selector, child_of, connection_of)
+    finally:  # the driver has gone or stopped the server: so do its workers
+        for pid in connection_of:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _serve_until_orphaned(
+    listener: socket.socket,
+    driver: int,
+    selector: selectors.BaseSelector,
+    child_of: dict[socket.socket, int],
+    connection_of: dict[int, socket.socket | None],
+) -> None:
     while os.getppid() == driver:
         for key, _ in selector.select(0.1):
             if key.fileobj is listener:
@@ -219,9 +252,6 @@ def serve(listener: socket.socket, driver: int) -> None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         _reap(child_of, connection_of, selector)
-    for pid in connection_of:  # the driver has gone: so do its workers
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def _fork_worker(
@@ -277,8 +307,6 @@ def _run_child(
         sys.path[:] = request["path"]
         importlib.invalidate_caches()
         _reseed()
-        from pathlib import Path
-
         import cloudpickle
 
         from voxblock.compute import WORKER_FILE, serve_blocks
@@ -329,17 +357,28 @@ def _reap(
         connection.close()
 
 
+def _stop_serving(signum: int, frame: Any) -> None:
+    raise SystemExit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     listener = socket.socket(fileno=int(args[0]))
     driver = int(args[1])
     preload = args[2:]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver and the workers
+    signal.signal(signal.SIGTERM, _stop_serving)  # stop() or the driver's death: clean up first
     # Python 3.12 warns on fork() where a native thread exists (numpy's BLAS pool); that
     # pool is idle here and re-created in the child (OpenBLAS forks cleanly)
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
     _import([*CORE_MODULES, *preload])
-    serve(listener, driver)
+    path = listener.getsockname()
+    try:
+        serve(listener, driver)
+    finally:  # the driver has gone (killed, perhaps, before it could clean up): leave nothing behind
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
 
 
 if __name__ == "__main__":
