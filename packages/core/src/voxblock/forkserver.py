@@ -258,12 +258,14 @@ def _fork_worker(
     connection: socket.socket, inherited: list[socket.socket], selector: selectors.BaseSelector
 ) -> int | None:
     connection.settimeout(30)
+    fds: list[int] = []
+    request = None
     try:
         header, fds, _, _ = socket.recv_fds(connection, _LENGTH.size, 3)
         body = _receive(connection, _LENGTH.unpack(header)[0]) if len(header) == _LENGTH.size else None
         request = pickle.loads(body) if body is not None and len(fds) == 3 else None
     except (OSError, pickle.UnpicklingError, struct.error):
-        return None
+        pass
     if request is None:
         for fd in fds:
             os.close(fd)
@@ -272,12 +274,15 @@ def _fork_worker(
     _import(request["modules"])
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child; coverage cannot follow it
-        selector.close()
-        for other in inherited:
-            other.close()
-        _run_child(connection, fds, request)
+    # SIGTERM (the server's stop) must not reach the child before it has its own handlers
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    server = os.getpid()
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child; it never returns
+            _run_child(connection, fds, request, [selector, *inherited], server)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     for fd in fds:
         os.close(fd)
     connection.settimeout(None)
@@ -289,18 +294,22 @@ def _fork_worker(
 
 
 def _run_child(
-    connection: socket.socket, fds: list[int], request: dict[str, Any]
+    connection: socket.socket, fds: list[int], request: dict[str, Any], servers: list[Any], server: int
 ) -> None:  # pragma: no cover
     code = 1
     try:
-        connection.close()
+        for held in [*servers, connection]:  # the server's sockets and selector are not the worker's
+            held.close()
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
         for signum in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server:
+            return  # the server died before the line above: no worker without a launcher
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
