@@ -19,12 +19,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from voxblock.files import replace_atomically
 
 # -- chunk grid geometry (pure; boxes are (begin, end) voxel tuples from the array's first voxel) --
 
@@ -142,15 +143,7 @@ class DirectChunks:
         if folder not in self._made:
             os.makedirs(folder, exist_ok=True)
             self._made.add(folder)
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.partial"
-        try:
-            with open(tmp, "wb") as file:
-                file.write(data.as_buffer_like())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        replace_atomically(path, lambda file: file.write(data.as_buffer_like()))
 
     def _all_fill(self, chunk: np.ndarray) -> bool:
         fill = self.fill_value

@@ -41,6 +41,7 @@ from typing import Any
 
 import cloudpickle
 
+from voxblock.files import replace_atomically
 from voxblock.rundir import RunDirectory
 from voxblock.workers import Worker
 
@@ -65,10 +66,13 @@ class Job:
 
     def save(self) -> Path:
         path = Path(self.run_dir) / WORKER_FILE
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_bytes(cloudpickle.dumps(self))
-        os.replace(tmp, path)
+        replace_atomically(path, lambda file: file.write(cloudpickle.dumps(self)))
         return path
+
+    @staticmethod
+    def load(run_dir: str | Path) -> Job:
+        """The job `save` left in a run directory (a worker started elsewhere, or forked)."""
+        return cloudpickle.loads((Path(run_dir) / WORKER_FILE).read_bytes())  # type: ignore[no-any-return]
 
 
 def serve_blocks(job: Job) -> None:
@@ -211,7 +215,7 @@ class ServeForked:
 
         code = forkserver.run_forked(self.server, str(self.run_dir), self.modules)
         if code is None:
-            serve_blocks(cloudpickle.loads((Path(self.run_dir) / WORKER_FILE).read_bytes()))
+            serve_blocks(Job.load(self.run_dir))
             return
         if code != 0:
             sys.stdout.flush()
@@ -501,8 +505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 1:
         sys.exit("usage: python -m voxblock.compute RUN_DIR")
-    job = cloudpickle.loads((Path(args[0]) / WORKER_FILE).read_bytes())
-    serve_blocks(job)
+    serve_blocks(Job.load(args[0]))
 
 
 if __name__ == "__main__":

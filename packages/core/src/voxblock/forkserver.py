@@ -316,12 +316,9 @@ def _run_child(
         sys.path[:] = request["path"]
         importlib.invalidate_caches()
         _reseed()
-        import cloudpickle
+        from voxblock.compute import Job, serve_blocks
 
-        from voxblock.compute import WORKER_FILE, serve_blocks
-
-        job = cloudpickle.loads((Path(request["run_dir"]) / WORKER_FILE).read_bytes())
-        serve_blocks(job)
+        serve_blocks(Job.load(request["run_dir"]))
         code = 0
     except SystemExit as exit:
         code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)

@@ -31,6 +31,7 @@ import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.chunks import Box, box_slices, chunks_in, intersect
+from voxblock.files import replace_atomically
 
 # a halo is worth it when the read ROI touches this many times the chunks the
 # write ROI does, and its slabs stay below this fraction of the array's bytes
@@ -215,10 +216,7 @@ def save_slabs(
         np.ascontiguousarray(data[_slices(slab, data_begin, array.channel_dims)]).ravel()
         for slab in slab_boxes(chunk, halo.thickness)
     ]
-    path = halo.path(index)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    np.concatenate(parts).astype(array.dtype, copy=False).tofile(tmp)
-    os.replace(tmp, path)
+    replace_atomically(halo.path(index), np.concatenate(parts).astype(array.dtype, copy=False).tofile)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from voxblock.errors import VoxblockError
+from voxblock.files import replace_atomically
 
 RUN_DIR_SUFFIX = ".voxblock"
 
@@ -260,6 +261,4 @@ def _is_stale(holder: dict[str, Any]) -> bool:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda file: file.write(text.encode()))

@@ -17,10 +17,11 @@ raw file (`save_faces` / `load_faces`), written atomically.
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
+
+from voxblock.files import replace_atomically
 
 
 def offsets(ndim: int, rank: int) -> list[tuple[int, ...]]:
@@ -113,9 +114,7 @@ def touching_pairs(padded: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarra
 def save_faces(path: Path, block_faces: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> None:
     """One block's faces in one raw file: [ndim, *shape, faces...] of `dtype`, renamed into place."""
     flat = np.concatenate([np.array([len(shape), *shape], dtype), *(f.ravel() for f in block_faces)])
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    flat.astype(dtype, copy=False).tofile(tmp)
-    os.replace(tmp, path)
+    replace_atomically(path, flat.astype(dtype, copy=False).tofile)
 
 
 def load_faces(path: Path, dtype: np.dtype) -> list[np.ndarray] | None:

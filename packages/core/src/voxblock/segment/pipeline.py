@@ -18,7 +18,6 @@ are kept in the output container.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from funlib.geometry import Coordinate, Roi
 from voxblock import arrays
 from voxblock.compute import Local
 from voxblock.errors import VoxblockError
+from voxblock.files import replace_atomically
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
@@ -172,10 +172,7 @@ def save_block_edges(path: Path, edges: np.ndarray, fragments: np.ndarray) -> No
     flat = np.concatenate(
         [np.array([len(edges), len(fragments)], np.uint64), edges.astype(np.uint64).ravel(), fragments]
     ).astype(np.uint64, copy=False)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial")  # never matches *.npy
-    with open(tmp, "wb") as file:
-        np.save(file, flat)
-    os.replace(tmp, path)
+    replace_atomically(path, lambda file: np.save(file, flat))
 
 
 def load_block_edges(path: Path) -> tuple[np.ndarray, np.ndarray]:
