@@ -178,3 +178,12 @@ def test_socket_directories_of_servers_killed_outright_are_removed(tmp_path):
     forkserver.address()
     assert not stale.exists()
     assert run(tmp_path / "a").succeeded  # and the new server serves
+
+
+def test_the_environment_can_turn_the_server_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("VOXBLOCK_FORK_SERVER", "0")
+    assert not forkserver.enabled()
+    server = forkserver._server
+    assert run(tmp_path / "a").succeeded
+    parents = {parent for _, parent in served_by(tmp_path / "a")}
+    assert server is None or server.pid not in parents  # the workers were not forked from it
