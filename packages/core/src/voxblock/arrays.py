@@ -360,17 +360,31 @@ def _fetch(attrs: Mapping[str, Any], key: str) -> Sequence[Any] | None:
 
 
 def open_array(path: str | Path, mode: str = "r") -> Array:
-    """Open the zarr array at `path` with its funlib.persistence metadata, without dask."""
-    if _custom_metadata_format():
+    """Open the zarr array at `path` with its funlib.persistence metadata, without dask.
+
+    OME-NGFF metadata on the parent group, and N5 datasets: see voxblock.formats.
+    """
+    from voxblock import formats
+
+    if formats.in_n5(path):
+        data, geometry = formats.open_n5(path, mode)
+        attrs = geometry.attrs()
+    elif _custom_metadata_format():
         from funlib.persistence import open_ds
 
         return open_ds(str(path), mode=mode)
-    import zarr  # on first use: a worker that opens no array never pays for it
+    else:
+        import zarr  # on first use: a worker that opens no array never pays for it
 
-    data = zarr.open(str(path), mode=mode)
-    if not isinstance(data, zarr.Array):
-        raise TypeError(f"Expected a zarr Array at {path}, got {type(data).__name__}")
-    attrs = data.attrs.asdict()
+        data = zarr.open(str(path), mode=mode)
+        if not isinstance(data, zarr.Array):
+            raise TypeError(f"Expected a zarr Array at {path}, got {type(data).__name__}")
+        attrs = data.attrs.asdict()
+        geometry = formats.ome_geometry(path, data.shape)
+        if geometry is not None:
+            formats.check_agrees(str(path), geometry, attrs)
+            data = formats.DropAxes(data, geometry.drop) if geometry.drop else data
+            attrs = geometry.attrs()
     axis_names = _fetch(attrs, "axis_names")
     types = _fetch(attrs, "types")
     if types is None and axis_names is not None:
@@ -433,6 +447,11 @@ def open_output(name: str | ArrayName) -> Array:
 
 def _datasets_in(container: Path) -> list[str]:
     import zarr
+
+    from voxblock import formats
+
+    if formats.in_n5(container):
+        return formats.n5_datasets(container)
 
     found = []
     for meta in sorted(container.rglob("zarr.json")) + sorted(container.rglob(".zarray")):

@@ -332,6 +332,20 @@ def _remove_empty_tree(path: Path) -> None:
             sub.rmdir()
     if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
+        # up to the CONTAINER.voxblock folder (an output DATASET may be nested: mask/s0)
+        root = next((p for p in path.parents if p.name.endswith(".voxblock")), None)
         parent = path.parent
-        if parent.name.endswith(".voxblock") and not any(parent.iterdir()):
+        while root is not None and parent.is_relative_to(root) and not any(parent.iterdir()):
             parent.rmdir()
+            if parent == root:
+                break
+            parent = parent.parent
+
+
+def _voxels(what: str, shape: Sequence[int] | None, dims: int) -> Coordinate | None:
+    if shape is None:
+        return None
+    values = tuple(shape)
+    if len(values) != dims or not all(isinstance(v, int) and v > 0 for v in values):
+        raise VoxblockError(f"{what} must be {dims} positive integers (voxels); got {shape!r}")
+    return Coordinate(values)

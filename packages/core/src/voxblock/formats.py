@@ -1,0 +1,580 @@
+"""OME-NGFF and N5 metadata: where an array's voxels are in the world.
+
+OME-NGFF (0.4 on zarr v2, 0.5 on zarr v3, as ome-zarr-py, iohub or
+webknossos write it): the group above a level (`image.zarr/s0`) holds
+`multiscales`. The level's voxel size is the scale of its
+coordinateTransformations (times any multiscale-level scale), its offset the
+translation (the dataset's, scaled, plus the multiscale-level one): the same
+mapping funlib.persistence's `open_ome_ds` uses (offset = translation).
+
+Which library: in the driver, the group is read and validated by
+ome-zarr-models (the spec's pydantic models; 0.4 and 0.5; no dask, about
+0.5 s to import). funlib.persistence's `open_ome_ds` (iohub) was evaluated
+and is not used: it imports dask, xarray and pandas (about 1 s), truncates a
+non-integer scale silently (0.004 micrometer becomes voxel size 0, an empty
+ROI) and fails on a channel axis ("ChannelAxisMeta has no attribute unit").
+Worker processes parse the same small JSON themselves (no pydantic); both
+paths go through `geometry()`, and tests check the result against
+ome-zarr-py's Reader, ome-zarr-models and funlib's `open_ome_ds`.
+
+funlib.geometry needs integer voxel sizes and offsets: a scale that is not a
+whole number of its unit is converted to nanometers where that makes it
+whole (0.004 micrometer -> 4 nanometer), else refused; never rounded. A time
+axis of size 1 is dropped; channel axes (and a longer time axis) become
+non-spatial axes.
+
+N5 (Janelia, CellMap) is read with tensorstore's n5 driver (zarr 3 reads no
+N5; optional: `pip install 'voxblock[n5]'`). N5 lists dimensions x,y,z
+(Fortran order); the array is presented z,y,x, and the attributes `resolution`,
+`offset`, `axes`, `units` (funlib/daisy), `pixelResolution` (BigDataViewer,
+n5-viewer) and `transform` (CellMap) are reversed to match. N5 outputs are
+refused: write a .zarr.
+
+Outputs named as a multiscale level (`out.zarr/mask/s0`, `.../labels/cells/0`)
+get OME-NGFF metadata on their parent group (`write_ome_metadata`), in the
+version of their zarr format, besides funlib's attributes on the array.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from voxblock.errors import VoxblockError
+
+# a dataset name that is a level of a multiscale image: "0", "s0"
+LEVEL = re.compile(r"^s?\d+$")
+
+# length units to nanometers (OME-NGFF's UDUNITS names, and short ones N5 tools write)
+_NANOMETERS = {
+    "picometer": 1e-3,
+    "pm": 1e-3,
+    "angstrom": 0.1,
+    "nanometer": 1.0,
+    "nm": 1.0,
+    "micrometer": 1e3,
+    "micron": 1e3,
+    "um": 1e3,
+    "\u00b5m": 1e3,
+    "\u03bcm": 1e3,
+    "millimeter": 1e6,
+    "mm": 1e6,
+    "centimeter": 1e7,
+    "cm": 1e7,
+    "meter": 1e9,
+    "m": 1e9,
+}
+_OME_UNITS = {"nm": "nanometer", "um": "micrometer", "\u00b5m": "micrometer", "\u03bcm": "micrometer"}
+_OME_UNITS.update({"micron": "micrometer", "pm": "picometer", "mm": "millimeter", "cm": "centimeter"})
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """funlib.persistence's metadata of an array, and the axes to drop (size-1 time axes)."""
+
+    offset: list[int]
+    voxel_size: list[int]
+    axis_names: list[str]
+    units: list[str]
+    types: list[str]
+    drop: tuple[int, ...] = ()
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "offset": self.offset,
+            "voxel_size": self.voxel_size,
+            "axis_names": self.axis_names,
+            "units": self.units,
+            "types": self.types,
+        }
+
+
+# -- numbers ----------------------------------------------------------------------------------------
+
+
+def _whole(value: float) -> bool:
+    return math.isfinite(value) and abs(value - round(value)) <= 1e-9 * max(1.0, abs(value))
+
+
+def integer_geometry(
+    where: str, scale: Sequence[float], translation: Sequence[float], units: Sequence[str]
+) -> tuple[list[int], list[int], list[str]]:
+    """Voxel size, offset and units as integers: as given, else in nanometers, else refused."""
+    if all(_whole(v) for v in [*scale, *translation]):
+        return [round(v) for v in scale], [round(v) for v in translation], list(units)
+    factors = [_NANOMETERS.get(str(u).lower()) for u in units]
+    if all(f is not None for f in factors):
+        nm_scale = [v * f for v, f in zip(scale, factors)]
+        nm_translation = [v * f for v, f in zip(translation, factors)]
+        if all(_whole(v) for v in [*nm_scale, *nm_translation]):
+            return (
+                [round(v) for v in nm_scale],
+                [round(v) for v in nm_translation],
+                ["nanometer"] * len(units),
+            )
+    shown = ", ".join(f"{s:g}" for s in scale)
+    offset = ", ".join(f"{t:g}" for t in translation)
+    unit = "/".join(sorted({str(u) for u in units})) or "no unit"
+    raise VoxblockError(
+        f"{where}: voxel size ({shown}) and offset ({offset}) in {unit} are not whole numbers"
+        + (" of nanometers either" if all(f is not None for f in factors) else "")
+        + "; voxblock (funlib.geometry) needs integer voxel sizes and offsets and does not round them. "
+        "Give the axes a length unit in which they are whole (e.g. nanometer), or rewrite the scale "
+        "and translation"
+    )
+
+
+# -- OME-NGFF: reading --------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path) as file:
+            value = json.load(file)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        raise VoxblockError(f"{path} cannot be read as JSON: {error}") from error
+    return value if isinstance(value, dict) else None
+
+
+def group_attrs(group: Path) -> tuple[dict[str, Any], int] | None:
+    """The attributes of the zarr group at `group` and its zarr format, or None if it is none."""
+    meta = _read_json(group / "zarr.json")
+    if meta is not None:
+        if meta.get("node_type") != "group":
+            return None
+        return dict(meta.get("attributes") or {}), 3
+    if (group / ".zgroup").exists():
+        return dict(_read_json(group / ".zattrs") or {}), 2
+    return None
+
+
+def multiscales_of(attrs: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The `multiscales` list of a group's attributes: 0.5's `ome` namespace, or 0.4's top level."""
+    ome = attrs.get("ome")
+    if isinstance(ome, Mapping) and "multiscales" in ome:
+        return list(ome["multiscales"])
+    if "multiscales" in attrs:
+        return list(attrs["multiscales"])
+    return None
+
+
+def _in_driver() -> bool:
+    # daisy gives every worker process its context; the driver has none
+    return "DAISY_CONTEXT" not in os.environ
+
+
+def _validated_multiscales(group: Path) -> list[dict[str, Any]] | None:
+    """The multiscales as ome-zarr-models reads and validates them (None if it is not installed)."""
+    try:
+        import zarr
+        from ome_zarr_models import open_ome_zarr
+    except ImportError:
+        return None
+    node = zarr.open_group(str(group), mode="r")
+    try:
+        model = open_ome_zarr(node)
+    except Exception as error:
+        detail = str(error)
+        try:  # the image model of the group's version says what is wrong
+            from ome_zarr_models.v04 import Image as Image04
+            from ome_zarr_models.v05 import Image as Image05
+
+            (Image05 if "ome" in node.attrs else Image04).from_zarr(node)
+        except Exception as specific:
+            detail = str(specific)
+        lines = [line.strip() for line in detail.splitlines() if line.strip()][:3]
+        raise VoxblockError(
+            f"{group} has OME-NGFF multiscales metadata that does not validate "
+            f"(ome-zarr-models): {' '.join(lines)}"
+        ) from error
+    attributes = model.attributes
+    holder = getattr(attributes, "ome", attributes)
+    found = getattr(holder, "multiscales", None)
+    if found is None:
+        return None
+    return [m.model_dump(mode="json", exclude_none=True) for m in found]
+
+
+def ome_geometry(path: str | Path, shape: Sequence[int]) -> Geometry | None:
+    """The geometry of the array at `path` from its parent group's OME-NGFF multiscales, or None."""
+    path = Path(path)
+    found = group_attrs(path.parent)
+    if found is None:
+        return None
+    multiscales = multiscales_of(found[0])
+    if not multiscales:
+        return None
+    if _in_driver():
+        multiscales = _validated_multiscales(path.parent) or multiscales
+    for multiscale in multiscales:
+        paths = [str(d.get("path", "")).strip("/") for d in multiscale.get("datasets", [])]
+        if path.name in paths:
+            return geometry(multiscale, path.name, shape, where=str(path))
+    return None
+
+
+def _transforms(transforms: Sequence[Mapping[str, Any]] | None, dims: int, where: str) -> tuple[list, list]:
+    scale, translation = [1.0] * dims, [0.0] * dims
+    for transform in transforms or []:
+        kind = transform.get("type")
+        if kind == "identity":
+            continue
+        if kind not in ("scale", "translation"):
+            raise VoxblockError(f"{where}: coordinate transformation {kind!r} is not supported")
+        if "path" in transform:
+            raise VoxblockError(f"{where}: coordinate transformations stored in a file are not supported")
+        values = [float(v) for v in transform[kind]]
+        if len(values) != dims:
+            raise VoxblockError(f"{where}: {kind} {values} has {len(values)} values for {dims} axes")
+        if kind == "scale":
+            scale = [s * v for s, v in zip(scale, values)]
+            translation = [t * v for t, v in zip(translation, values)]
+        else:
+            translation = [t + v for t, v in zip(translation, values)]
+    return scale, translation
+
+
+def _axis_type(axis: Any) -> str:
+    if isinstance(axis, str):  # 0.3: names only
+        name, kind = axis, None
+    else:
+        name, kind = axis.get("name", ""), axis.get("type")
+    if kind:
+        return str(kind)
+    return {"t": "time", "c": "channel"}.get(
+        str(name).lower(), "space" if name in ("z", "y", "x") else "channel"
+    )
+
+
+def geometry(multiscale: Mapping[str, Any], dataset: str, shape: Sequence[int], where: str) -> Geometry:
+    """The geometry of level `dataset` of one multiscale image (its parsed JSON)."""
+    axes = list(multiscale.get("axes") or ["z", "y", "x"][-len(shape) :])
+    if len(axes) != len(shape):
+        raise VoxblockError(f"{where}: the OME-NGFF axes {axes} do not match the array's {len(shape)} axes")
+    entry = next(d for d in multiscale["datasets"] if str(d.get("path", "")).strip("/") == dataset)
+    dims = len(axes)
+    scale, translation = _transforms(entry.get("coordinateTransformations"), dims, where)
+    outer_scale, outer_translation = _transforms(multiscale.get("coordinateTransformations"), dims, where)
+    scale = [s * o for s, o in zip(scale, outer_scale)]
+    translation = [t * o + u for t, o, u in zip(translation, outer_scale, outer_translation)]
+    names = [a if isinstance(a, str) else str(a.get("name", f"d{i}")) for i, a in enumerate(axes)]
+    units = [None if isinstance(a, str) else a.get("unit") for a in axes]
+    kinds = [_axis_type(a) for a in axes]
+    drop = tuple(i for i, k in enumerate(kinds) if k == "time" and shape[i] == 1)
+    spatial = [i for i, k in enumerate(kinds) if k == "space"]
+    if not spatial:
+        raise VoxblockError(f"{where}: the OME-NGFF axes {names} have no space axis")
+    voxel_size, offset, spatial_units = integer_geometry(
+        where,
+        [scale[i] for i in spatial],
+        [translation[i] for i in spatial],
+        [str(units[i] or "") for i in spatial],
+    )
+    kept = [i for i in range(dims) if i not in drop]
+    # time (longer than one) and channels become non-spatial axes, named as funlib names them
+    axis_names = [names[i] if kinds[i] == "space" else f"{names[i]}^" for i in kept]
+    types = ["space" if kinds[i] == "space" else "channel" for i in kept]
+    if any(kinds[i] == "space" for i in kept[: len(kept) - len(spatial)]):
+        raise VoxblockError(f"{where}: the OME-NGFF axes {names} do not end with the space axes")
+    return Geometry(offset, voxel_size, axis_names, spatial_units, types, drop)
+
+
+def check_agrees(where: str, geometry: Geometry, attrs: Mapping[str, Any]) -> None:
+    """funlib's attributes on the array, where there are any, must place it where OME-NGFF does."""
+    units = attrs.get("units")
+    if units is not None and list(units) != geometry.units:
+        return  # the same voxels in other units (e.g. micrometer vs nanometer)
+    for key in ("voxel_size", "offset"):
+        value = attrs.get(key)
+        mine = getattr(geometry, key)
+        if value is not None and [int(v) for v in value] != mine:
+            raise VoxblockError(
+                f"{where}: its attribute {key}={list(value)} disagrees with its OME-NGFF "
+                f"multiscales metadata ({mine}); fix one of them"
+            )
+
+
+class DropAxes:
+    """An array without some of its size-1 axes (an OME-NGFF time axis of one time point)."""
+
+    def __init__(self, source: Any, drop: Sequence[int]) -> None:
+        self._source = source
+        self._drop = tuple(drop)
+        keep = [i for i in range(len(source.shape)) if i not in self._drop]
+        self.shape = tuple(source.shape[i] for i in keep)
+        self.chunks = tuple(source.chunks[i] for i in keep)
+        self.dtype = source.dtype
+        self.fill_value = None  # do not look for chunk files: indexing answers
+        self.attrs = source.attrs
+
+    def _key(self, key: Any) -> tuple[Any, ...]:
+        key = key if isinstance(key, tuple) else (key,)
+        if any(k is Ellipsis for k in key):
+            at = key.index(Ellipsis)
+            key = key[:at] + (slice(None),) * (len(self.shape) - len(key) + 1) + key[at + 1 :]
+        key = key + (slice(None),) * (len(self.shape) - len(key))
+        parts = iter(key)
+        return tuple(0 if i in self._drop else next(parts) for i in range(len(self._source.shape)))
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self._source[self._key(key)])
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._source[self._key(key)] = value
+
+    def __repr__(self) -> str:
+        return f"DropAxes({self._source!r}, drop={self._drop})"
+
+
+# -- OME-NGFF: writing -----------------------------------------------------------------------------
+
+
+def _ome_unit(unit: str) -> str | None:
+    return _OME_UNITS.get(unit, unit) or None
+
+
+def output_multiscale(
+    level: str, axis_names: Sequence[str], types: Sequence[str], units: Sequence[str], voxel_size, offset
+) -> dict[str, Any]:
+    """One multiscale image of one level: axes, scale and translation (channels: 1 and 0)."""
+    spatial = iter(zip(voxel_size, offset, units))
+    axes, scale, translation = [], [], []
+    for name, kind in zip(axis_names, types):
+        if kind in ("space", "time"):
+            size, begin, unit = next(spatial)
+            axis = {"name": str(name), "type": kind}
+            if _ome_unit(unit):
+                axis["unit"] = _ome_unit(unit)
+            scale.append(float(size))
+            translation.append(float(begin))
+        else:
+            axis = {"name": str(name).rstrip("^"), "type": "channel"}
+            scale.append(1.0)
+            translation.append(0.0)
+        axes.append(axis)
+    transforms = [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}]
+    return {"axes": axes, "datasets": [{"path": level, "coordinateTransformations": transforms}]}
+
+
+def _representable(types: Sequence[str]) -> bool:
+    """OME-NGFF 0.4/0.5: 2 or 3 space axes last, at most one channel (or time) axis before them."""
+    spatial = sum(t == "space" for t in types)
+    return 2 <= spatial <= 3 and len(types) - spatial <= 1 and all(t == "space" for t in types[-spatial:])
+
+
+def check_output_name(container: Path, dataset: str) -> None:
+    """Before an output is created: refuse N5, and a level whose image group holds another image."""
+    if container.suffix == ".n5":
+        raise VoxblockError(
+            f"output {container}/{dataset}: voxblock does not write N5; name an output in a .zarr "
+            f"container instead (e.g. {container.with_suffix('.zarr')}/{dataset}), which funlib, "
+            "neuroglancer and napari read"
+        )
+    parts = dataset.split("/")
+    if len(parts) < 1 or not LEVEL.match(parts[-1]):
+        return
+    found = group_attrs(container.joinpath(*parts[:-1]))
+    multiscales = multiscales_of(found[0]) if found else None
+    if multiscales:
+        paths = [str(d.get("path")) for m in multiscales for d in m.get("datasets", [])]
+        if parts[-1] not in paths:
+            raise VoxblockError(
+                f"output {container}/{dataset}: {'/'.join(parts[:-1]) or container} is an OME-NGFF image "
+                f"with levels {', '.join(paths)}; a new level would change that image. Choose an output "
+                "outside it (e.g. out.zarr/mask/s0 or IMAGE.zarr/labels/mask/s0)"
+            )
+
+
+def write_ome_metadata(container: Path, dataset: str, array: Any) -> bool:
+    """Describe an output level (`.../s0`) as an OME-NGFF image on its parent group.
+
+    The version follows the array's zarr format (0.4 on v2, 0.5 on v3);
+    groups missing between the container and the image are created. An
+    output under `IMAGE/labels/NAME/` is also listed as a label image of
+    IMAGE. Returns False (and writes nothing) where the output is not named
+    as a level or OME-NGFF cannot describe its axes.
+    """
+    import zarr
+
+    parts = dataset.split("/")
+    if not LEVEL.match(parts[-1]) or not _representable(array.types):
+        return False
+    zarr_format = array._source_data.metadata.zarr_format
+    version = "0.4" if zarr_format == 2 else "0.5"
+    for depth in range(len(parts)):
+        zarr.open_group(str(container.joinpath(*parts[:depth])), mode="a", zarr_format=zarr_format)
+    multiscale = output_multiscale(
+        parts[-1], array.axis_names, array.types, array.units, array.voxel_size, array.offset
+    )
+    multiscale["name"] = parts[-2] if len(parts) > 1 else container.stem
+    group = zarr.open_group(str(container.joinpath(*parts[:-1])), mode="r+", zarr_format=zarr_format)
+    previous = multiscales_of(group.attrs.asdict()) or []
+    if previous and [a.get("name") for a in previous[0].get("axes", [])] == [
+        a["name"] for a in multiscale["axes"]
+    ]:
+        kept = [d for d in previous[0].get("datasets", []) if str(d.get("path")) != parts[-1]]
+        multiscale["datasets"] = kept + multiscale["datasets"]
+    label = len(parts) >= 3 and parts[-3] == "labels"
+    if zarr_format == 3:
+        _name_dimensions(container.joinpath(*parts), [a["name"] for a in multiscale["axes"]])
+    _put_ome(group, version, {"multiscales": [multiscale], **({"image-label": {}} if label else {})})
+    if label:
+        labels = zarr.open_group(str(container.joinpath(*parts[:-2])), mode="r+", zarr_format=zarr_format)
+        attrs = labels.attrs.asdict()
+        names = list((attrs.get("ome") or {}).get("labels") or attrs.get("labels") or [])
+        if parts[-2] not in names:
+            names.append(parts[-2])
+        _put_ome(labels, version, {"labels": names})
+    return True
+
+
+def _name_dimensions(array: Path, names: list[str]) -> None:
+    """OME-NGFF 0.5: a level's zarr.json names its dimensions as the axes (a new array: no data yet)."""
+    from voxblock.files import replace_atomically
+
+    meta = _read_json(array / "zarr.json") or {}
+    if meta.get("dimension_names") != names:
+        meta["dimension_names"] = names
+        text = json.dumps(meta, indent=2).encode()
+        replace_atomically(array / "zarr.json", lambda file: file.write(text))
+
+
+def _put_ome(group: Any, version: str, values: dict[str, Any]) -> None:
+    if version == "0.5":
+        ome = dict(group.attrs.get("ome") or {})
+        ome.update(values)
+        ome["version"] = version
+        group.attrs["ome"] = ome
+        return
+    for key, value in values.items():
+        if key == "multiscales":
+            value = [{**m, "version": version} for m in value]
+        elif key == "image-label":
+            value = {**value, "version": version}
+        group.attrs[key] = value
+
+
+# -- N5 -------------------------------------------------------------------------------------------------
+
+
+def in_n5(path: str | Path) -> bool:
+    return any(p.suffix == ".n5" for p in (Path(path), *Path(path).parents))
+
+
+class N5Source:
+    """An N5 dataset read with tensorstore, presented z,y,x: `.shape`, `.dtype`, `.chunks`, indexing.
+
+    Pickles as its path: each process opens the store again.
+    """
+
+    fill_value = None  # do not look for chunk files: indexing answers
+
+    def __init__(self, path: str | Path, attrs: Mapping[str, Any]) -> None:
+        self.path = str(path)
+        self.attrs = dict(attrs)
+        self._store: Any = None
+        store = self.store
+        self.shape = tuple(store.shape)
+        self.dtype = np.dtype(store.dtype.numpy_dtype)
+        self.chunks = tuple(store.chunk_layout.read_chunk.shape)
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            import tensorstore as ts
+
+            spec = {"driver": "n5", "kvstore": {"driver": "file", "path": self.path}}
+            self._store = ts.open(spec, read=True).result().T  # N5 is x,y,z: present z,y,x
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        return np.asarray(self.store[key].read().result())
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        raise VoxblockError(f"{self.path}: voxblock does not write N5; write a .zarr output")
+
+    def __repr__(self) -> str:
+        return f"N5Source({self.path!r})"
+
+
+def n5_geometry(attrs: Mapping[str, Any], dims: int, where: str) -> Geometry:
+    """funlib's metadata from an N5 dataset's attributes (x,y,z order), for the array as z,y,x."""
+
+    def reversed_list(key: str, value: Any = None) -> list | None:
+        value = attrs.get(key) if value is None else value
+        if value is None:
+            return None
+        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != dims:
+            raise VoxblockError(f"{where}: N5 attribute {key}={value!r} does not have one value per axis")
+        return list(value)[::-1]
+
+    scale = reversed_list("resolution")
+    offset = reversed_list("offset")
+    names = reversed_list("axes")
+    units = reversed_list("units")
+    pixel = attrs.get("pixelResolution")
+    if scale is None and isinstance(pixel, Mapping) and "dimensions" in pixel:
+        scale = reversed_list("pixelResolution", pixel["dimensions"])
+        if units is None and pixel.get("unit"):
+            units = [str(pixel["unit"])] * dims
+    transform = attrs.get("transform")
+    if scale is None and isinstance(transform, Mapping) and "scale" in transform:
+        order = -1 if transform.get("ordering", "C") == "F" else 1  # CellMap lists C order (z,y,x)
+        scale = list(transform["scale"])[::order]
+        offset = list(transform.get("translate") or [0] * dims)[::order]
+        names = list(transform.get("axes") or names or [])[::order] or None
+        units = list(transform.get("units") or units or [])[::order] or None
+    voxel_size, begin, units = integer_geometry(
+        where,
+        [float(v) for v in scale or [1] * dims],
+        [float(v) for v in offset or [0] * dims],
+        [str(u) for u in units or [""] * dims],
+    )
+    names = [str(n) for n in names] if names else ["z", "y", "x"][-dims:] if dims <= 3 else None
+    if names is None:
+        names = [f"d{i}" for i in range(dims)]
+    return Geometry(begin, voxel_size, names, units, ["space"] * dims)
+
+
+def open_n5(path: str | Path, mode: str = "r") -> tuple[N5Source, Geometry]:
+    """An N5 dataset for reading, and where it is."""
+    where = str(path)
+    if mode != "r":
+        raise VoxblockError(
+            f"{where}: voxblock does not write N5; name an output in a .zarr container instead"
+        )
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        raise VoxblockError(
+            f"{where}: reading N5 needs tensorstore: pip install 'voxblock[n5]' "
+            "(or convert the dataset to zarr first)"
+        ) from None
+    attrs = _read_json(Path(path) / "attributes.json")
+    if attrs is None or "dimensions" not in attrs:
+        raise VoxblockError(f"{where}: no N5 dataset (no attributes.json with dimensions)")
+    source = N5Source(path, attrs)
+    return source, n5_geometry(attrs, len(source.shape), where)
+
+
+def n5_datasets(container: Path) -> list[str]:
+    """The N5 datasets in `container`, for a hint."""
+    found = []
+    for meta in sorted(container.rglob("attributes.json")):
+        attrs = _read_json(meta)
+        if attrs and "dimensions" in attrs:
+            found.append(str(meta.parent.relative_to(container)))
+    return found[:20]
