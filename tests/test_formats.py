@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from funlib.geometry import Roi
+from funlib.geometry import Coordinate, Roi
 from funlib.persistence import open_ds
 
 import voxblock
@@ -346,3 +346,34 @@ def test_a_new_level_in_the_input_image_is_refused(tmp_path):
     with pytest.raises(voxblock.VoxblockError, match=r"is an OME-NGFF image with levels s0"):
         threshold("image.zarr/s0", "image.zarr/s1")
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("kind", ["n5", "tczyx"])
+def test_blocks_read_with_context_from_n5_and_dropped_time_axes(tmp_path, kind):
+    """Reads past the write ROI (and halos of chunk faces, where voxblock keeps them) work on both."""
+    if kind == "n5":
+        pytest.importorskip("tensorstore")
+        data = volume(seed=5)
+        attrs = {"resolution": list(VOXEL_NM[::-1]), "offset": list(OFFSET_NM[::-1])}
+        write_n5(tmp_path / "cell.n5" / "em", data, attrs)
+        name, mask, channel = "cell.n5/em", data > 0.5, -1
+    else:
+        data = volume(seed=6, shape=(1, 1, *SHAPE))
+        write_ome_zarr_py(tmp_path / "image.zarr", data, "0.4", axes="tczyx")
+        name, mask, channel = "image.zarr/s0", data[0, 0] > 0.5, 0
+    context = Roi((-8, -4, -4), BLOCK.shape + Coordinate((16, 8, 8)))
+    assert voxblock.run_blockwise(
+        "threshold",
+        TOTAL,
+        context,
+        BLOCK,
+        progress=False,
+        num_workers=2,
+        input=name,
+        output="out.zarr/mask/s0",
+        channel=channel,
+        halo=True,
+    )
+    result = np.asarray(zarr.open_array("out.zarr/mask/s0", mode="r")[...])
+    written = open_ds("out.zarr/mask/s0").roi
+    np.testing.assert_array_equal(result, mask.astype(np.uint8)[voxels(written)])
