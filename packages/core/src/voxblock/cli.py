@@ -8,6 +8,7 @@ options, built from its dataclass fields.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import shlex
 import sys
@@ -527,21 +528,42 @@ def segment(function: str, **values: Any) -> None:
     sys.exit(0 if ok else 1)
 
 
+def _segment_functions_help() -> str:
+    """The built-in segment functions and their parameters, for `voxblock segment --help`."""
+    from voxblock.segment.functions import built_in_help
+
+    lines = ["Built-in segment functions (parameters with their defaults):", *built_in_help()]
+    return "\n\n\b\n" + "\n".join(lines)
+
+
+segment.help = inspect.cleandoc(segment.help or "") + _segment_functions_help()
+
+
 @main.command("workers")
 def list_workers() -> None:
-    """List the workers installed (the voxblock.workers entry points)."""
+    """List the workers installed (the voxblock.workers entry points) and the segment functions."""
+    from voxblock.segment.functions import built_in_help
+
     found = registered_workers()
     if not found:
         click.echo("no workers installed (pip install voxblock-workers)")
-        return
+    segmenters = []
     for name in sorted(found):
         try:
             cls = worker_class(name)
             summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
             where = found[name].value
+            if callable(getattr(cls, "segment", None)):
+                segmenters.append(name)
         except Exception as error:  # a broken plugin must not hide the others
             summary, where = f"(cannot load: {error})", found[name].value
         click.echo(f"{name:12s} {summary}  [{where}]")
+    click.echo("\nSegment functions, for `voxblock segment FUNCTION` (not `voxblock run`):")
+    for line in built_in_help():
+        click.echo(f"  {line}")
+    for name in segmenters:
+        click.echo(f"  {name}: the {name} worker; its options are the parameters (run {name} --help)")
+    click.echo("  a Python file defining segment_function(input_array, block, **parameters)")
 
 
 @main.command()

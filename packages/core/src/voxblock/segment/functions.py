@@ -11,32 +11,132 @@ Three sources, one calling convention:
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from funlib.geometry import Roi
 
 from voxblock import arrays
 from voxblock.errors import VoxblockError
 from voxblock.workers import load_worker_module, worker_class
 
 BUILT_IN = ("threshold-label",)
+BUILT_IN_SUMMARIES = {"threshold-label": "threshold, then connected components of the foreground"}
 
 
-def connectivity_rank(ndim: int, connectivity: int) -> int:
+def neighbours(ndim: int, rank: int) -> int:
+    """How many neighbours a voxel has when one step may move on up to `rank` of `ndim` axes."""
+    return sum(math.comb(ndim, k) * 2**k for k in range(1, rank + 1))
+
+
+def connectivities(ndim: int) -> dict[int, int]:
+    """The connectivity values threshold-label takes in `ndim` dimensions, and the rank of each.
+
+    In 3-D 6, 18, 26; in 2-D 4, 8 and, as cc3d reads them there, 6 (= 4), 18 and 26 (= 8), so
+    that the default 6 means faces in 2-D too; other dimensions: the neighbour count of each
+    rank (2*ndim ... 3**ndim - 1), and 6 for faces.
+    """
+    values = {neighbours(ndim, rank): rank for rank in range(1, ndim + 1)}
+    if ndim == 2:
+        values.update({6: 1, 18: 2, 26: 2})
+    elif ndim != 3:
+        values.setdefault(6, 1)
+    return values
+
+
+def connectivity_rank(ndim: int, connectivity: Any) -> int:
     """On how many axes one step between connected voxels may move: 1 faces only, ndim fully.
 
-    In 2-D and 3-D: 4/6 -> 1, 8/18 -> 2, 26 -> 3; an unknown value means the
-    face connectivity if it is 4 or 6, else full. Other dimensions: 4/6 -> 1, else full.
+    A value outside `connectivities(ndim)` is refused: cc3d would run full connectivity.
     """
-    if ndim in (2, 3):
-        allowed = {2: (4, 8), 3: (6, 18, 26)}[ndim]
-        if connectivity not in allowed:
-            connectivity = allowed[0] if connectivity in (4, 6) else allowed[-1]
-        return {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}[connectivity]
-    return 1 if connectivity in (4, 6) else ndim
+    values = connectivities(ndim)
+    if isinstance(connectivity, bool) or connectivity not in values:
+        named = ", ".join(str(v) for v in sorted(values))
+        raise VoxblockError(
+            f"threshold-label: connectivity {connectivity!r} is not valid in {ndim}-D; it takes {named}"
+            + (" (6 faces, 18 and edges, 26 and corners)" if ndim == 3 else "")
+            + (" (4 faces, 8 and corners; 6, 18, 26 as cc3d reads them in 2-D: 4, 8, 8)" if ndim == 2 else "")
+        )
+    return values[connectivity]
+
+
+THRESHOLD_LABEL_PARAMETERS = {
+    "threshold": "a voxel is foreground where input > threshold",
+    "connectivity": "6 (faces), 18 (and edges) or 26 (and corners) in 3-D; 4 or 8 in 2-D",
+    "channel": "the channel to threshold, for an input with a channel axis",
+}
+
+
+def check_threshold_label(parameters: Mapping[str, Any]) -> None:
+    """Refuse parameters threshold-label would misread: unknown names, a threshold that is no number.
+
+    The connectivity needs the input's dimensions: `connectivity_rank` checks it.
+    """
+    unknown = set(parameters) - set(THRESHOLD_LABEL_PARAMETERS)
+    if unknown:
+        raise VoxblockError(
+            f"threshold-label has no parameter {', '.join(sorted(unknown))}; "
+            f"it takes {', '.join(sorted(THRESHOLD_LABEL_PARAMETERS))}"
+        )
+    threshold = parameters.get("threshold", 0.5)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold):
+        raise VoxblockError(f"threshold-label: threshold must be a finite number; got {threshold!r}")
+    channel = parameters.get("channel")
+    if channel is not None and (isinstance(channel, bool) or not isinstance(channel, numbers.Integral)):
+        raise VoxblockError(f"threshold-label: channel must be an integer index; got {channel!r}")
+
+
+def built_in_parameters(name: str) -> list[tuple[str, Any, str]]:
+    """(parameter, default, what it does) of a built-in segment function, for help texts."""
+    if name != "threshold-label":
+        raise VoxblockError(f"{name!r} is not a built-in segment function; they are {', '.join(BUILT_IN)}")
+    defaults = inspect.signature(threshold_label).parameters
+    return [(key, defaults[key].default, text) for key, text in THRESHOLD_LABEL_PARAMETERS.items()]
+
+
+def built_in_help() -> list[str]:
+    """One line per built-in segment function and one per parameter (name=default: what it does)."""
+    lines = []
+    for name in BUILT_IN:
+        lines.append(f"{name}: {BUILT_IN_SUMMARIES[name]}")
+        for key, default, text in built_in_parameters(name):
+            lines.append(f"  -p {f'{key}={default}':18s} {text}")
+    return lines
+
+
+class ZeroPadded:
+    """The input as a segment function sees it: `array[roi]` and `array.to_ndarray(roi)` read
+    zeros past the input, as promised for border blocks (with fit="overhang" their read ROI leaves
+    the input; funlib's arrays raise there). Everything else is the wrapped array's own.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: Any):
+        object.__setattr__(self, "array", array)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, Roi):
+            return arrays.read(self.array, key)
+        return self.array[key]
+
+    def to_ndarray(self, roi: Roi | None = None, fill_value: Any = 0) -> np.ndarray:
+        return arrays.read(self.array, self.array.roi if roi is None else roi, fill_value)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.array, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.array, name, value)  # e.g. the chunk I/O arrays.read keeps on the array
+
+    def __repr__(self) -> str:
+        return f"ZeroPadded({self.array!r})"
 
 
 def threshold_label(
@@ -95,13 +195,7 @@ class SegmentFunction:
         if self._function is not None:
             return self
         if self.kind == "built-in":
-            known = {"threshold", "connectivity", "channel"}
-            unknown = set(self.parameters) - known
-            if unknown:
-                raise VoxblockError(
-                    f"threshold-label has no parameter {', '.join(sorted(unknown))}; "
-                    f"it takes {', '.join(sorted(known))}"
-                )
+            check_threshold_label(self.parameters)
             self._function = threshold_label
         elif self.kind == "file":
             module = load_worker_module(Path(self.spec))
@@ -137,11 +231,13 @@ class SegmentFunction:
         """The connectivity rank if labels are connected components of a per-voxel foreground
         (blocks can then be stitched exactly at their faces); None if they may need context."""
         if self.kind == "built-in":
-            return connectivity_rank(ndim, int(self.parameters.get("connectivity", 6)))
+            return connectivity_rank(ndim, self.parameters.get("connectivity", 6))
         return None
 
     def __call__(self, input_array: Any, block: Any) -> np.ndarray:
         self.load()
+        if not isinstance(input_array, ZeroPadded):
+            input_array = ZeroPadded(input_array)
         if self.kind == "worker":
             return self._function(input_array, block)
         return self._function(input_array, block, **self.parameters)

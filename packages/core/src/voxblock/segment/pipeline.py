@@ -489,8 +489,7 @@ def segment_blockwise(
             f"context {tuple(context)} must be at least one voxel {tuple(source.voxel_size)} on "
             "every axis: blocks are merged where their contexts overlap"
         )
-    if read_roi.shape != write_roi.shape and not read_roi.contains(write_roi):
-        raise VoxblockError(f"the read ROI {read_roi} must contain the write ROI {write_roi}")
+    read_roi, write_roi = block_rois(read_roi, write_roi, context)
     worker_class("relabel")  # the relabel pass needs voxblock-workers: say so now
     function = SegmentFunction(str(segment_function), dict(parameters or {})).load()
     rank = function.stitch_rank(source.voxel_size.dims)
@@ -505,19 +504,15 @@ def segment_blockwise(
         )
     method = "faces" if stitch != "context" and rank is not None and merge == "any" else "context"
     output_name = arrays.ArrayName.parse(output)
-    blocking = Blocking(
-        total_roi.grow(context, context),
-        read_roi.grow(context, context),
-        write_roi,
-        fit,
-    )
+    blocking = Blocking(total_roi.grow(context, context), read_roi, write_roi, fit)
     identity = {
         "function": str(segment_function),
         "parameters": function.parameters,
         "input": str(arrays.ArrayName.parse(input)),
         "output": str(output_name),
         "total_roi": [list(total_roi.offset), list(total_roi.shape)],
-        "read_roi": [list(read_roi.offset), list(read_roi.shape)],
+        # as voxblock's convention writes it: either convention names the same run (block_rois)
+        "read_roi": [list(write_roi.offset), list(write_roi.shape)],
         "write_roi": [list(write_roi.offset), list(write_roi.shape)],
         "context": list(context),
         "merge": merge,
@@ -534,7 +529,7 @@ def segment_blockwise(
         Path(run_dir) if run_dir else default_run_dir([str(output_name)], "segment", key),
         key,
     )
-    _check_segment_output(seg, overwrite)
+    _check_segment_output(seg, overwrite, arrays.OutputSpec.like(source, output_name, np.uint64, total_roi))
     for name in seg.intermediates():
         _check_intermediate(name, overwrite)
     if fresh or seg.recorded_key() != key:
@@ -662,12 +657,46 @@ def segment_blockwise(
     return True
 
 
-def _check_segment_output(seg: Segmentation, overwrite: bool) -> None:
+def block_rois(read_roi: Roi, write_roi: Roi, context: Coordinate) -> tuple[Roi, Roi]:
+    """A block's read ROI (its write ROI grown by the context) and write ROI, from either convention.
+
+    voxblock passes read ROI = write ROI and names the context; dacapo passes a read ROI that
+    already holds it (write ROI grown by the context). Growing dacapo's read ROI again read twice
+    the context and wrote the total ROI shrunk by it, so anything else is refused, not guessed.
+    Blocks start at the total ROI and depend on these two only by their shapes and relative
+    offset: the pair comes back with the write ROI at the origin, the same for both conventions
+    (so that either resumes a run started with the other).
+    """
+    if read_roi.dims != len(context) or write_roi.dims != len(context):
+        raise VoxblockError(
+            f"the read ROI {read_roi} and write ROI {write_roi} must have {len(context)} axes, as the data"
+        )
+    grown = write_roi.grow(context, context)
+    if read_roi in (write_roi, grown):
+        write = Roi((0,) * write_roi.dims, write_roi.shape)
+        return write.grow(context, context), write
+    raise VoxblockError(
+        f"the read ROI {read_roi} fits neither convention for the write ROI {write_roi} and context "
+        f"{tuple(context)}: pass read ROI = write ROI (voxblock adds the context: read {grown}) or "
+        f"read ROI = write ROI grown by the context ({grown}, as dacapo does)"
+    )
+
+
+def _check_segment_output(seg: Segmentation, overwrite: bool, spec: arrays.OutputSpec) -> None:
+    """Refuse, before any pass runs, an output the last pass would refuse or must not overwrite.
+
+    As `arrays.check_output` for run_blockwise: an existing array of another geometry or dtype is
+    refused even with overwrite; one with no provenance and no chunk written holds nothing to lose.
+    """
     path = seg.output.path
-    if not path.exists() or overwrite:
+    if not path.exists():
+        return
+    arrays.check_output(spec, {}, overwrite=True)  # geometry and dtype only: raises on a mismatch
+    if overwrite:
         return
     try:
-        attrs = dict(zarr.open(str(path), mode="r").attrs)
+        existing = arrays.open_array(path, mode="r")
+        attrs = dict(existing.attrs)
     except Exception as error:
         raise VoxblockError(f"output {seg.output} exists but cannot be read: {error}") from error
     recorded = attrs.get(SEGMENT_KEY)
@@ -677,11 +706,17 @@ def _check_segment_output(seg: Segmentation, overwrite: bool) -> None:
         str(seg.run_dir.resolve())
     ):
         return  # an earlier, unfinished run of a segmentation into this output
+    if recorded is None and arrays.PROVENANCE_KEY not in attrs and _no_chunk_written(existing):
+        return  # an empty array made for this output (e.g. prepare_ds): no data to lose
     raise VoxblockError(
         f"output {seg.output} already holds "
         + ("a different segmentation" if recorded else "data this segmentation did not write")
         + "; refusing to overwrite it (pass overwrite=True / --overwrite to replace it)"
     )
+
+
+def _no_chunk_written(array: Any) -> bool:
+    return array._source_data.nchunks_initialized == 0
 
 
 def _check_intermediate(name: str, overwrite: bool) -> None:
