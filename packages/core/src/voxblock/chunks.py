@@ -10,8 +10,11 @@ calls) and reads and writes the chunk files directly: a write goes to a
 temporary file that is then renamed over the chunk, so a killed worker
 never leaves half a chunk. The bytes on disk are exactly zarr's.
 
-Anything else (zarr v2, sharding, array-to-array codecs, remote stores,
-codecs without a synchronous form) is read and written through zarr.
+A sharded array's files are shards: voxblock reads the inner chunks it
+needs from them and writes whole shards, in zarr's own layout (inner chunks
+in zarr's order, then the checksummed index). Anything else (zarr v2,
+array-to-array codecs, remote stores, codecs without a synchronous form) is
+read and written through zarr.
 """
 
 from __future__ import annotations
@@ -56,26 +59,117 @@ def box_slices(box: Box, origin: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(slice(b - o, e - o) for b, e, o in zip(*box, origin))
 
 
+class _Pipeline:
+    """One chain of zarr codecs run synchronously: array to bytes and back."""
+
+    def __init__(self, codecs: Any, spec: Any) -> None:
+        self.spec = spec
+        self.steps: list[tuple[Any, Any]] = []
+        for codec in codecs:
+            self.steps.append((codec, spec))
+            spec = codec.resolve_metadata(spec)
+
+    def encode(self, data: Any) -> Any:
+        for codec, spec in self.steps:
+            data = codec._encode_sync(data, spec)
+        return data
+
+    def decode(self, data: Any) -> Any:
+        for codec, spec in reversed(self.steps):
+            data = codec._decode_sync(data, spec)
+        return data
+
+    @staticmethod
+    def usable(codecs: Any) -> bool:
+        from zarr.codecs import BytesCodec
+
+        return (
+            bool(codecs)
+            and isinstance(codecs[0], BytesCodec)
+            and all(hasattr(c, "_encode_sync") and hasattr(c, "_decode_sync") for c in codecs)
+        )
+
+
+class _ShardFormat:
+    """The sharding codec's file layout: inner chunks one after another, then (or first) an
+    index of (offset, length) per inner chunk, 2^64-1 where a chunk is not stored."""
+
+    EMPTY = np.uint64(2**64 - 1)
+
+    def __init__(self, codec: Any, shard_shape: tuple[int, ...], prototype: Any) -> None:
+        from zarr.codecs.sharding import ShardingCodecIndexLocation
+        from zarr.core.indexing import morton_order_iter
+
+        self.per_shard = tuple(s // c for s, c in zip(shard_shape, codec.chunk_shape))
+        self.order = list(morton_order_iter(self.per_shard))  # zarr's order of chunks in a shard
+        self.index = _Pipeline(codec.index_codecs, codec._get_index_chunk_spec(self.per_shard))
+        self.index_size = codec._shard_index_size(self.per_shard)
+        self.index_first = codec.index_location == ShardingCodecIndexLocation.start
+        self._prototype = prototype
+
+    def split(self, raw: bytes) -> dict[tuple[int, ...], bytes]:
+        """The stored inner chunks of one shard file, by their index within the shard."""
+        view = memoryview(raw)
+        where = view[: self.index_size] if self.index_first else view[len(view) - self.index_size :]
+        table = self.index.decode(self._prototype.buffer.from_bytes(where))
+        table = np.asarray(table.as_ndarray_like()).reshape((*self.per_shard, 2))
+        stored = {}
+        for inner in self.order:
+            offset, length = table[inner]
+            if offset != self.EMPTY:
+                stored[inner] = view[int(offset) : int(offset) + int(length)]
+        return stored
+
+    def join(self, chunks: dict[tuple[int, ...], Any]) -> bytes | None:
+        """One shard file from encoded inner chunks (None: no chunk stored, no file)."""
+        if not chunks:
+            return None
+        table = np.full((*self.per_shard, 2), self.EMPTY, dtype=np.uint64)
+        parts, at = [], self.index_size if self.index_first else 0
+        for inner in self.order:
+            data = chunks.get(inner)
+            if data is None:
+                continue
+            parts.append(data)
+            table[inner] = (at, len(data))
+            at += len(data)
+        index = self.index.encode(self._prototype.nd_buffer.from_ndarray_like(table))
+        index = bytes(index.as_buffer_like())
+        return b"".join([index, *parts] if self.index_first else [*parts, index])
+
+
 class DirectChunks:
-    """`array[slices]` and `array[slices] = data` for one local zarr v3 array, chunk by chunk."""
+    """`array[slices]` and `array[slices] = data` for one local zarr v3 array, chunk by chunk.
+
+    A sharded array is read by inner chunk, from each shard file read once
+    per call, and written by whole shards (a block owns its shards): every
+    inner chunk encoded here, the shard file replaced atomically.
+    """
 
     def __init__(self, source: Any) -> None:
+        from zarr.codecs import ShardingCodec
         from zarr.core.buffer import default_buffer_prototype
 
         metadata = source.metadata
         self.shape: tuple[int, ...] = tuple(source.shape)
-        self.chunks: tuple[int, ...] = tuple(source.chunks)
         self.dtype = np.dtype(source.dtype)
         self._prototype = default_buffer_prototype()
         config = source._async_array.config
-        self._spec = metadata.get_chunk_spec((0,) * len(self.shape), config, self._prototype)
+        unit_spec = metadata.get_chunk_spec((0,) * len(self.shape), config, self._prototype)
+        # the write unit: a shard file, or a chunk file
+        self.unit: tuple[int, ...] = tuple(unit_spec.shape)
+        sharding = metadata.codecs[0] if isinstance(metadata.codecs[0], ShardingCodec) else None
+        if sharding is not None:
+            self._spec = sharding._get_chunk_spec(unit_spec)
+            self._inner = _Pipeline(sharding.codecs, self._spec)
+            self._shards: _ShardFormat | None = _ShardFormat(sharding, self.unit, self._prototype)
+        else:
+            self._spec = unit_spec
+            self._inner = _Pipeline(metadata.codecs, self._spec)
+            self._shards = None
+        self.chunks: tuple[int, ...] = tuple(self._spec.shape)
         self._write_empty = bool(config.write_empty_chunks)
         self.fill_value = np.asarray(self._spec.fill_value, dtype=self.dtype)
-        self._codecs: list[tuple[Any, Any]] = []
-        spec = self._spec
-        for codec in metadata.codecs:
-            self._codecs.append((codec, spec))
-            spec = codec.resolve_metadata(spec)
         self._encode_key = metadata.encode_chunk_key
         store_path = source.store_path
         self._root = (
@@ -88,7 +182,7 @@ class DirectChunks:
         """DirectChunks for `source`, or None where zarr must do the work itself."""
         try:
             import zarr
-            from zarr.codecs import BytesCodec
+            from zarr.codecs import ShardingCodec
             from zarr.core.chunk_grids import RegularChunkGrid
             from zarr.storage import LocalStore
 
@@ -99,10 +193,11 @@ class DirectChunks:
             if not isinstance(source.metadata.chunk_grid, RegularChunkGrid):
                 return None
             codecs = source.metadata.codecs
-            if not codecs or not isinstance(codecs[0], BytesCodec):
-                return None  # sharding, transposes and the like: zarr's pipeline
-            if not all(hasattr(c, "_encode_sync") and hasattr(c, "_decode_sync") for c in codecs):
-                return None
+            if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+                if not (_Pipeline.usable(codecs[0].codecs) and _Pipeline.usable(codecs[0].index_codecs)):
+                    return None
+            elif not _Pipeline.usable(codecs):
+                return None  # transposes and the like: zarr's pipeline
             if np.dtype(source.dtype).kind not in "biuf":
                 return None
             direct = cls(source)
@@ -112,38 +207,74 @@ class DirectChunks:
         except Exception:  # anything unexpected in zarr's internals: zarr does the work
             return None
 
-    # -- one chunk ------------------------------------------------------------------------------
+    # -- one chunk, one write unit --------------------------------------------------------------
 
     def path(self, index: tuple[int, ...]) -> Path:
+        """The file of write unit `index` (a shard, or a chunk)."""
         return self._root / self._encode_key(index)
 
-    def read_chunk(self, index: tuple[int, ...]) -> np.ndarray | None:
-        """The decoded chunk (full chunk shape, maybe read-only), or None if it was never written."""
+    def _read_file(self, index: tuple[int, ...]) -> bytes | None:
         try:
             with open(self.path(index), "rb") as file:
-                raw = file.read()
+                return file.read()
         except FileNotFoundError:
             return None
-        data: Any = self._prototype.buffer.from_bytes(raw)
-        for codec, spec in reversed(self._codecs):
-            data = codec._decode_sync(data, spec)
+
+    def _decode(self, raw: Any) -> np.ndarray:
+        data = self._inner.decode(self._prototype.buffer.from_bytes(raw))
         return np.asarray(data.as_ndarray_like()).reshape(self.chunks)
 
-    def write_chunk(self, index: tuple[int, ...], chunk: np.ndarray) -> None:
-        """Replace one chunk (full chunk shape) atomically; drop it if it holds only the fill value."""
-        path = self.path(index)
+    def _encode(self, chunk: np.ndarray) -> Any:
+        """The chunk's bytes, or None where it holds only the fill value and is not stored."""
         if not self._write_empty and self._all_fill(chunk):
+            return None
+        data = self._prototype.nd_buffer.from_ndarray_like(np.ascontiguousarray(chunk, dtype=self.dtype))
+        return self._inner.encode(data).as_buffer_like()
+
+    def _stored_chunks(self, unit: tuple[int, ...]) -> dict[tuple[int, ...], Any]:
+        """The stored chunks of one write unit, by their index within it."""
+        raw = self._read_file(unit)
+        if raw is None:
+            return {}
+        if self._shards is None:
+            return {(0,) * len(unit): raw}
+        return self._shards.split(raw)
+
+    def read_unit(self, index: tuple[int, ...]) -> np.ndarray | None:
+        """The decoded write unit (full shape), or None if none of it was ever written."""
+        stored = self._stored_chunks(index)
+        if not stored:
+            return None
+        if self._shards is None:
+            return self._decode(next(iter(stored.values())))
+        whole = np.full(self.unit, self.fill_value, dtype=self.dtype)
+        for inner, raw in stored.items():
+            low = tuple(i * c for i, c in zip(inner, self.chunks))
+            whole[tuple(slice(lo, lo + c) for lo, c in zip(low, self.chunks))] = self._decode(raw)
+        return whole
+
+    def write_unit(self, index: tuple[int, ...], data: np.ndarray) -> None:
+        """Replace one write unit (full shape) atomically; drop its file if nothing in it is stored."""
+        path = self.path(index)
+        if self._shards is None:
+            encoded = self._encode(data)
+        else:
+            chunks = {}
+            for inner in self._shards.order:
+                low = tuple(i * c for i, c in zip(inner, self.chunks))
+                piece = self._encode(data[tuple(slice(lo, lo + c) for lo, c in zip(low, self.chunks))])
+                if piece is not None:
+                    chunks[inner] = piece
+            encoded = self._shards.join(chunks)
+        if encoded is None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
             return
-        data: Any = self._prototype.nd_buffer.from_ndarray_like(np.ascontiguousarray(chunk, dtype=self.dtype))
-        for codec, spec in self._codecs:
-            data = codec._encode_sync(data, spec)
         folder = str(path.parent)
         if folder not in self._made:
             os.makedirs(folder, exist_ok=True)
             self._made.add(folder)
-        replace_atomically(path, lambda file: file.write(data.as_buffer_like()))
+        replace_atomically(path, lambda file: file.write(encoded))
 
     def _all_fill(self, chunk: np.ndarray) -> bool:
         fill = self.fill_value
@@ -172,11 +303,16 @@ class DirectChunks:
         out = np.empty(tuple(e - b for b, e in zip(*box)), dtype=self.dtype)
         if out.size == 0:
             return out
+        files: dict[tuple[int, ...], dict[tuple[int, ...], Any]] = {}  # each file read once
+        per_unit = tuple(u // c for u, c in zip(self.unit, self.chunks))
         for index, chunk in chunks_in(self.shape, self.chunks, box):
+            unit = tuple(i // p for i, p in zip(index, per_unit))
+            if unit not in files:
+                files[unit] = self._stored_chunks(unit)
+            raw = files[unit].get(tuple(i % p for i, p in zip(index, per_unit)))
             piece = intersect(chunk, box)
-            decoded = self.read_chunk(index)
             target = box_slices(piece, box[0])
-            out[target] = self.fill_value if decoded is None else decoded[box_slices(piece, chunk[0])]
+            out[target] = self.fill_value if raw is None else self._decode(raw)[box_slices(piece, chunk[0])]
         return out
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -185,16 +321,16 @@ class DirectChunks:
         value = np.broadcast_to(np.asarray(value), shape)
         if 0 in shape:
             return
-        for index, chunk in chunks_in(self.shape, self.chunks, box):
-            piece = intersect(chunk, box)
+        for index, unit in chunks_in(self.shape, self.unit, box):
+            piece = intersect(unit, box)
             part = value[box_slices(piece, box[0])]
-            if piece == chunk and part.shape == self.chunks:
-                self.write_chunk(index, part)
+            if piece == unit and part.shape == self.unit:
+                self.write_unit(index, part)
                 continue
-            if piece == chunk:  # a chunk past the array's end: the rest is fill, as zarr makes it
-                whole = np.full(self.chunks, self.fill_value)
-            else:  # part of a chunk: the rest is what is stored
-                current = self.read_chunk(index)
-                whole = np.full(self.chunks, self.fill_value) if current is None else np.array(current)
-            whole[box_slices(piece, chunk[0])] = part
-            self.write_chunk(index, whole)
+            if piece == unit:  # a unit past the array's end: the rest is fill, as zarr makes it
+                whole = np.full(self.unit, self.fill_value)
+            else:  # part of a unit: the rest is what is stored
+                current = self.read_unit(index)
+                whole = np.full(self.unit, self.fill_value) if current is None else np.array(current)
+            whole[box_slices(piece, unit[0])] = part
+            self.write_unit(index, whole)

@@ -304,7 +304,8 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
 
 
 def _stored(source: Any, index: tuple[int, ...], channel_dims: int) -> bool | None:
-    """Whether a chunk was ever written (None: this store cannot say cheaply).
+    """Whether a chunk (its shard, where the array is sharded) was ever written (None: this
+    store cannot say cheaply).
 
     A neighbour that has not run yet has no chunk and no slabs: a stat
     instead of a zarr read.
@@ -312,6 +313,10 @@ def _stored(source: Any, index: tuple[int, ...], channel_dims: int) -> bool | No
     root = getattr(getattr(source, "store", None), "root", None)
     if root is None or tuple(source.chunks[:channel_dims]) != tuple(source.shape[:channel_dims]):
         return None
+    shards = getattr(source, "shards", None)
+    if shards is not None:  # the file is the shard that holds this chunk
+        per_shard = [s // c for s, c in zip(shards[channel_dims:], source.chunks[channel_dims:])]
+        index = tuple(i // p for i, p in zip(index, per_shard))
     try:
         key = source.metadata.encode_chunk_key((0,) * channel_dims + tuple(index))
     except Exception:
