@@ -447,6 +447,44 @@ class Bench:
             f"{v.seconds:.2f} s vs {m.seconds:.2f} s",
         )
 
+    def shards(self) -> None:
+        """threshold into sharded and unsharded outputs: one file per block instead of one per chunk."""
+        size = self.size
+        pred = volumes.ensure(self.workdir, "pred", size)
+        blocks, voxels = self.blocks_of(size), size**3
+        inner = self.block // 2
+        layouts = {
+            "unsharded": ({}, f"{self.block}^3 chunks, 1 file per block"),
+            "unsharded-small": ({"chunk_shape": (inner,) * 3}, f"{inner}^3 chunks, 8 files per block"),
+            "sharded": (
+                {"shard_shape": (self.block,) * 3, "chunk_shape": (inner,) * 3},
+                f"{self.block}^3 shards of {inner}^3 chunks, 1 file per block",
+            ),
+        }
+        rows = {}
+        for name, (layout, what) in layouts.items():
+            rows[name] = self.add(
+                "shards",
+                f"voxblock threshold, {what}",
+                self.best(
+                    lambda name=name, layout=layout: self.voxblock_api(
+                        "threshold", pred, f"shards-{name}", size, threshold=volumes.THRESHOLD, **layout
+                    )
+                ),
+                blocks,
+                voxels,
+                note=f"{_files(self.out / f'shards-{name}')} files",
+            )
+        ratio = rows["sharded"].seconds / rows["unsharded"].seconds
+        self.target(
+            "sharded output vs unsharded",
+            ratio,
+            "<= 1.25x",
+            ratio <= 1.25,
+            f"{rows['sharded'].seconds:.2f} s vs {rows['unsharded'].seconds:.2f} s "
+            f"({inner}^3 unsharded chunks: {rows['unsharded-small'].seconds:.2f} s)",
+        )
+
     def watershed(self) -> None:
         import mwatershed
         from funlib.geometry import Roi
@@ -805,6 +843,10 @@ def _fmt(t: Target) -> str:
 # -- things the worker processes need (pickled by value from __main__) ------------------------------
 
 
+def _files(folder: Path) -> int:
+    return sum(1 for path in folder.rglob("*") if path.is_file() and path.name != "zarr.json")
+
+
 def _noop_block(block: Any) -> None:
     pass
 
@@ -905,7 +947,7 @@ def load_volara(results: Path, mode: str, size: int) -> dict[str, float] | None:
     return {name: task["seconds"] for name, task in record["tasks"].items()}
 
 
-CASES = ("noop", "ops", "segment", "watershed", "predict", "memory", "sweep")
+CASES = ("noop", "ops", "shards", "segment", "watershed", "predict", "memory", "sweep")
 
 
 def main() -> None:
@@ -944,6 +986,8 @@ def main() -> None:
         bench.noop()
     if "ops" in only:
         bench.array_ops(load_volara(args.results, bench.mode, bench.size))
+    if "shards" in only:
+        bench.shards()
     if "segment" in only:
         bench.segment()
     if "watershed" in only:

@@ -113,7 +113,7 @@ CASES: dict[str, tuple[Callable[[dict[str, str]], dict[str, Any]], str]] = {
     ),
     "write block not on the output chunk grid": (
         lambda p: {"input": p["raw"], "output": p["chunky"], "overwrite": True},
-        "not a multiple of the output chunk",
+        "is not a multiple of",
     ),
     "total ROI outside the input": (
         lambda p: {"input": p["raw"], "output": p["out"], "total": Roi((64, 64, 64), (32, 32, 32))},

@@ -23,6 +23,7 @@ import numpy as np
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
+from voxblock.layout import Layout
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -473,6 +474,17 @@ def spatial_chunk_shape(array: Array) -> Coordinate:
     return Coordinate(array._source_data.chunks[array.channel_dims :])
 
 
+def is_sharded(array: Array) -> bool:
+    return getattr(array._source_data, "shards", None) is not None
+
+
+def spatial_write_unit(array: Array) -> Coordinate:
+    """What one write replaces, spatial voxels: the shard of a sharded array, else the chunk."""
+    source = array._source_data
+    unit = getattr(source, "shards", None) or source.chunks
+    return Coordinate(unit[array.channel_dims :])
+
+
 def channel_shape(array: Array) -> tuple[int, ...]:
     return tuple(array.shape[: array.channel_dims])
 
@@ -661,33 +673,93 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
     )
 
 
-def create_output(spec: OutputSpec, provenance: Mapping[str, Any], chunk_shape: Coordinate) -> Array:
-    """Create the output array, chunked to `chunk_shape` voxels, and record who made it."""
+def create_output(spec: OutputSpec, provenance: Mapping[str, Any], layout: Layout) -> Array:
+    """Create the output array in `layout` (chunks, shards), in its container's zarr format.
+
+    The container and the groups above the array are made zarr groups of
+    that format too, so that zarr, napari and neuroglancer list the output.
+    """
     spatial = spec.roi.shape / spec.voxel_size
     channel_names = [f"c{i}^" for i in range(len(spec.channels))]
     axis_names = list(spec.axis_names) if spec.axis_names else None
     if axis_names is not None and len(axis_names) == len(spatial):
         axis_names = channel_names + axis_names
+    from voxblock import formats
+
+    formats.check_output_name(spec.name.container, spec.name.dataset)  # N5; a level of another image
+    zarr_format = container_format(spec.name)
+    if layout.shard is not None and zarr_format == 2:
+        raise VoxblockError(no_shards_in_v2(spec.name))
     try:
-        return _create(spec, provenance, chunk_shape, spatial, axis_names)
+        make_groups(spec.name, zarr_format)
+        return _create(spec, provenance, layout, spatial, axis_names, zarr_format)
     except OSError as error:
         raise VoxblockError(f"output {spec.name} cannot be created: {error}") from error
+
+
+def no_shards_in_v2(name: ArrayName) -> str:
+    return (
+        f"output {name}: {name.container} is a zarr v2 container, and zarr v2 has no shards; "
+        "write the output to a new (zarr v3) container, or leave out the shard size"
+    )
+
+
+def container_format(name: ArrayName) -> int:
+    """The zarr format of the group nearest above `name` (2 or 3); 3 where there is none yet."""
+    folder = name.path.parent
+    while True:
+        if (folder / "zarr.json").is_file():
+            return 3
+        if (folder / ".zgroup").is_file() or (folder / ".zattrs").is_file():
+            return 2
+        if folder == name.container or folder.parent == folder:
+            return 3
+        folder = folder.parent
+
+
+def make_groups(name: ArrayName, zarr_format: int) -> None:
+    """Make the container and every folder between it and the array a zarr group, where none is."""
+    import zarr
+
+    folders = [
+        name.container,
+        *(
+            name.container / Path(*name.dataset.split("/")[:i])
+            for i in range(1, len(name.dataset.split("/")))
+        ),
+    ]
+    for folder in folders:
+        if not ((folder / "zarr.json").is_file() or (folder / ".zgroup").is_file()):
+            zarr.open_group(str(folder), mode="a", zarr_format=zarr_format)
 
 
 def _create(
     spec: OutputSpec,
     provenance: Mapping[str, Any],
-    chunk_shape: Coordinate,
+    layout: Layout,
     spatial: Coordinate,
     axis_names: list[str] | None,
+    zarr_format: int,
 ) -> Array:
+    import zarr
+
     shape = tuple(spec.channels) + tuple(spatial)
-    chunks = tuple(spec.channels) + tuple(chunk_shape)
+    chunks = tuple(spec.channels) + tuple(layout.chunk)
+    shards = tuple(spec.channels) + tuple(layout.shard) if layout.shard is not None else None
     types = ["channel"] * len(spec.channels) + ["space"] * len(spatial)
     units = list(spec.units) if spec.units else None
+    data = zarr.create_array(
+        store=str(spec.name.path),
+        shape=shape,
+        chunks=chunks,
+        shards=shards,
+        dtype=spec.dtype,
+        zarr_format=zarr_format,  # type: ignore[arg-type]
+    )
     if _custom_metadata_format():
         from funlib.persistence import prepare_ds  # imports dask: only for custom metadata keys
 
+        # writes the metadata under the configured keys on the array just made
         prepare_ds(
             str(spec.name.path),
             shape=shape,
@@ -702,11 +774,6 @@ def _create(
         )
     else:
         # what funlib.persistence's prepare_ds writes for a new array, without importing dask
-        import zarr
-
-        data = zarr.open_array(
-            store=str(spec.name.path), shape=shape, chunks=chunks, dtype=spec.dtype, mode="a"
-        )
         described = ZarrArray(data, spec.roi.offset, spec.voxel_size, axis_names, units, types)
         data.attrs.put(
             {
@@ -718,6 +785,9 @@ def _create(
             }
         )
     record_provenance(spec.name, provenance)
+    from voxblock import formats
+
+    formats.write_ome_metadata(spec.name.container, spec.name.dataset, open_array(spec.name.path))
     return open_array(spec.name.path, mode="r+")
 
 

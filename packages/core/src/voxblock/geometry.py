@@ -179,26 +179,26 @@ class Blocking:
         end = Coordinate(max(b[3] for b in axis) for axis in axes)
         return Roi(begin, end - begin).intersect(self.target_roi)
 
-    def chunk_misalignment(self, array_roi: Roi, chunk_world: Coordinate) -> str | None:
-        """Why two blocks could write into one chunk of an array, or None.
+    def chunk_misalignment(self, array_roi: Roi, unit_world: Coordinate) -> str | None:
+        """Why two blocks could write into one write unit (chunk or shard) of an array, or None.
 
-        Blocks that run concurrently must each own whole chunks: two writers
-        of one chunk overwrite each other's half.
+        Blocks that run concurrently must each own whole write units: two
+        writers of one chunk, or of one shard, overwrite each other's part.
         """
         for d in range(self.total_roi.dims):
-            if self.write_roi.shape[d] % chunk_world[d] != 0:
+            if self.write_roi.shape[d] % unit_world[d] != 0:
                 return (
-                    f"the write block {tuple(self.write_roi.shape)} is not a multiple of the "
-                    f"output chunk {tuple(chunk_world)} (world units)"
+                    f"the write block {tuple(self.write_roi.shape)} is not a multiple of "
+                    f"{tuple(unit_world)} (world units)"
                 )
         first = self.first_block()
         for _, write in [first] if first is not None else []:
             for d in range(self.total_roi.dims):
-                if (write.begin[d] - array_roi.begin[d]) % chunk_world[d] != 0:
+                if (write.begin[d] - array_roi.begin[d]) % unit_world[d] != 0:
                     return (
                         f"write blocks start at {tuple(write.begin)}, which is not on the "
-                        f"output's chunk grid (origin {tuple(array_roi.begin)}, chunk "
-                        f"{tuple(chunk_world)} world units)"
+                        f"grid of {tuple(unit_world)} world units from the output's origin "
+                        f"{tuple(array_roi.begin)}"
                     )
         return None
 
