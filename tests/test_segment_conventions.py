@@ -304,6 +304,53 @@ def test_bad_threshold_label_parameters_are_refused_before_any_work(
 
 
 @pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("channels", "channel", "message"),
+    [
+        (None, 0, "channel=0 needs an input with one channel axis; it has none"),
+        (2, None, r"the input has channels \(2,\); pick one with -p channel=INDEX"),
+        (2, 2, "channel 2 is not one of the input's 2"),
+    ],
+)
+def test_a_channel_that_does_not_fit_the_input_is_refused_before_any_work(
+    tmp_path, monkeypatch, channels, channel, message
+):
+    monkeypatch.chdir(tmp_path)
+    data = blobs()
+    if channels is not None:
+        data = np.stack([data] * channels)
+    raw = write_array(
+        f"{tmp_path}/v.zarr/raw", data, chunk_shape=(BLOCK,) * 3, channel_dims=int(channels is not None)
+    )
+    before = snapshot(tmp_path)
+    with pytest.raises(voxblock.VoxblockError, match=message):
+        segment(
+            "threshold-label",
+            Roi((0, 0, 0), SHAPE),
+            voxblock_rois(Coordinate((BLOCK,) * 3)),
+            Coordinate((1, 1, 1)),
+            input=raw,
+            output=f"{tmp_path}/v.zarr/seg",
+            parameters={} if channel is None else {"channel": channel},
+        )
+    assert snapshot(tmp_path) == before
+
+
+def test_a_channel_of_a_multichannel_input_is_segmented(tmp_path):
+    data = blobs()
+    raw = write_array(
+        f"{tmp_path}/v.zarr/raw", np.stack([1 - data, data]), chunk_shape=(BLOCK,) * 3, channel_dims=1
+    )
+    total, output = Roi((0, 0, 0), SHAPE), f"{tmp_path}/v.zarr/seg"
+    rois = voxblock_rois(Coordinate((BLOCK,) * 3))
+    assert segment(
+        "threshold-label", total, rois, Coordinate((1, 1, 1)), input=raw, output=output,
+        parameters={"channel": 1}, serial=True,
+    )  # fmt: skip
+    assert same_partition(open_ds(output)[total], ndimage.label(data > 0.5)[0])
+
+
+@pytest.mark.bad_input
 def test_the_cli_refuses_connectivity_1_naming_the_valid_values(tmp_path, monkeypatch):
     from voxblock.cli import main
 

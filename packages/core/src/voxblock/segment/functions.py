@@ -92,6 +92,24 @@ def check_threshold_label(parameters: Mapping[str, Any]) -> None:
         raise VoxblockError(f"threshold-label: channel must be an integer index; got {channel!r}")
 
 
+def check_channel(channels: tuple[int, ...], channel: int | None) -> None:
+    """threshold-label thresholds one spatial volume: a channel where there is one, none otherwise.
+
+    Without this, `channel=0` on an input without channels would take its first spatial slice.
+    """
+    if channel is None and channels:
+        raise VoxblockError(
+            f"threshold-label: the input has channels {channels}; pick one with -p channel=INDEX"
+        )
+    if channel is not None and len(channels) != 1:
+        has = channels or "none"
+        raise VoxblockError(
+            f"threshold-label: channel={channel} needs an input with one channel axis; it has {has}"
+        )
+    if channel is not None and not -channels[0] <= channel < channels[0]:
+        raise VoxblockError(f"threshold-label: channel {channel} is not one of the input's {channels[0]}")
+
+
 def built_in_parameters(name: str) -> list[tuple[str, Any, str]]:
     """(parameter, default, what it does) of a built-in segment function, for help texts."""
     if name != "threshold-label":
@@ -150,6 +168,7 @@ def threshold_label(
 
     Labels are consecutive from 1: segment_blockwise's face stitching relies on it.
     """
+    check_channel(arrays.channel_shape(input_array), channel)
     data = arrays.read(input_array, block.read_roi)
     if channel is not None:
         data = data[channel]
@@ -226,6 +245,13 @@ class SegmentFunction:
 
             self._function = function
         return self
+
+    def check_input(self, source: Any) -> None:
+        """Refuse, before any work, parameters that do not fit the input (threshold-label's
+        connectivity for its dimensions, its channel for its channel axes)."""
+        if self.kind == "built-in":
+            connectivity_rank(source.voxel_size.dims, self.parameters.get("connectivity", 6))
+            check_channel(arrays.channel_shape(source), self.parameters.get("channel"))
 
     def stitch_rank(self, ndim: int) -> int | None:
         """The connectivity rank if labels are connected components of a per-voxel foreground

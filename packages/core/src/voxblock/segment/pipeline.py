@@ -492,6 +492,7 @@ def segment_blockwise(
     read_roi, write_roi = block_rois(read_roi, write_roi, context)
     worker_class("relabel")  # the relabel pass needs voxblock-workers: say so now
     function = SegmentFunction(str(segment_function), dict(parameters or {})).load()
+    function.check_input(source)
     rank = function.stitch_rank(source.voxel_size.dims)
     if stitch == "faces" and rank is None:
         raise VoxblockError(
