@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import shlex
 import sys
 import types
@@ -23,7 +24,7 @@ from funlib.geometry import Coordinate, Roi
 from voxblock import arrays
 from voxblock.errors import VoxblockError
 from voxblock.geometry import FITS, parse_coordinate, parse_roi
-from voxblock.workers import ArrayWorker, Worker, registered_workers, worker_class
+from voxblock.workers import ArrayWorker, Worker, WorkerFile, registered_workers, worker_class
 
 COMMON = {"input", "output"}
 CLUSTER_KEYS = (
@@ -282,20 +283,21 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             "halo",
         )
     }
-    if cls is None:
-        options = key_values(values.pop("extra", ()))
-    else:
-        options = {k: v for k, v in values.items() if v is not None}
-    if input_name is not None:
-        options["input"] = input_name
-    if output_name is not None:
-        options["output"] = output_name
+    voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     try:
+        if cls is None:
+            options = key_values(values.pop("extra", ()))
+            options.update(file_arrays(Path(name), input_name, output_name, options))
+        else:
+            options = {k: v for k, v in values.items() if v is not None}
+            given = (("input", input_name), ("output", output_name))
+            options.update({k: v for k, v in given if v is not None})
         if cls is not None and issubclass(cls, ArrayWorker) and not input_name:
             raise VoxblockError(f"worker {name!r} needs --input CONTAINER/DATASET")
         if not input_name:
             raise VoxblockError("--input is needed to know the voxel size and the ROI")
         source = arrays.open_input(input_name)
+        voxel_size = source.voxel_size
         total, read, write = rois_from_voxels(
             source.roi,
             source.voxel_size,
@@ -322,9 +324,125 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         )
         report = run_tasks([task], progress=not common["no_progress"], host=host)
     except VoxblockError as error:
-        raise click.ClickException(str(error)) from None
+        raise click.ClickException(cli_wording(str(error), voxel_size)) from None
     if not report.succeeded:
         sys.exit(1)
+
+
+# the API's keyword arguments, as the `voxblock run` flags that set them
+API_FLAGS = {
+    "num_workers": "--workers",
+    "max_retries": "--max-retries",
+    "timeout": "--timeout",
+    "fit": "--fit",
+    "run_dir": "--run-dir",
+    "fresh": "--fresh",
+    "overwrite": "--overwrite",
+    "halo": "--halo",
+    "input": "--input",
+    "output": "--output",
+    "host": "--host",
+}
+_KEYWORD = re.compile(r"(?<![\w-])(" + "|".join(API_FLAGS) + r")=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)")
+_BARE = re.compile(r"(?<![\w-])(" + "|".join(k for k in API_FLAGS if "_" in k) + r")(?![\w=])")
+_SAME_TWICE = re.compile(r"(--[\w-]+(?: [^\s,;/)]+)?)(?:, | / | or )\1(?![\w-])")
+# a ROI as funlib prints it, with the label a message may give it
+_ROI = re.compile(r"\[(-?\d+:-?\d+(?:, -?\d+:-?\d+)*)\] \((-?\d+(?:, -?\d+)*),?\)(?: \(world units\))?")
+# a size tuple, but not a voxel size, one already in voxels, nor the shape of a printed ROI
+_TUPLE = re.compile(r"(?<!voxel size )(?<!\] )\((-?\d+(?:, -?\d+)*),?\)(?! voxels)")
+
+
+def cli_wording(message: str, voxel_size: Coordinate | None) -> str:
+    """An error of the API in the words of the command line: flags, and voxels.
+
+    The API takes keyword arguments and world units, the CLI flags and
+    voxels. Any error message is rewritten, so messages written anywhere
+    need no CLI variant: `num_workers=1` becomes `--workers 1` (a flag the
+    message already names beside it is not repeated), a ROI as funlib
+    prints it (`[0:64, 0:32, 0:32] (64, 32, 32)`) becomes `--roi`'s
+    OFFSET:SHAPE in voxels, and so do the sizes of a clause that says they
+    are in "world units". Numbers off the voxel grid stay as they are.
+    """
+    message = _KEYWORD.sub(lambda m: _flag(m.group(1), m.group(2)), message)
+    message = _BARE.sub(lambda m: API_FLAGS[m.group(1)], message)
+    message = _SAME_TWICE.sub(r"\1", message)
+    if voxel_size is None:
+        return message
+    rois: list[str] = []  # each ROI says its own units: set aside while the clauses are rewritten
+
+    def set_aside(match: re.Match) -> str:
+        rois.append(_roi_in_voxels(match, voxel_size))
+        return f"\0{len(rois) - 1}\0"
+
+    parts = re.split(r"((?:;|:|\.) )", _ROI.sub(set_aside, message))
+    message = "".join(_clause_in_voxels(part, voxel_size) for part in parts)
+    return re.sub(r"\0(\d+)\0", lambda m: rois[int(m.group(1))], message)
+
+
+def _flag(name: str, value: str) -> str:
+    flag, value = API_FLAGS[name], value.strip("'\"")
+    if value in ("True", "False", "None") and name in ("fresh", "overwrite", "halo"):
+        return flag if value == "True" else ("--no-halo" if name == "halo" else f"no {flag}")
+    return f"{flag} {value}"
+
+
+def _voxels(values: str, voxel_size: Coordinate) -> list[int] | None:
+    """World-unit integers as voxels; None if they are not on the grid of `voxel_size`."""
+    numbers = [int(v) for v in values.split(",") if v.strip()]
+    if len(numbers) != len(voxel_size) or any(n % v for n, v in zip(numbers, voxel_size)):
+        return None
+    return [n // v for n, v in zip(numbers, voxel_size)]
+
+
+def _roi_in_voxels(match: re.Match, voxel_size: Coordinate) -> str:
+    offset = _voxels(",".join(pair.split(":")[0] for pair in match.group(1).split(", ")), voxel_size)
+    shape = _voxels(match.group(2), voxel_size)
+    if offset is None or shape is None:
+        return f"[{match.group(1)}] ({match.group(2)}) (world units)"
+    return f"{','.join(map(str, offset))}:{','.join(map(str, shape))} (voxels, OFFSET:SHAPE)"
+
+
+def _clause_in_voxels(clause: str, voxel_size: Coordinate) -> str:
+    """A clause that says its sizes are in world units, in voxels (or as it was, if one is off the grid)."""
+    if "world units" not in clause:
+        return clause
+    converted = [_voxels(m.group(1), voxel_size) for m in _TUPLE.finditer(clause)]
+    if any(c is None for c in converted):
+        return clause
+    voxels = iter(converted)
+    clause = _TUPLE.sub(lambda m: "(" + ", ".join(map(str, next(voxels) or [])) + ")", clause)
+    return clause.replace("(world units)", "(voxels)").replace("world units", "voxels")
+
+
+def file_arrays(
+    path: Path, input_name: str | None, output_name: str | None, given: dict[str, Any]
+) -> dict[str, Any]:
+    """--input/--output as arguments of a worker file's spawn_worker, only where it takes them.
+
+    Passed as `input`/`output` where spawn_worker names them (or takes
+    **kwargs), else as dacapo's `input_container` + `input_dataset` pair;
+    an argument given with -o wins. --input is also what the CLI reads the
+    voxel size and ROI from, so a file that takes no input still runs; an
+    --output it cannot take is refused: the user expects it to be written.
+    """
+    parameters = WorkerFile.parameters(path)
+    passed: dict[str, Any] = {}
+    for role, name in (("input", input_name), ("output", output_name)):
+        if name is None:
+            continue
+        pair = (f"{role}_container", f"{role}_dataset")
+        if role in parameters.names or (parameters.any_keyword and not set(pair) <= set(parameters.names)):
+            passed[role] = name
+        elif set(pair) <= set(parameters.names):
+            parsed = arrays.ArrayName.parse(name)
+            passed.update({pair[0]: str(parsed.container), pair[1]: parsed.dataset})
+        elif role == "output":
+            raise VoxblockError(
+                f"worker file {path}: spawn_worker() takes no output, so --output would not be "
+                f"written; give the array it writes with -o NAME=VALUE "
+                f"(its parameters: {', '.join(parameters.names) or 'none'})"
+            )
+    return {k: v for k, v in passed.items() if k not in given}
 
 
 def key_values(items: Any) -> dict[str, Any]:

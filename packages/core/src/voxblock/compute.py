@@ -37,7 +37,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cloudpickle
 
@@ -430,6 +430,10 @@ class AfterInit:
 class Compute:
     """Starts worker processes. Subclasses say where."""
 
+    # whether workers may run on another machine: then the scheduler must listen on an address
+    # they reach; when no task's workers do, it listens on loopback only (see `run.scheduler_host`)
+    remote_workers: ClassVar[bool] = True
+
     def process_function(self, job: Job) -> Callable[[], None]:
         raise NotImplementedError
 
@@ -449,6 +453,7 @@ class Local(Compute):
     no worker of any pass spends 0.3 s of CPU importing numpy and zarr again.
     """
 
+    remote_workers: ClassVar[bool] = False
     fork_server: bool = True
 
     def process_function(self, job: Job) -> Callable[[], None]:

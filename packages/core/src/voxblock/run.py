@@ -161,14 +161,14 @@ def run_tasks(
 
     `serial=True` runs every block in this process, one at a time (no
     server, no worker processes): for debugging and fast tests. `host` is
-    the address workers connect to (default: a task's `host`, else
-    `DAISY_HOST`, else the address daisy detects). Afterwards, however the
-    run ended, each task's compute cleans up (cluster jobs of this run that
-    are still listed are cancelled).
+    the address cluster workers connect to (default: a task's `host`, else
+    `DAISY_HOST`, else the address daisy detects); when every worker is
+    local the scheduler listens on loopback only (`scheduler_host`).
+    Afterwards, however the run ended, each task's compute cleans up
+    (cluster jobs of this run that are still listed are cancelled).
     """
     ordered = all_tasks(tasks)
-    if host is None:
-        host = next((t.host for t in ordered if t.host), None)
+    host = scheduler_host(ordered, host)
     prepared: list[BlockwiseTask] = []
     errors: list[str] = []
     if not serial:
@@ -195,6 +195,26 @@ def run_tasks(
     if errors:
         raise RuntimeError("; ".join(errors))
     return report
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def scheduler_host(tasks: Sequence[BlockwiseTask], host: str | None = None) -> str | None:
+    """The address daisy's scheduler gives its workers; None: the one daisy detects.
+
+    daisy listens on every interface unless told loopback, and a scheduler
+    reachable from the network hands out blocks (and done markers) to anyone
+    who connects. When no task's workers can run elsewhere (`Local`), the
+    scheduler listens on 127.0.0.1 whatever `host` or `DAISY_HOST` say: a
+    process on this machine always reaches it there. Otherwise `host`, else
+    a task's `host`.
+    """
+    if tasks and not any(t.compute.remote_workers for t in tasks):
+        return LOOPBACK
+    if host is not None:
+        return host
+    return next((t.host for t in tasks if t.host), None)
 
 
 def _run_pipeline(

@@ -334,12 +334,27 @@ class WorkerFile(Worker):
     @classmethod
     def load(cls, path: Path, args: tuple, kwargs: Mapping[str, Any]) -> WorkerFile:
         module = load_worker_module(path)
-        for required in ("spawn_worker",):
-            if not hasattr(module, required):
-                raise VoxblockError(f"worker file {path} defines no {required}()")
+        if not callable(getattr(module, "spawn_worker", None)):
+            raise VoxblockError(f"worker file {path} defines no spawn_worker()")
+        # a missing or unknown argument would fail in every worker process, after the run started
+        problem = spawn_argument_problem(inspect.signature(module.spawn_worker), tuple(args), kwargs)
+        if problem is not None:
+            raise VoxblockError(f"worker file {path}: spawn_worker() {problem}")
         instance = cls(path=str(path.resolve()), args=tuple(args), kwargs=dict(kwargs))
         instance._module = module
         return instance
+
+    @staticmethod
+    def parameters(path: Path) -> SpawnParameters:
+        """What the spawn_worker() of a worker file takes: the CLI passes `input`/`output` only then."""
+        module = load_worker_module(path)
+        if not callable(getattr(module, "spawn_worker", None)):
+            raise VoxblockError(f"worker file {path} defines no spawn_worker()")
+        return SpawnParameters.of(inspect.signature(module.spawn_worker))
+
+    def arguments(self) -> dict[str, Any]:
+        """spawn_worker's arguments by parameter name (positional ones too; **kwargs flattened)."""
+        return named_arguments(inspect.signature(self.module.spawn_worker), self.args, self.kwargs)
 
     @property
     def module(self) -> ModuleType:
@@ -361,11 +376,10 @@ class WorkerFile(Worker):
         return {"path": self.path, "args": _jsonable(self.args), "kwargs": _jsonable(self.kwargs)}
 
     def outputs(self) -> list[str]:
-        return [
-            str(v)
-            for k, v in self.kwargs.items()
-            if k.startswith("output") and isinstance(v, str) and ".zarr" in v
-        ]
+        """The arrays given to parameters named output... or prediction... (dacapo's names)."""
+        found = array_arguments(self.arguments())
+        names = [name for role, name in found.items() if role.startswith(OUTPUT_ROLES)]
+        return list(dict.fromkeys(names))
 
     def spawn_function(self, serve: Callable[[], None]) -> Callable[[], None]:
         function = self.module.spawn_worker(*self.args, **self.kwargs)
@@ -391,6 +405,107 @@ class WorkerFile(Worker):
         state = dict(self.__dict__)
         state.pop("_module", None)
         return state
+
+
+# parameters of a worker file's spawn_worker that name arrays it writes: dacapo's output_container +
+# output_dataset, output_array_identifier, prediction_array_identifier; also output_path, output...
+OUTPUT_ROLES = ("output", "prediction")
+
+
+@dataclass(frozen=True)
+class SpawnParameters:
+    """The parameters of a spawn_worker(): their names, the required ones, and **kwargs."""
+
+    names: tuple[str, ...]
+    required: tuple[str, ...]
+    any_keyword: bool
+
+    @classmethod
+    def of(cls, signature: inspect.Signature) -> SpawnParameters:
+        named = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return cls(
+            names=tuple(p.name for p in named),
+            required=tuple(p.name for p in named if p.default is p.empty),
+            any_keyword=any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()),
+        )
+
+    def takes(self, name: str) -> bool:
+        return self.any_keyword or name in self.names
+
+
+def spawn_argument_problem(
+    signature: inspect.Signature, args: tuple, kwargs: Mapping[str, Any]
+) -> str | None:
+    """What is wrong with calling spawn_worker(*args, **kwargs), in words a user can act on; or None."""
+    try:
+        signature.bind(*args, **kwargs)
+        return None
+    except TypeError as error:
+        reason = str(error)
+    parameters = SpawnParameters.of(signature)
+    positional = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    given = set(positional[: len(args)]) | set(kwargs)
+    missing = [name for name in parameters.required if name not in given]
+    unknown = sorted(k for k in kwargs if not parameters.takes(k))
+    takes = ", ".join(parameters.names) or "no named parameters"
+    if unknown:
+        return f"takes no parameter {', '.join(unknown)}; it takes: {takes}"
+    if missing:
+        shown = " ".join(f"-o {name}=VALUE" for name in missing)
+        return (
+            f"needs {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} as {shown} "
+            f"(voxblock run) or as keyword arguments (Python)"
+        )
+    return f"cannot take these arguments ({reason}); it takes: {takes}"
+
+
+def named_arguments(signature: inspect.Signature, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Arguments by parameter name, as spawn_worker would see them (**kwargs flattened)."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    named: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind == inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind != inspect.Parameter.VAR_POSITIONAL:
+            named[name] = value
+    return named
+
+
+def array_arguments(arguments: Mapping[str, Any]) -> dict[str, str]:
+    """The arrays among a worker file's arguments, CONTAINER/DATASET by role.
+
+    dacapo names an array by two arguments, `output_container` and
+    `output_dataset` (role "output"), or by an identifier with `.container`
+    and `.dataset`; others by one CONTAINER/DATASET string. Anything that
+    is not an array name (a lone container, a dataset, a number) is no array.
+    """
+    from voxblock.arrays import ArrayName
+
+    found: dict[str, str] = {}
+    for key, value in arguments.items():
+        role, text = key, None
+        if key.endswith("_container") and f"{key[: -len('_container')]}_dataset" in arguments:
+            role = key[: -len("_container")]
+            text = f"{value}/{arguments[role + '_dataset']}"
+        elif hasattr(value, "container") and hasattr(value, "dataset"):
+            text = f"{value.container}/{value.dataset}"
+        elif isinstance(value, (str, Path)):
+            text = str(value)
+        if text is None:
+            continue
+        try:
+            found[role] = str(ArrayName.parse(text))
+        except VoxblockError:
+            continue
+    return found
 
 
 def load_worker_module(path: Path) -> ModuleType:
