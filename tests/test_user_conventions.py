@@ -174,6 +174,23 @@ def test_input_and_output_reach_dacapo_container_and_dataset_parameters(raw, tmp
     assert (tmp_path / "v.zarr.voxblock" / "mask" / "report.json").exists()
 
 
+def test_input_and_output_reach_dacapo_array_identifiers(raw, tmp_path):
+    """dacapo's own worker files: identifiers with .container and .dataset, a compute context, no
+    **kwargs (as threshold_worker.py)."""
+    (tmp_path / "identifiers.py").write_text(
+        DACAPO_PAIRS
+        + "\n\ndef spawn_worker(input_array_identifier, output_array_identifier, threshold=0.0,"
+        + " compute_context=None):\n"
+        + "    i, o = input_array_identifier, output_array_identifier\n"
+        + "    return start_worker(i.container, i.dataset, o.container, o.dataset, threshold, True)\n"
+    )
+    args = ("--input", "v.zarr/raw", "--output", "v.zarr/mask", "--block-size", "8", "-o", "threshold=0.4")
+    result = voxblock_cli("run", "identifiers.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_array_equal(read_array(f"{tmp_path}/v.zarr/mask"), (raw > 0.4).astype(np.uint8))
+    assert (tmp_path / "v.zarr.voxblock" / "mask" / "report.json").exists()
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("file", "extra", "message"),

@@ -413,6 +413,25 @@ OUTPUT_ROLES = ("output", "prediction")
 
 
 @dataclass(frozen=True)
+class ArrayIdentifier:
+    """What dacapo's worker files take for an array (its LocalArrayIdentifier): a container and a
+    dataset. The CLI gives one to a spawn_worker parameter named ..._array_identifier."""
+
+    container: Path
+    dataset: str
+
+    @classmethod
+    def parse(cls, name: str) -> ArrayIdentifier:
+        from voxblock.arrays import ArrayName
+
+        parsed = ArrayName.parse(name)
+        return cls(parsed.container, parsed.dataset)
+
+    def __str__(self) -> str:
+        return f"{self.container}/{self.dataset}"
+
+
+@dataclass(frozen=True)
 class SpawnParameters:
     """The parameters of a spawn_worker(): their names, the required ones, and **kwargs."""
 
