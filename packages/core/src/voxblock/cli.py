@@ -54,6 +54,32 @@ HALO_HELP = (
 )
 
 
+LAYOUT_OPTIONS = (
+    click.option(
+        "--chunk-size",
+        metavar="Z,Y,X",
+        default=None,
+        help="chunk of a new output, voxels [default: the block; 64 per axis inside shards]",
+    ),
+    click.option(
+        "--shard-size",
+        metavar="Z,Y,X",
+        default=None,
+        help="write a new output sharded (zarr v3): one file per shard instead of per chunk; "
+        "the shard must divide the block size, so that each block owns whole shards",
+    ),
+)
+
+
+def _layout(values: dict[str, Any], ndim: int) -> dict[str, Any]:
+    """--chunk-size / --shard-size as the task options chunk_shape / shard_shape (voxels)."""
+    chunk, shard = values.pop("chunk_size", None), values.pop("shard_size", None)
+    return {
+        "chunk_shape": tuple(parse_coordinate(chunk, ndim)) if chunk else None,
+        "shard_shape": tuple(parse_coordinate(shard, ndim)) if shard else None,
+    }
+
+
 def _cluster_options(function: Any) -> Any:
     """Where workers run: --cluster and its resources (defaults from voxblock.toml [cluster])."""
     options = [
@@ -170,6 +196,7 @@ def _run_options(function: Any) -> Any:
         click.option("--overwrite", is_flag=True, help="replace an output that holds other data"),
         click.option("--no-progress", is_flag=True, help="no progress bar"),
         click.option("--halo/--no-halo", default=None, help=HALO_HELP),
+        *LAYOUT_OPTIONS,
     ]
     function = _cluster_options(function)  # listed after the run options
     for decorate in reversed(options):
@@ -288,6 +315,8 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             "overwrite",
             "no_progress",
             "halo",
+            "chunk_size",
+            "shard_size",
         )
     }
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
@@ -327,6 +356,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             overwrite=common["overwrite"],
             compute=compute,
             halo=common["halo"],
+            **_layout(common, source.voxel_size.dims),
             **options,
         )
         report = run_tasks([task], progress=not common["no_progress"], host=host)
@@ -602,6 +632,8 @@ main.add_command(
 @click.option("--overwrite", is_flag=True, help="replace an output that holds other data")
 @click.option("--no-progress", is_flag=True, help="no progress bars")
 @click.option("--halo/--no-halo", default=None, help=HALO_HELP)
+@LAYOUT_OPTIONS[0]
+@LAYOUT_OPTIONS[1]
 @_cluster_options
 def segment(function: str, **values: Any) -> None:
     """Segment a volume blockwise into one consistent labelling.
@@ -655,6 +687,7 @@ def segment(function: str, **values: Any) -> None:
             compute=compute,
             host=host,
             halo=values["halo"],
+            **_layout(values, source.voxel_size.dims),
         )
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None

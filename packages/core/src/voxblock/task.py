@@ -43,6 +43,9 @@ class BlockwiseTask:
     the worker. `host` is the scheduler address workers connect to (see
     `run_tasks`). `halo` (default: where it pays) reads the context of
     blocks from thin copies of chunk faces (`voxblock.halo`).
+    `chunk_shape` and `shard_shape` (voxels) lay out outputs this task
+    creates (`voxblock.layout`): by default one chunk per write block;
+    with `shard_shape`, sharded, each block owning whole shards.
     """
 
     def __init__(
@@ -70,6 +73,8 @@ class BlockwiseTask:
         host: str | None = None,
         max_worker_restarts: int | None = None,
         halo: bool | None = None,
+        chunk_shape: Sequence[int] | None = None,
+        shard_shape: Sequence[int] | None = None,
         **kwargs: Any,
     ) -> None:
         for name, roi in (
@@ -123,6 +128,8 @@ class BlockwiseTask:
         if halo not in (None, True, False):
             raise VoxblockError(f"halo must be True, False or None (decide per array); got {halo!r}")
         self.halo = halo
+        self.chunk_shape = _voxels("chunk_shape", chunk_shape, self.blocking.write_roi.dims)
+        self.shard_shape = _voxels("shard_shape", shard_shape, self.blocking.write_roi.dims)
         self.job: Job | None = None
         self.task_key = stable_hash(self.identity())
         self.task_id = task_id or self.worker.worker_name or "task"
@@ -167,6 +174,8 @@ class BlockwiseTask:
                     task_key=self.task_key,
                     num_workers=self.num_workers,
                     overwrite=self.overwrite,
+                    chunk_shape=self.chunk_shape,
+                    shard_shape=self.shard_shape,
                     provenance={
                         "task": self.task_key,
                         "worker": self.worker.worker_name,

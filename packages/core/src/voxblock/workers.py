@@ -31,6 +31,7 @@ from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, Fit, check_blocking_on_grid
+from voxblock.layout import plan_layout
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,6 +61,9 @@ class Preparation:
     num_workers: int
     overwrite: bool = False
     provenance: Mapping[str, Any] = field(default_factory=dict)
+    # how new outputs lie on disk (voxels); None: one chunk per write block, unsharded
+    chunk_shape: Coordinate | None = None
+    shard_shape: Coordinate | None = None
 
     @property
     def concurrent(self) -> bool:
@@ -238,22 +242,41 @@ def prepare_output(preparation: Preparation, source: Array, spec: arrays.OutputS
             f"{source.roi} (the total ROI may extend past the input only by the context)"
         )
     action = arrays.check_output(spec, preparation.provenance, preparation.overwrite)
-    chunk = spec.chunk_shape or Coordinate(blocking.write_roi.shape / spec.voxel_size)
     if action == "create":
-        target = arrays.create_output(spec, preparation.provenance, chunk)
+        write_shape = blocking.write_roi.shape / spec.voxel_size
+        layout = plan_layout(
+            write_shape, spec.chunk_shape or preparation.chunk_shape, preparation.shard_shape
+        )
+        target_roi, unit, sharded = spec.roi, layout.write_unit, layout.shard is not None
     else:
-        target = arrays.open_output(spec.name)
-    if preparation.concurrent:
-        chunk_world = arrays.spatial_chunk_shape(target) * target.voxel_size
-        problem = blocking.chunk_misalignment(target.roi, chunk_world)
-        if problem is not None:
-            raise VoxblockError(
-                f"output {spec.name}: {problem}; with more than one worker two blocks "
-                "would write the same chunk. Use a block size that is a multiple of the "
-                "chunk size, or num_workers=1"
-            )
-    if action == "overwrite":
+        existing = arrays.open_input(spec.name, role="output")
+        target_roi, unit, sharded = (
+            existing.roi,
+            arrays.spatial_write_unit(existing),
+            arrays.is_sharded(existing),
+        )
+    if preparation.concurrent:  # checked before anything is created: a refused run leaves no trace
+        check_write_unit(spec.name, blocking, target_roi, unit * spec.voxel_size, sharded)
+    if action == "create":
+        arrays.create_output(spec, preparation.provenance, layout)
+    elif action == "overwrite":
         arrays.record_provenance(spec.name, preparation.provenance)
+
+
+def check_write_unit(
+    name: Any, blocking: Blocking, array_roi: Roi, unit_world: Coordinate, sharded: bool
+) -> None:
+    """Refuse blocks that would share a write unit (shard, else chunk) of an array written concurrently."""
+    problem = blocking.chunk_misalignment(array_roi, unit_world)
+    if problem is None:
+        return
+    what = "shards" if sharded else "chunks"
+    raise VoxblockError(
+        f"output {name} is written in {what} of {tuple(unit_world)} world units and {problem}: "
+        f"with more than one worker, two blocks would rewrite the same {what[:-1]} and one would "
+        f"lose its voxels. Use a block size that is a multiple of the {what[:-1]} on the same grid, "
+        "or one worker (num_workers=1, --workers 1)"
+    )
 
 
 def _jsonable(value: Any) -> Any:

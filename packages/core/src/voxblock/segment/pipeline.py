@@ -32,13 +32,23 @@ from voxblock.compute import Local
 from voxblock.errors import VoxblockError
 from voxblock.files import replace_atomically
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
+from voxblock.layout import plan_layout
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
 from voxblock.segment.edges import block_edges, contact_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.ids import BlockGrid, to_global
 from voxblock.segment.solve import segment_lut
-from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output, stable_hash, worker_class
+from voxblock.workers import (
+    Preparation,
+    Worker,
+    check_write_unit,
+    crop_to,
+    option,
+    prepare_output,
+    stable_hash,
+    worker_class,
+)
 
 MERGES = ("any", "overlap", "iou")
 STITCHES = ("auto", "context", "faces")
@@ -359,12 +369,19 @@ class SolveLut(Worker):
 
 
 def _write_table(name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
-    path = arrays.ArrayName.parse(name).path
+    array_name = arrays.ArrayName.parse(name)
     chunks = tuple(
         max(1, min(s, 1 << 20)) if i == data.ndim - 1 else max(1, s) for i, s in enumerate(data.shape)
     )
+    zarr_format = arrays.container_format(array_name)  # a table in a zarr v2 container is v2 too
+    arrays.make_groups(array_name, zarr_format)
     table = zarr.create_array(
-        store=str(path), shape=data.shape, dtype=data.dtype, chunks=chunks, overwrite=True
+        store=str(array_name.path),
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        overwrite=True,
+        zarr_format=zarr_format,  # type: ignore[arg-type]
     )
     if data.size:
         table[...] = data
@@ -445,6 +462,8 @@ def segment_blockwise(
     serial: bool = False,
     compute: Any = None,
     host: str | None = None,
+    chunk_shape: tuple[int, ...] | None = None,
+    shard_shape: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> bool:
     """Segment blockwise into one consistent labelling of `total_roi`.
@@ -464,6 +483,8 @@ def segment_blockwise(
     `serial=True` runs every pass in this process (debugging, fast tests).
     `compute` (e.g. `voxblock.Slurm(cpus=2)`) says where the workers of
     every pass run and `host` the scheduler address they connect to.
+    `chunk_shape` / `shard_shape` (voxels) lay out the segmentation if it is
+    created (see `BlockwiseTask`); the scratch arrays keep one chunk per block.
     """
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
@@ -531,6 +552,7 @@ def segment_blockwise(
         key,
     )
     _check_segment_output(seg, overwrite, arrays.OutputSpec.like(source, output_name, np.uint64, total_roi))
+    _check_layout(output_name, blocking, num_workers, source.voxel_size, chunk_shape, shard_shape)
     for name in seg.intermediates():
         _check_intermediate(name, overwrite)
     if fresh or seg.recorded_key() != key:
@@ -626,6 +648,8 @@ def segment_blockwise(
             run_dir=seg.run_dir / "relabel",
             fresh=changed,
             overwrite=True,
+            chunk_shape=chunk_shape,
+            shard_shape=shard_shape,
             **common,
             **where,
         )
@@ -643,6 +667,8 @@ def segment_blockwise(
             output=str(output_name),
             lut=seg.lut,
             dtype="uint64",  # fragments may be uint32; segment IDs are uint64 whatever the volume's size
+            chunk_shape=chunk_shape,
+            shard_shape=shard_shape,
             **common,
             **where,
         )
@@ -681,6 +707,29 @@ def block_rois(read_roi: Roi, write_roi: Roi, context: Coordinate) -> tuple[Roi,
         f"{tuple(context)}: pass read ROI = write ROI (voxblock adds the context: read {grown}) or "
         f"read ROI = write ROI grown by the context ({grown}, as dacapo does)"
     )
+
+
+def _check_layout(
+    output: arrays.ArrayName,
+    blocking: Blocking,
+    num_workers: int,
+    voxel_size: Coordinate,
+    chunk_shape: tuple[int, ...] | None,
+    shard_shape: tuple[int, ...] | None,
+) -> None:
+    """Refuse now, before pass 1, an output layout the last pass would refuse when it prepares:
+    an existing output whose shards (or chunks) its blocks would share, or a new one that
+    cannot be laid out as asked."""
+    if output.path.exists():
+        if num_workers < 2:
+            return
+        existing = arrays.open_input(output, role="output")
+        unit = arrays.spatial_write_unit(existing) * existing.voxel_size
+        check_write_unit(output, blocking, existing.roi, unit, arrays.is_sharded(existing))
+        return
+    plan_layout(blocking.write_roi.shape / voxel_size, chunk_shape, shard_shape)
+    if shard_shape is not None and arrays.container_format(output) == 2:
+        raise VoxblockError(arrays.no_shards_in_v2(output))
 
 
 def _check_segment_output(seg: Segmentation, overwrite: bool, spec: arrays.OutputSpec) -> None:
