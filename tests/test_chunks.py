@@ -91,21 +91,24 @@ def test_direct_reads_and_writes_match_zarr(
                 assert not direct.path(index).exists()
 
 
-def test_a_whole_shard_written_directly_has_zarrs_bytes(tmp_path):
-    data = np.random.default_rng(1).integers(0, 9, (16, 16, 8)).astype("uint16")
-    data[:8, :8] = 0  # some inner chunks hold only the fill value: not stored
-    ours = zarr.create_array(
-        str(tmp_path / "ours.zarr"), shape=data.shape, chunks=(4, 4, 4), shards=(8, 8, 8), dtype="u2"
-    )
-    theirs = zarr.create_array(
-        str(tmp_path / "theirs.zarr"), shape=data.shape, chunks=(4, 4, 4), shards=(8, 8, 8), dtype="u2"
-    )
-    direct = DirectChunks.of(ours)
+@pytest.mark.parametrize("write_empty", [False, True])
+@pytest.mark.parametrize("shape", [(16, 16, 8), (14, 13, 8)])  # the second ends inside its edge shards
+def test_whole_shards_written_directly_have_zarrs_bytes(tmp_path, write_empty, shape):
+    data = np.random.default_rng(1).integers(0, 9, shape).astype("uint16")
+    data[:8, :8] = 0  # some inner chunks hold only the fill value: not stored unless write_empty
+    config = {"write_empty_chunks": write_empty}
+    made = {}
+    for name in ("ours", "theirs"):
+        zarr.create_array(
+            str(tmp_path / f"{name}.zarr"), shape=shape, chunks=(4, 4, 4), shards=(8, 8, 8), dtype="u2"
+        )
+        made[name] = zarr.open_array(str(tmp_path / f"{name}.zarr"), mode="r+", config=config)
+    direct = DirectChunks.of(made["ours"])
     assert direct is not None and direct.unit == (8, 8, 8) and direct.chunks == (4, 4, 4)
-    direct[0:16, 0:16, 0:8] = data
-    theirs[...] = data
+    direct[0 : shape[0], 0 : shape[1], 0 : shape[2]] = data
+    made["theirs"][...] = data
     for index in np.ndindex(2, 2, 1):
-        mine, zarrs = direct.path(index), DirectChunks.of(theirs).path(index)
+        mine, zarrs = direct.path(index), DirectChunks.of(made["theirs"]).path(index)
         assert mine.exists() == zarrs.exists()
         if mine.exists():
             assert mine.read_bytes() == zarrs.read_bytes()

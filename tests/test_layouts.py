@@ -7,6 +7,7 @@ format, and a sharded output can be asked for and is written exactly.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -214,6 +215,40 @@ def test_shards_in_a_zarr_v2_container_are_refused(tmp_path, monkeypatch):
         threshold(raw, str(tmp_path / "v2.zarr" / "mask"), block=64, workers=2, shard_shape=(64, 64, 64))
     after = snapshot(tmp_path / "v2.zarr")
     assert {k: v for k, v in after.items() if not k.startswith("mask")} == before
+
+
+@pytest.mark.bad_input
+def test_a_shard_only_tiny_chunks_divide_is_refused(raw, tmp_path):
+    with pytest.raises(VoxblockError, match="no chunk of 16-64 voxels divides"):
+        threshold(raw, str(tmp_path / "out.zarr" / "mask"), block=97, workers=1, shard_shape=(97, 97, 97))
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_reading_one_chunk_of_a_large_shard_reads_little_of_its_file(tmp_path):
+    """Inputs' shards may be far larger than a block (webknossos, OME-NGFF 0.5 writers)."""
+    from voxblock.chunks import DirectChunks
+
+    source = zarr.create_array(
+        str(tmp_path / "big.zarr"), shape=(128, 128, 128), chunks=(16,) * 3, shards=(128,) * 3, dtype="f4"
+    )
+    data = np.random.default_rng(2).random((128, 128, 128), dtype=np.float32)
+    source[...] = data
+    direct = DirectChunks.of(source)
+    np.testing.assert_array_equal(direct[16:32, 16:32, 16:32], data[16:32, 16:32, 16:32])
+    path = tmp_path / "big.zarr" / "c" / "0" / "0" / "0"
+    reads = []
+
+    class Counting(io.BufferedReader):
+        def read(self, size=-1):
+            chunk = super().read(size)
+            reads.append(len(chunk))
+            return chunk
+
+    with Counting(io.FileIO(path, "r")) as file:
+        stored = direct._shards.read(file, [(1, 1, 1)])
+    assert list(stored) == [(1, 1, 1)]
+    shard_bytes = path.stat().st_size
+    assert sum(reads) < shard_bytes / 50, (reads, shard_bytes)
 
 
 @given(

@@ -688,20 +688,11 @@ def create_output(spec: OutputSpec, provenance: Mapping[str, Any], layout: Layou
 
     formats.check_output_name(spec.name.container, spec.name.dataset)  # N5; a level of another image
     zarr_format = container_format(spec.name)
-    if layout.shard is not None and zarr_format == 2:
-        raise VoxblockError(no_shards_in_v2(spec.name))
     try:
         make_groups(spec.name, zarr_format)
         return _create(spec, provenance, layout, spatial, axis_names, zarr_format)
     except OSError as error:
         raise VoxblockError(f"output {spec.name} cannot be created: {error}") from error
-
-
-def no_shards_in_v2(name: ArrayName) -> str:
-    return (
-        f"output {name}: {name.container} is a zarr v2 container, and zarr v2 has no shards; "
-        "write the output to a new (zarr v3) container, or leave out the shard size"
-    )
 
 
 def container_format(name: ArrayName) -> int:

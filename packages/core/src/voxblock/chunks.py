@@ -50,6 +50,11 @@ def chunks_in(
         yield index, (low, high)
 
 
+def unit_of(index: tuple[int, ...], per_unit: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(write unit, place within it) of chunk `index`, where a unit (shard) holds `per_unit` chunks."""
+    return tuple(i // p for i, p in zip(index, per_unit)), tuple(i % p for i, p in zip(index, per_unit))
+
+
 def intersect(a: Box, b: Box) -> Box:
     return tuple(map(max, a[0], b[0])), tuple(map(min, a[1], b[1]))
 
@@ -107,17 +112,32 @@ class _ShardFormat:
         self.index_first = codec.index_location == ShardingCodecIndexLocation.start
         self._prototype = prototype
 
-    def split(self, raw: bytes) -> dict[tuple[int, ...], bytes]:
-        """The stored inner chunks of one shard file, by their index within the shard."""
-        view = memoryview(raw)
-        where = view[: self.index_size] if self.index_first else view[len(view) - self.index_size :]
-        table = self.index.decode(self._prototype.buffer.from_bytes(where))
-        table = np.asarray(table.as_ndarray_like()).reshape((*self.per_shard, 2))
+    def _table(self, index: bytes) -> np.ndarray:
+        table = self.index.decode(self._prototype.buffer.from_bytes(index))
+        return np.asarray(table.as_ndarray_like()).reshape((*self.per_shard, 2))
+
+    def read(self, file: Any, wanted: list[tuple[int, ...]] | None) -> dict[tuple[int, ...], bytes]:
+        """The stored inner chunks among `wanted` (None: all) of an open shard file, by their
+        index within the shard: the index first, then only the chunks asked for."""
+        if wanted is None:  # the whole shard: one read
+            raw = memoryview(file.read())
+            where = raw[: self.index_size] if self.index_first else raw[len(raw) - self.index_size :]
+            table = self._table(bytes(where))
+            return {
+                inner: raw[int(table[inner][0]) : int(table[inner][0] + table[inner][1])]
+                for inner in self.order
+                if table[inner][0] != self.EMPTY
+            }
+        file.seek(
+            0 if self.index_first else -self.index_size, os.SEEK_SET if self.index_first else os.SEEK_END
+        )
+        table = self._table(file.read(self.index_size))
         stored = {}
-        for inner in self.order:
+        for inner in wanted:
             offset, length = table[inner]
             if offset != self.EMPTY:
-                stored[inner] = view[int(offset) : int(offset) + int(length)]
+                file.seek(int(offset))
+                stored[inner] = file.read(int(length))
         return stored
 
     def join(self, chunks: dict[tuple[int, ...], Any]) -> bytes | None:
@@ -141,9 +161,10 @@ class _ShardFormat:
 class DirectChunks:
     """`array[slices]` and `array[slices] = data` for one local zarr v3 array, chunk by chunk.
 
-    A sharded array is read by inner chunk, from each shard file read once
-    per call, and written by whole shards (a block owns its shards): every
-    inner chunk encoded here, the shard file replaced atomically.
+    A sharded array is read by inner chunk (the shard's index, then only
+    the chunks a read needs), and written by whole shards (a block owns its
+    shards): every inner chunk encoded here, the shard file replaced
+    atomically.
     """
 
     def __init__(self, source: Any) -> None:
@@ -213,13 +234,6 @@ class DirectChunks:
         """The file of write unit `index` (a shard, or a chunk)."""
         return self._root / self._encode_key(index)
 
-    def _read_file(self, index: tuple[int, ...]) -> bytes | None:
-        try:
-            with open(self.path(index), "rb") as file:
-                return file.read()
-        except FileNotFoundError:
-            return None
-
     def _decode(self, raw: Any) -> np.ndarray:
         data = self._inner.decode(self._prototype.buffer.from_bytes(raw))
         return np.asarray(data.as_ndarray_like()).reshape(self.chunks)
@@ -231,14 +245,17 @@ class DirectChunks:
         data = self._prototype.nd_buffer.from_ndarray_like(np.ascontiguousarray(chunk, dtype=self.dtype))
         return self._inner.encode(data).as_buffer_like()
 
-    def _stored_chunks(self, unit: tuple[int, ...]) -> dict[tuple[int, ...], Any]:
-        """The stored chunks of one write unit, by their index within it."""
-        raw = self._read_file(unit)
-        if raw is None:
+    def _stored_chunks(
+        self, unit: tuple[int, ...], wanted: list[tuple[int, ...]] | None = None
+    ) -> dict[tuple[int, ...], Any]:
+        """The stored chunks of one write unit among `wanted` (None: all), by their index in it."""
+        try:
+            with open(self.path(unit), "rb") as file:
+                if self._shards is None:
+                    return {(0,) * len(unit): file.read()}
+                return self._shards.read(file, wanted)
+        except FileNotFoundError:
             return {}
-        if self._shards is None:
-            return {(0,) * len(unit): raw}
-        return self._shards.split(raw)
 
     def read_unit(self, index: tuple[int, ...]) -> np.ndarray | None:
         """The decoded write unit (full shape), or None if none of it was ever written."""
@@ -260,8 +277,11 @@ class DirectChunks:
             encoded = self._encode(data)
         else:
             chunks = {}
+            origin = tuple(i * u for i, u in zip(index, self.unit))
             for inner in self._shards.order:
                 low = tuple(i * c for i, c in zip(inner, self.chunks))
+                if any(o + lo >= s for o, lo, s in zip(origin, low, self.shape)):
+                    continue  # wholly past the array's end: zarr stores no such chunk
                 piece = self._encode(data[tuple(slice(lo, lo + c) for lo, c in zip(low, self.chunks))])
                 if piece is not None:
                     chunks[inner] = piece
@@ -303,16 +323,20 @@ class DirectChunks:
         out = np.empty(tuple(e - b for b, e in zip(*box)), dtype=self.dtype)
         if out.size == 0:
             return out
-        files: dict[tuple[int, ...], dict[tuple[int, ...], Any]] = {}  # each file read once
         per_unit = tuple(u // c for u, c in zip(self.unit, self.chunks))
+        by_unit: dict[tuple[int, ...], list[tuple[tuple[int, ...], Box]]] = {}
         for index, chunk in chunks_in(self.shape, self.chunks, box):
-            unit = tuple(i // p for i, p in zip(index, per_unit))
-            if unit not in files:
-                files[unit] = self._stored_chunks(unit)
-            raw = files[unit].get(tuple(i % p for i, p in zip(index, per_unit)))
-            piece = intersect(chunk, box)
-            target = box_slices(piece, box[0])
-            out[target] = self.fill_value if raw is None else self._decode(raw)[box_slices(piece, chunk[0])]
+            unit, inner = unit_of(index, per_unit)
+            by_unit.setdefault(unit, []).append((inner, chunk))
+        for unit, chunks in by_unit.items():  # each file opened once
+            stored = self._stored_chunks(unit, [inner for inner, _ in chunks])
+            for inner, chunk in chunks:
+                raw = stored.get(inner)
+                piece = intersect(chunk, box)
+                target = box_slices(piece, box[0])
+                out[target] = (
+                    self.fill_value if raw is None else self._decode(raw)[box_slices(piece, chunk[0])]
+                )
         return out
 
     def __setitem__(self, key: Any, value: Any) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from voxblock.chunks import Box, box_slices, chunks_in, intersect
+from voxblock.chunks import Box, box_slices, chunks_in, intersect, unit_of
 from voxblock.files import replace_atomically
 
 # a halo is worth it when the read ROI touches this many times the chunks the
@@ -315,8 +315,8 @@ def _stored(source: Any, index: tuple[int, ...], channel_dims: int) -> bool | No
         return None
     shards = getattr(source, "shards", None)
     if shards is not None:  # the file is the shard that holds this chunk
-        per_shard = [s // c for s, c in zip(shards[channel_dims:], source.chunks[channel_dims:])]
-        index = tuple(i // p for i, p in zip(index, per_shard))
+        per_shard = tuple(s // c for s, c in zip(shards[channel_dims:], source.chunks[channel_dims:]))
+        index, _ = unit_of(tuple(index), per_shard)
     try:
         key = source.metadata.encode_chunk_key((0,) * channel_dims + tuple(index))
     except Exception:

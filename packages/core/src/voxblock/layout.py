@@ -19,6 +19,7 @@ from voxblock.errors import VoxblockError
 # the inner chunk of a shard, per axis, when only a shard size is given: large enough to
 # compress well, small enough that a viewer reading one chunk reads little
 DEFAULT_INNER_CHUNK = 64
+MIN_INNER_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ def plan_layout(
 
     By default one chunk is one block. With `shard_shape`, each block owns
     whole shards (the shard must divide the block) and the inner chunk,
-    unless given, is the largest divisor of the shard up to 64 voxels.
+    unless given, is the largest divisor of the shard up to 64 voxels (at
+    least 16, or the whole shard where it is smaller).
     """
     write = Coordinate(write_shape)
     if shard_shape is None:
@@ -62,6 +64,13 @@ def plan_layout(
         )
     if chunk_shape is None:
         chunk = Coordinate(_largest_divisor_at_most(s, DEFAULT_INNER_CHUNK) for s in shard)
+        if any(c < min(MIN_INNER_CHUNK, s) for c, s in zip(chunk, shard)):
+            # e.g. a shard of 97: only 1-voxel chunks divide it, a 14 MB index per shard
+            raise VoxblockError(
+                f"no chunk of {MIN_INNER_CHUNK}-{DEFAULT_INNER_CHUNK} voxels divides the shard shape "
+                f"{tuple(shard)}; choose a shard size with such a divisor, or give the chunk shape "
+                "(chunk_shape=, --chunk-size)"
+            )
     else:
         chunk = Coordinate(chunk_shape)
         _check_positive("chunk shape", chunk, write.dims)

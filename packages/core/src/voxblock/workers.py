@@ -31,7 +31,7 @@ from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, Fit, check_blocking_on_grid
-from voxblock.layout import plan_layout
+from voxblock.layout import Layout, plan_layout
 
 if TYPE_CHECKING:
     import numpy as np
@@ -242,31 +242,64 @@ def prepare_output(preparation: Preparation, source: Array, spec: arrays.OutputS
             f"{source.roi} (the total ROI may extend past the input only by the context)"
         )
     action = arrays.check_output(spec, preparation.provenance, preparation.overwrite)
+    layout = check_output_layout(
+        spec.name,
+        blocking,
+        preparation.num_workers,
+        spec.voxel_size,
+        spec.chunk_shape or preparation.chunk_shape,
+        preparation.shard_shape,
+        spec.roi,
+    )
     if action == "create":
-        write_shape = blocking.write_roi.shape / spec.voxel_size
-        layout = plan_layout(
-            write_shape, spec.chunk_shape or preparation.chunk_shape, preparation.shard_shape
-        )
-        target_roi, unit, sharded = spec.roi, layout.write_unit, layout.shard is not None
-    else:
-        existing = arrays.open_input(spec.name, role="output")
-        target_roi, unit, sharded = (
-            existing.roi,
-            arrays.spatial_write_unit(existing),
-            arrays.is_sharded(existing),
-        )
-    if preparation.concurrent:  # checked before anything is created: a refused run leaves no trace
-        check_write_unit(spec.name, blocking, target_roi, unit * spec.voxel_size, sharded)
-    if action == "create":
+        assert layout is not None  # the output does not exist yet
         arrays.create_output(spec, preparation.provenance, layout)
     elif action == "overwrite":
         arrays.record_provenance(spec.name, preparation.provenance)
 
 
-def check_write_unit(
+def check_output_layout(
+    name: str | arrays.ArrayName,
+    blocking: Blocking,
+    num_workers: int,
+    voxel_size: Coordinate,
+    chunk_shape: Coordinate | None = None,
+    shard_shape: Coordinate | None = None,
+    roi: Roi | None = None,
+) -> Layout | None:
+    """Refuse, before anything is created, an output its blocks could not write safely.
+
+    Blocks that run at once must each own whole write units (shards, else
+    chunks): zarr rewrites a whole unit on every write, so two writers of
+    one lose voxels without an error. An existing output is checked as it
+    is (None is returned); a new one gets its layout (chunks, shards), with
+    its ROI `roi` (default: what the blocks write).
+    """
+    from voxblock import arrays
+
+    name = arrays.ArrayName.parse(name)
+    if name.path.exists():
+        if num_workers < 2:
+            return None
+        existing = arrays.open_input(name, role="output")
+        unit = arrays.spatial_write_unit(existing) * existing.voxel_size
+        _check_write_unit(name, blocking, existing.roi, unit, arrays.is_sharded(existing))
+        return None
+    layout = plan_layout(blocking.write_roi.shape / voxel_size, chunk_shape, shard_shape)
+    if layout.shard is not None and arrays.container_format(name) == 2:
+        raise VoxblockError(
+            f"output {name}: {name.container} is a zarr v2 container, and zarr v2 has no shards; "
+            "write the output to a new (zarr v3) container, or leave out the shard size"
+        )
+    if num_workers > 1:
+        unit = layout.write_unit * voxel_size
+        _check_write_unit(name, blocking, roi or blocking.written_roi, unit, layout.shard is not None)
+    return layout
+
+
+def _check_write_unit(
     name: Any, blocking: Blocking, array_roi: Roi, unit_world: Coordinate, sharded: bool
 ) -> None:
-    """Refuse blocks that would share a write unit (shard, else chunk) of an array written concurrently."""
     problem = blocking.chunk_misalignment(array_roi, unit_world)
     if problem is None:
         return

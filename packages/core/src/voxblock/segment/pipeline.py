@@ -32,7 +32,6 @@ from voxblock.compute import Local
 from voxblock.errors import VoxblockError
 from voxblock.files import replace_atomically
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
-from voxblock.layout import plan_layout
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
 from voxblock.segment.edges import block_edges, contact_edges, select_edges
@@ -42,7 +41,7 @@ from voxblock.segment.solve import segment_lut
 from voxblock.workers import (
     Preparation,
     Worker,
-    check_write_unit,
+    check_output_layout,
     crop_to,
     option,
     prepare_output,
@@ -717,19 +716,16 @@ def _check_layout(
     chunk_shape: tuple[int, ...] | None,
     shard_shape: tuple[int, ...] | None,
 ) -> None:
-    """Refuse now, before pass 1, an output layout the last pass would refuse when it prepares:
-    an existing output whose shards (or chunks) its blocks would share, or a new one that
-    cannot be laid out as asked."""
-    if output.path.exists():
-        if num_workers < 2:
-            return
-        existing = arrays.open_input(output, role="output")
-        unit = arrays.spatial_write_unit(existing) * existing.voxel_size
-        check_write_unit(output, blocking, existing.roi, unit, arrays.is_sharded(existing))
-        return
-    plan_layout(blocking.write_roi.shape / voxel_size, chunk_shape, shard_shape)
-    if shard_shape is not None and arrays.container_format(output) == 2:
-        raise VoxblockError(arrays.no_shards_in_v2(output))
+    """The last pass's output layout checked now, before pass 1 (its write grid is pass 1's)."""
+    check_output_layout(
+        output,
+        blocking,
+        num_workers,
+        voxel_size,
+        Coordinate(chunk_shape) if chunk_shape is not None else None,
+        Coordinate(shard_shape) if shard_shape is not None else None,
+        blocking.target_roi,
+    )
 
 
 def _check_segment_output(seg: Segmentation, overwrite: bool, spec: arrays.OutputSpec) -> None:
