@@ -155,18 +155,22 @@ def test_iohub_image_runs_at_its_place_and_labels_go_into_the_image(tmp_path):
     from iohub.ngff import TransformationMeta, open_ome_zarr
 
     data = volume(seed=3, shape=(1, 1, *SHAPE))
+    # iohub's space axes are in micrometers: read in nanometers
+    scale, translation = [v / 1000 for v in VOXEL_NM], [o / 1000 for o in OFFSET_NM]
     with open_ome_zarr(tmp_path / "image.zarr", layout="fov", mode="w-", channel_names=["em"]) as image:
         image.create_image(
             "0",
             data,
             chunks=(1, 1, 8, 8, 8),
             transform=[
-                TransformationMeta(type="scale", scale=[1.0, 1.0, *VOXEL_NM]),
-                TransformationMeta(type="translation", translation=[0.0, 0.0, *OFFSET_NM]),
+                TransformationMeta(type="scale", scale=[1.0, 1.0, *scale]),
+                TransformationMeta(type="translation", translation=[0.0, 0.0, *translation]),
             ],
         )
+        assert [getattr(a, "unit", None) for a in image.axes][-3:] == ["micrometer"] * 3
     source = arrays.open_input("image.zarr/0")
     assert source.roi.begin == OFFSET_NM and source.voxel_size == VOXEL_NM
+    assert source.units == ["nanometer"] * 3
 
     assert threshold("image.zarr/0", "image.zarr/labels/mask/0", channel=0)
 
@@ -176,8 +180,8 @@ def test_iohub_image_runs_at_its_place_and_labels_go_into_the_image(tmp_path):
     assert (labels.get("ome") or labels)["labels"] == ["mask"]
     # iohub reads the input's placement as voxblock does
     with open_ome_zarr(tmp_path / "image.zarr", mode="r") as image:
-        assert image.get_effective_scale("0")[-3:] == list(VOXEL_NM)
-        assert image.get_effective_translation("0")[-3:] == list(OFFSET_NM)
+        assert image.get_effective_scale("0")[-3:] == pytest.approx(scale)
+        assert image.get_effective_translation("0")[-3:] == pytest.approx(translation)
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
@@ -251,7 +255,7 @@ def test_n5_with_resolution_and_offset_runs_at_its_place(tmp_path):
 def test_n5_conventions_of_bigdataviewer_and_cellmap():
     dims = {"dimensions": [28, 24, 20]}
     bdv = formats.n5_geometry({**dims, "pixelResolution": {"dimensions": [4, 4, 8], "unit": "um"}}, 3, "a")
-    assert (bdv.voxel_size, bdv.units) == ([8, 4, 4], ["um"] * 3)
+    assert (bdv.voxel_size, bdv.units) == ([8000, 4000, 4000], ["nanometer"] * 3)  # um: a length
     cellmap = {
         "transform": {
             "axes": ["z", "y", "x"],
@@ -307,7 +311,7 @@ def test_n5_output_is_refused_before_anything_runs(tmp_path):
 @pytest.mark.parametrize(
     ("scale", "unit", "message"),
     [
-        (4.5, "nanometer", r"not whole numbers of nanometers either"),
+        (4.5, "nanometer", r"not whole numbers of nanometers"),
         (0.5, None, r"not whole numbers"),
     ],
 )
@@ -377,3 +381,252 @@ def test_blocks_read_with_context_from_n5_and_dropped_time_axes(tmp_path, kind):
     result = np.asarray(zarr.open_array("out.zarr/mask/s0", mode="r")[...])
     written = open_ds("out.zarr/mask/s0").roi
     np.testing.assert_array_equal(result, mask.astype(np.uint8)[voxels(written)])
+
+
+# -- N5 pyramids: which attribute means what -----------------------------------------------------
+
+
+def n5_pyramid(root: Path, levels: dict[str, dict], group: dict | None = None) -> None:
+    """Levels (z, y, x volumes halved per level) written by tensorstore, with these attributes."""
+    for i, (name, attrs) in enumerate(levels.items()):
+        shape = tuple(s // 2**i for s in SHAPE)
+        write_n5(root / name, volume(seed=i, shape=shape), attrs)
+    if group is not None:
+        meta = root / "attributes.json"
+        old = json.loads(meta.read_text()) if meta.exists() else {}
+        meta.write_text(json.dumps({**old, **group}))
+
+
+def test_n5_viewer_pyramid_levels_are_s0_resolution_times_their_downsampling_factors(tmp_path):
+    """n5-spark writes s0's pixelResolution on every level, and the level's downsamplingFactors."""
+    pytest.importorskip("tensorstore")
+    s0 = {"pixelResolution": {"unit": "nm", "dimensions": [4, 4, 8]}}
+    s1 = {**s0, "downsamplingFactors": [2, 2, 2]}
+    n5_pyramid(tmp_path / "bdv.n5" / "em", {"s0": s0, "s1": s1})
+    level0, level1 = arrays.open_input("bdv.n5/em/s0"), arrays.open_input("bdv.n5/em/s1")
+    assert level0.voxel_size == (8, 4, 4) and level1.voxel_size == (16, 8, 8)  # not [8, 4, 4]
+    assert level0.roi.begin == level1.roi.begin == (0, 0, 0)  # corners stay (BDV's shift is to centres)
+    assert level1.units == ["nanometer"] * 3
+
+    world = Roi((0, 0, 0), (16 * 8, 8 * 8, 8 * 8))
+    block = Roi((0, 0, 0), (16 * 4, 8 * 4, 8 * 4))
+    assert voxblock.run_blockwise(
+        "threshold", world, block, block, progress=False, num_workers=2,
+        input="bdv.n5/em/s1", output="out.zarr/mask/s0", threshold=0.5,
+    )  # fmt: skip
+    data = np.asarray(zarr.open_array("out.zarr/mask/s0", mode="r")[...])
+    np.testing.assert_array_equal(data, (volume(seed=1, shape=(10, 12, 14)) > 0.5)[:8, :8, :8])
+    assert open_ds("out.zarr/mask/s0").voxel_size == (16, 8, 8)
+
+
+def test_n5_viewer_group_defaults_and_n5_ij_plain_lists(tmp_path):
+    """pixelResolution and scales on the group (n5-viewer's defaults); n5-ij's plain list."""
+    pytest.importorskip("tensorstore")
+    group = {
+        "pixelResolution": {"unit": "um", "dimensions": [0.004, 0.004, 0.008]},
+        "scales": [[1] * 3, [2] * 3],
+    }
+    n5_pyramid(tmp_path / "c.n5" / "c0", {"s0": {}, "s1": {}}, group)
+    assert arrays.open_input("c.n5/c0/s1").voxel_size == (16, 8, 8)
+    assert arrays.open_input("c.n5/c0/s0").units == ["nanometer"] * 3
+
+    n5_pyramid(tmp_path / "ij.n5" / "img", {"s0": {"pixelResolution": [4, 4, 8]}})  # no unit
+    plain = arrays.open_input("ij.n5/img/s0")
+    assert (plain.voxel_size, plain.units) == ((8, 4, 4), [""] * 3)
+
+    # funlib's resolution is the level's own: never multiplied
+    n5_pyramid(tmp_path / "f.n5" / "raw", {"s0": {"resolution": [4, 4, 8]}, "s1": {"resolution": [8, 8, 16]}})
+    assert arrays.open_input("f.n5/raw/s1").voxel_size == (16, 8, 8)
+    # a unit that is no length voxblock knows keeps its numbers
+    n5_pyramid(tmp_path / "p.n5" / "raw", {"s0": {"resolution": [2, 2, 2], "units": ["pixel"] * 3}})
+    assert arrays.open_input("p.n5/raw/s0").units == ["pixel"] * 3
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("attrs", "message"),
+    [
+        ({"pixelResolution": [1.5, 1.5, 1.5]}, r"not whole numbers"),  # n5-ij's list, read, not skipped
+        ({"pixelResolution": {"unit": "nm"}}, r'pixelResolution=.*no "dimensions"'),
+        ({"pixelResolution": "4nm"}, r"pixelResolution=.*cannot be read"),
+        ({"resolution": ["a", "b", "c"]}, r"resolution=.*cannot be read"),
+        ({"resolution": [4, 4]}, r"resolution=.*3 positive numbers"),
+        ({"resolution": [4, 4, 8], "offset": [0, 0, None]}, r"offset=.*cannot be read"),
+        ({"resolution": [4, 4, 8], "units": "nm"}, r"units=.*cannot be read"),
+        (
+            {"pixelResolution": [4, 4, 8], "downsamplingFactors": [2, 2]},
+            r"downsamplingFactors=.*cannot be read",
+        ),
+        ({"transform": {"axes": ["z", "y", "x"]}}, r'transform=.*"scale"'),
+        ({"resolution": [8, 8, 16], "downsamplingFactors": [2, 2, 2]}, r"read two ways"),
+        ({"resolution": [4, 4, 8], "pixelResolution": [8, 8, 8]}, r"place the voxels differently"),
+    ],
+)
+def test_n5_attributes_that_cannot_be_read_are_refused_not_replaced_by_one(tmp_path, attrs, message):
+    pytest.importorskip("tensorstore")
+    write_n5(tmp_path / "bad.n5" / "s0", volume(), attrs)
+    before = snapshot(tmp_path)
+    with pytest.raises(voxblock.VoxblockError, match=message):
+        voxblock.run_blockwise(
+            "threshold", Roi((0, 0, 0), (20, 24, 28)), Roi((0, 0, 0), (8, 8, 8)), Roi((0, 0, 0), (8, 8, 8)),
+            progress=False, num_workers=2, input="bad.n5/s0", output="out.zarr/mask",
+        )  # fmt: skip
+    assert snapshot(tmp_path) == before
+
+
+# -- one unit for every level and every array -----------------------------------------------------
+
+
+def test_levels_of_one_image_read_in_one_unit_and_outputs_take_the_inputs(tmp_path):
+    """s0 at 1 micrometer and s1 at 2 (translation 0.5): both in nanometers, not 1 um and 2000 nm."""
+    from ome_zarr.writer import write_image
+
+    root = zarr.open_group(str(tmp_path / "um.zarr"), mode="w", zarr_format=3)
+    write_image(
+        volume(),
+        root,
+        axes="zyx",
+        scale={"z": 1.0, "y": 1.0, "x": 1.0},
+        axes_units={a: "micrometer" for a in "zyx"},
+        scale_factors=[{"z": 2, "y": 2, "x": 2}],
+        storage_options={"chunks": (8, 8, 8)},
+    )
+    attrs = root.attrs.asdict()
+    for transform in attrs["ome"]["multiscales"][0]["datasets"][1]["coordinateTransformations"]:
+        if transform["type"] == "translation":
+            transform["translation"] = [0.5, 0.5, 0.5]
+    root.attrs.update(attrs)
+    s0, s1 = arrays.open_input("um.zarr/s0"), arrays.open_input("um.zarr/s1")
+    assert (s0.voxel_size, s0.units) == ((1000,) * 3, ["nanometer"] * 3)
+    assert (s1.voxel_size, s1.roi.begin, s1.units) == ((2000,) * 3, (500,) * 3, ["nanometer"] * 3)
+
+    total = Roi((0, 0, 0), (16000, 16000, 16000))
+    block = Roi((0, 0, 0), (8000, 8000, 8000))
+    run = dict(progress=False, num_workers=2, input="um.zarr/s0", threshold=0.5)
+    assert voxblock.run_blockwise("threshold", total, block, block, output="out.zarr/mask/s0", **run)
+    out = arrays.open_input("out.zarr/mask/s0")
+    assert (out.voxel_size, out.units) == (s0.voxel_size, s0.units)
+    axes, transforms = ome_reader_transforms(tmp_path / "out.zarr" / "mask")
+    assert [a["unit"] for a in axes] == ["nanometer"] * 3
+    assert {t["type"]: t for t in transforms}["scale"]["scale"] == [1000.0] * 3
+
+
+@pytest.mark.bad_input
+def test_an_existing_output_in_other_units_is_refused_before_any_work(tmp_path):
+    """The same numbers in another unit would be another place: not mixed into one task."""
+    from funlib.persistence import prepare_ds
+
+    write_ome_zarr_py(tmp_path / "image.zarr", volume(), "0.5")  # nanometers, once read
+    prepare_ds(
+        "out.zarr/mask", shape=SHAPE, offset=OFFSET_NM, voxel_size=VOXEL_NM, units=["pixel"] * 3,
+        chunk_shape=(8, 8, 8), dtype=np.uint8,
+    )  # fmt: skip
+    before = snapshot(tmp_path)
+    with pytest.raises(voxblock.VoxblockError, match=r"different units \['pixel'"):
+        threshold("image.zarr/s0", "out.zarr/mask")
+    assert snapshot(tmp_path) == before
+
+
+# -- a dropped time axis keeps its shards ---------------------------------------------------------
+
+
+def write_sharded_tzyx(path: Path, shards: tuple[int, ...] | None) -> None:
+    """An empty uint8 OME-NGFF 0.5 image t,z,y,x with one time point, at the input's place (ome-zarr-py)."""
+    from ome_zarr.format import FormatV05
+    from ome_zarr.writer import write_image
+
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    options = {"chunks": (1, 8, 8, 8), **({"shards": shards} if shards else {})}
+    write_image(
+        np.zeros((1, *SHAPE), np.uint8),
+        root,
+        axes="tzyx",
+        scale={"t": 1.0, **dict(zip("zyx", [v / 1000 for v in VOXEL_NM]))},
+        axes_units={"t": "second", **{a: "micrometer" for a in "zyx"}},
+        fmt=FormatV05(),
+        scale_factors=[],
+        storage_options=options,
+    )
+    set_translation(path, [0.0] + [o / 1000 for o in OFFSET_NM])
+    assert zarr.open_array(str(path / "s0"), mode="r").nchunks_initialized == 0  # zeros: no chunk kept
+
+
+@pytest.mark.bad_input
+def test_an_existing_sharded_output_with_a_dropped_time_axis_is_refused_for_blocks_inside_a_shard(tmp_path):
+    write_ome_zarr_py(tmp_path / "image.zarr", volume(), "0.5")
+    write_sharded_tzyx(tmp_path / "out.zarr", shards=(1, 16, 16, 16))
+    existing = arrays.open_input("out.zarr/s0", role="output")
+    assert isinstance(existing._source_data, formats.DropAxes)
+    assert existing._source_data.shards == (16, 16, 16) and existing._source_data.chunks == (8, 8, 8)
+    assert arrays.is_sharded(existing) and arrays.spatial_write_unit(existing) == (16, 16, 16)
+    before = snapshot(tmp_path)
+    with pytest.raises(voxblock.VoxblockError, match=r"written in shards of \(128, 64, 64\)"):
+        threshold("image.zarr/s0", "out.zarr/s0")  # blocks of 8 voxels, shards of 16: two writers
+    assert snapshot(tmp_path) == before
+
+
+def test_no_chunk_written_on_n5_and_a_dropped_time_axis(tmp_path):
+    """segment's check of a pre-created output: N5 may hold data; a t,z,y,x zarr is counted."""
+    from voxblock.segment import pipeline
+
+    write_sharded_tzyx(tmp_path / "t.zarr", shards=None)
+    empty = arrays.open_input("t.zarr/s0")
+    assert isinstance(empty._source_data, formats.DropAxes) and empty._source_data.shards is None
+    assert pipeline._no_chunk_written(empty)
+    zarr.open_array(str(tmp_path / "t.zarr" / "s0"), mode="r+")[0, :8, :8, :8] = 1
+    assert not pipeline._no_chunk_written(arrays.open_input("t.zarr/s0"))
+    pytest.importorskip("tensorstore")
+    write_n5(tmp_path / "c.n5" / "em", volume(), {})
+    assert not pipeline._no_chunk_written(arrays.open_input("c.n5/em"))  # cannot tell: data may exist
+
+
+# -- which zarr format new nodes take ---------------------------------------------------------------
+
+
+def test_new_nodes_in_a_v2_container_without_root_metadata_are_v2(tmp_path):
+    """funlib writes zarr v2 arrays and no group above them: outputs beside them are v2 too."""
+    from voxblock import nodes
+
+    data = volume()
+    raw = zarr.create_array(
+        store=str(tmp_path / "f.zarr" / "volumes" / "raw"), shape=SHAPE, chunks=(8, 8, 8), dtype=data.dtype,
+        zarr_format=2,
+    )  # fmt: skip
+    raw[...] = data
+    raw.attrs.put({"voxel_size": list(VOXEL_NM), "offset": list(OFFSET_NM), "units": ["nm"] * 3})
+    assert not (tmp_path / "f.zarr" / ".zgroup").exists()
+    assert nodes.node_format(tmp_path / "f.zarr") is None
+    assert nodes.node_format(tmp_path / "f.zarr" / "volumes" / "raw") == 2
+    assert nodes.container_format(arrays.ArrayName.parse("f.zarr/mask/s0")) == 2
+
+    assert threshold("f.zarr/volumes/raw", "f.zarr/mask/s0")
+    assert not list((tmp_path / "f.zarr").rglob("zarr.json"))  # no v3 node in a v2 container
+    assert (tmp_path / "f.zarr" / ".zgroup").is_file() and (
+        tmp_path / "f.zarr" / "mask" / ".zgroup"
+    ).is_file()
+    assert zarr.open_group(str(tmp_path / "f.zarr" / "mask"), mode="r").attrs["multiscales"]  # OME-NGFF 0.4
+    result = np.asarray(zarr.open_array("f.zarr/mask/s0", mode="r")[...])
+    np.testing.assert_array_equal(result, (data > 0.5).astype(np.uint8)[voxels(TOTAL)])
+    # an empty container, or one with v3 nodes, gets v3
+    assert nodes.container_format(arrays.ArrayName.parse("new.zarr/a")) == 3
+
+
+def test_an_output_of_a_funlib_input_in_micrometers_reads_back_as_its_input_and_resumes(tmp_path):
+    """funlib's attributes (micrometer, whole numbers) on the input and the output: read as funlib reads
+    them, so that the output, though its OME-NGFF metadata says micrometer too, matches on a rerun."""
+    from funlib.persistence import prepare_ds
+
+    data = volume()
+    raw = prepare_ds(
+        "f.zarr/raw", shape=SHAPE, offset=(0, 0, 0), voxel_size=(2, 1, 1), units=["um"] * 3,
+        chunk_shape=(8, 8, 8), dtype=np.float32,
+    )  # fmt: skip
+    raw[raw.roi] = data
+    world, block = Roi((0, 0, 0), (32, 16, 16)), Roi((0, 0, 0), (16, 8, 8))
+    run = dict(progress=False, num_workers=2, input="f.zarr/raw", output="o.zarr/mask/s0", threshold=0.5)
+    assert voxblock.run_blockwise("threshold", world, block, block, **run)
+    out = arrays.open_input("o.zarr/mask/s0")
+    assert (out.voxel_size, out.units) == ((2, 1, 1), ["um"] * 3)
+    axes, _ = ome_reader_transforms(tmp_path / "o.zarr" / "mask")
+    assert [a["unit"] for a in axes] == ["micrometer"] * 3
+    assert voxblock.run_blockwise("threshold", world, block, block, **run)  # resumes: same units

@@ -24,6 +24,7 @@ from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
 from voxblock.layout import Layout
+from voxblock.nodes import container_format, make_groups  # also arrays.* for workers and segment
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -383,9 +384,10 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
         attrs = data.attrs.asdict()
         geometry = formats.ome_geometry(path, data.shape)
         if geometry is not None:
-            formats.check_agrees(str(path), geometry, attrs)
-            data = formats.DropAxes(data, geometry.drop) if geometry.drop else data
-            attrs = geometry.attrs()
+            funlib_agrees = formats.check_agrees(str(path), geometry, attrs)
+            if geometry.drop or not funlib_agrees:
+                data = formats.DropAxes(data, geometry.drop) if geometry.drop else data
+                attrs = geometry.attrs()
     axis_names = _fetch(attrs, "axis_names")
     types = _fetch(attrs, "types")
     if types is None and axis_names is not None:
@@ -636,11 +638,16 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
         raise VoxblockError(
             f"output {spec.name} exists but is not a readable array ({error}); choose another output name"
         ) from error
+    from voxblock import formats
+
     problems = []
     if existing.voxel_size != spec.voxel_size:
         problems.append(f"voxel size {tuple(existing.voxel_size)} (the input has {tuple(spec.voxel_size)})")
     if np.dtype(existing.dtype) != np.dtype(spec.dtype):
         problems.append(f"dtype {existing.dtype} (this worker writes {np.dtype(spec.dtype)})")
+    if spec.units and not all(formats.same_unit(a, b) for a, b in zip(existing.units, spec.units)):
+        # one world in two units: its offsets and ROIs would mean two places (no unit: as given)
+        problems.append(f"units {list(existing.units)} (the input has {list(spec.units)})")
     if channel_shape(existing) != tuple(spec.channels):
         problems.append(
             f"channel shape {channel_shape(existing)} (this worker writes {tuple(spec.channels)})"
@@ -658,7 +665,7 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
         return "resume"
     if overwrite:
         return "overwrite"
-    if recorded is None and existing._source_data.nchunks_initialized == 0:
+    if recorded is None and no_chunk_written(existing):
         # no data to lose: e.g. a run killed between creating this array and
         # recording who made it
         return "overwrite"
@@ -671,6 +678,12 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
         f"output {spec.name} already holds data written {who}; refusing to overwrite it "
         "(pass overwrite=True / --overwrite to replace it)"
     )
+
+
+def no_chunk_written(array: Array) -> bool:
+    """Whether the array certainly holds no data; False ("data may exist") where that cannot be told (N5)."""
+    count = getattr(array._source_data, "nchunks_initialized", None)
+    return count is not None and count == 0
 
 
 def create_output(spec: OutputSpec, provenance: Mapping[str, Any], layout: Layout) -> Array:
@@ -693,35 +706,6 @@ def create_output(spec: OutputSpec, provenance: Mapping[str, Any], layout: Layou
         return _create(spec, provenance, layout, spatial, axis_names, zarr_format)
     except OSError as error:
         raise VoxblockError(f"output {spec.name} cannot be created: {error}") from error
-
-
-def container_format(name: ArrayName) -> int:
-    """The zarr format of the group nearest above `name` (2 or 3); 3 where there is none yet."""
-    folder = name.path.parent
-    while True:
-        if (folder / "zarr.json").is_file():
-            return 3
-        if (folder / ".zgroup").is_file() or (folder / ".zattrs").is_file():
-            return 2
-        if folder == name.container or folder.parent == folder:
-            return 3
-        folder = folder.parent
-
-
-def make_groups(name: ArrayName, zarr_format: int) -> None:
-    """Make the container and every folder between it and the array a zarr group, where none is."""
-    import zarr
-
-    folders = [
-        name.container,
-        *(
-            name.container / Path(*name.dataset.split("/")[:i])
-            for i in range(1, len(name.dataset.split("/")))
-        ),
-    ]
-    for folder in folders:
-        if not ((folder / "zarr.json").is_file() or (folder / ".zgroup").is_file()):
-            zarr.open_group(str(folder), mode="a", zarr_format=zarr_format)
 
 
 def _create(

@@ -17,18 +17,48 @@ Worker processes parse the same small JSON themselves (no pydantic); both
 paths go through `geometry()`, and tests check the result against
 ome-zarr-py's Reader, ome-zarr-models and funlib's `open_ome_ds`.
 
-funlib.geometry needs integer voxel sizes and offsets: a scale that is not a
-whole number of its unit is converted to nanometers where that makes it
-whole (0.004 micrometer -> 4 nanometer), else refused; never rounded. A time
-axis of size 1 is dropped; channel axes (and a longer time axis) become
-non-spatial axes.
+Units: every known length unit (micrometer, nanometer, angstrom, millimeter,
+their short forms um, nm, ...) is converted to nanometers, whatever the
+numbers, so that all levels of one image, and all arrays of one task, share
+one unit (s0 at 1 micrometer and s1 at 2 micrometers read as 1000 and 2000
+nanometer, not 1 micrometer and 2000 nanometer). An axis without a unit, or
+with one that is no length voxblock knows ("pixel"), keeps its numbers and
+its unit. funlib.geometry needs integer voxel sizes and offsets: values that
+are not whole (in nanometers, or in the unknown unit) are refused, never
+rounded. A time axis of size 1 is dropped; channel axes (and a longer time
+axis) become non-spatial axes.
 
 N5 (Janelia, CellMap) is read with tensorstore's n5 driver (zarr 3 reads no
 N5; optional: `pip install 'voxblock[n5]'`). N5 lists dimensions x,y,z
-(Fortran order); the array is presented z,y,x, and the attributes `resolution`,
-`offset`, `axes`, `units` (funlib/daisy), `pixelResolution` (BigDataViewer,
-n5-viewer) and `transform` (CellMap) are reversed to match. N5 outputs are
-refused: write a .zarr.
+(Fortran order); the array is presented z,y,x, and every attribute below is
+reversed to match. Where a dataset's voxels are, by convention:
+
+- `resolution`, `offset`, `units`, `axes` (funlib/daisy, also what
+  tensorstore reads as its dimension units): the dataset's own voxel size and
+  offset, at its level; used as they are, never multiplied by anything.
+- `pixelResolution` (n5-viewer, n5-spark, n5-ij, BigDataViewer exports):
+  `{"unit": "um", "dimensions": [x, y, z]}`, or a plain list `[x, y, z]`
+  (n5-ij; no unit), on the level or inherited from a group above it (the
+  channel group, then the root: n5-viewer's defaults). It is the resolution
+  of s0: n5-spark writes the same one on every level. A level's voxel size is
+  `pixelResolution` times its `downsamplingFactors` ([x, y, z], on the
+  level), or times the entry for `sN` of a group's `scales` or
+  `downsamplingFactors` list of lists (n5-viewer, bdv.n5, neuroglancer). This
+  is n5-ij's N5SingleScaleMetadataParser and neuroglancer's n5 source.
+  Their transform also shifts a level by half an s0 voxel per factor: that
+  places voxel centres; the corner of voxel 0, which is funlib's offset,
+  stays where s0's is, so the offset is not changed.
+- `transform` (CellMap: `scale`, `translate`, `axes`, `units`, `ordering`):
+  the level's own voxel size and offset.
+
+A dataset that gives its voxel size twice (`resolution` and
+`pixelResolution`, or `transform`) is read only where both agree; one with
+its own `resolution` and `downsamplingFactors` but no `pixelResolution`
+is refused (funlib and tensorstore read `resolution` as the level's own,
+neuroglancer multiplies it by the factors: the two disagree by the factor).
+A recognized attribute that is present but cannot be read (not one number
+per axis, a `pixelResolution` without `dimensions`, ...) is refused, never
+replaced by 1. N5 outputs are refused: write a .zarr.
 
 Outputs named as a multiscale level (`out.zarr/mask/s0`, `.../labels/cells/0`)
 get OME-NGFF metadata on their parent group (`write_ome_metadata`), in the
@@ -104,31 +134,48 @@ def _whole(value: float) -> bool:
     return math.isfinite(value) and abs(value - round(value)) <= 1e-9 * max(1.0, abs(value))
 
 
+def length_factor(unit: str) -> float | None:
+    """Nanometers per `unit`, or None where it is no length unit voxblock knows (or empty)."""
+    return _NANOMETERS.get(str(unit).strip().lower()) if unit else None
+
+
+def same_unit(a: str, b: str) -> bool:
+    """Whether two unit names name one unit ("nm" and "nanometer"); no unit matches any (numbers as given)."""
+    if not a or not b:
+        return True
+    fa, fb = length_factor(a), length_factor(b)
+    if fa is not None or fb is not None:
+        return fa == fb
+    return str(a).strip().lower() == str(b).strip().lower()
+
+
 def integer_geometry(
     where: str, scale: Sequence[float], translation: Sequence[float], units: Sequence[str]
 ) -> tuple[list[int], list[int], list[str]]:
-    """Voxel size, offset and units as integers: as given, else in nanometers, else refused."""
-    if all(_whole(v) for v in [*scale, *translation]):
-        return [round(v) for v in scale], [round(v) for v in translation], list(units)
-    factors = [_NANOMETERS.get(str(u).lower()) for u in units]
-    if all(f is not None for f in factors):
-        nm_scale = [v * f for v, f in zip(scale, factors)]
-        nm_translation = [v * f for v, f in zip(translation, factors)]
-        if all(_whole(v) for v in [*nm_scale, *nm_translation]):
-            return (
-                [round(v) for v in nm_scale],
-                [round(v) for v in nm_translation],
-                ["nanometer"] * len(units),
-            )
-    shown = ", ".join(f"{s:g}" for s in scale)
-    offset = ", ".join(f"{t:g}" for t in translation)
-    unit = "/".join(sorted({str(u) for u in units})) or "no unit"
+    """Voxel size, offset and units as integers: known length units in nanometers, others as given.
+
+    Values that are not whole (in nanometers, or in an unknown unit) are refused, never rounded.
+    """
+    factors = [length_factor(u) for u in units]
+    size = [v * f if f is not None else v for v, f in zip(scale, factors)]
+    begin = [v * f if f is not None else v for v, f in zip(translation, factors)]
+    named = ["nanometer" if f is not None else str(u) for u, f in zip(units, factors)]
+    if all(_whole(v) for v in [*size, *begin]):
+        return [round(v) for v in size], [round(v) for v in begin], named
+    shown = ", ".join(f"{v:g}" for v in scale)
+    offset = ", ".join(f"{v:g}" for v in translation)
+    unit = "/".join(sorted({str(u) for u in units if u})) or "no unit"
+    known = all(f is not None for f in factors)
     raise VoxblockError(
         f"{where}: voxel size ({shown}) and offset ({offset}) in {unit} are not whole numbers"
-        + (" of nanometers either" if all(f is not None for f in factors) else "")
+        + (" of nanometers" if known else "")
         + "; voxblock (funlib.geometry) needs integer voxel sizes and offsets and does not round them. "
-        "Give the axes a length unit in which they are whole (e.g. nanometer), or rewrite the scale "
-        "and translation"
+        + (
+            "Rewrite the scale and translation on a whole-nanometer grid"
+            if known
+            else "Give the axes a length unit in which they are whole (e.g. nanometer), or rewrite the "
+            "scale and translation"
+        )
     )
 
 
@@ -148,12 +195,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def group_attrs(group: Path) -> tuple[dict[str, Any], int] | None:
     """The attributes of the zarr group at `group` and its zarr format, or None if it is none."""
-    meta = _read_json(group / "zarr.json")
-    if meta is not None:
-        if meta.get("node_type") != "group":
-            return None
-        return dict(meta.get("attributes") or {}), 3
-    if (group / ".zgroup").exists():
+    from voxblock.nodes import group_format
+
+    kind = group_format(group)
+    if kind == 3:
+        return dict((_read_json(group / "zarr.json") or {}).get("attributes") or {}), 3
+    if kind == 2:
         return dict(_read_json(group / ".zattrs") or {}), 2
     return None
 
@@ -289,19 +336,35 @@ def geometry(multiscale: Mapping[str, Any], dataset: str, shape: Sequence[int], 
     return Geometry(offset, voxel_size, axis_names, spatial_units, types, drop)
 
 
-def check_agrees(where: str, geometry: Geometry, attrs: Mapping[str, Any]) -> None:
-    """funlib's attributes on the array, where there are any, must place it where OME-NGFF does."""
+def check_agrees(where: str, geometry: Geometry, attrs: Mapping[str, Any]) -> bool:
+    """funlib's attributes on the array, where there are any, must place it where OME-NGFF does.
+
+    True where they are complete (all five of funlib's keys, units included) and agree: the
+    array is then read with them, as funlib reads it (an array voxblock wrote from an input in
+    micrometers reads back in micrometers, as its input did).
+    """
     units = attrs.get("units")
-    if units is not None and list(units) != geometry.units:
-        return  # the same voxels in other units (e.g. micrometer vs nanometer)
+    factors = [1.0] * len(geometry.units)
+    if units is not None:
+        if len(units) != len(geometry.units):
+            return False
+        factors = [length_factor(u) or 0.0 for u in units]
+        named = ["nanometer" if f else str(u) for u, f in zip(units, factors)]
+        if named != geometry.units:
+            return False  # a unit that is no length (or none) against one that is: nothing to compare
+        factors = [f or 1.0 for f in factors]
     for key in ("voxel_size", "offset"):
         value = attrs.get(key)
         mine = getattr(geometry, key)
-        if value is not None and [int(v) for v in value] != mine:
+        if value is not None and (
+            len(value) != len(mine)
+            or any(abs(float(v) * f - m) > 1e-6 * max(1.0, abs(m)) for v, f, m in zip(value, factors, mine))
+        ):
             raise VoxblockError(
                 f"{where}: its attribute {key}={list(value)} disagrees with its OME-NGFF "
                 f"multiscales metadata ({mine}); fix one of them"
             )
+    return units is not None and all(attrs.get(key) is not None for key in geometry.attrs())
 
 
 class DropAxes:
@@ -312,10 +375,23 @@ class DropAxes:
         self._drop = tuple(drop)
         keep = [i for i in range(len(source.shape)) if i not in self._drop]
         self.shape = tuple(source.shape[i] for i in keep)
+        self._keep = tuple(keep)
+        # zarr's `chunks` is the inner chunk of a sharded array, `shards` the shard (None: unsharded)
         self.chunks = tuple(source.chunks[i] for i in keep)
         self.dtype = source.dtype
         self.fill_value = None  # do not look for chunk files: indexing answers
         self.attrs = source.attrs
+
+    @property
+    def shards(self) -> tuple[int, ...] | None:
+        """The shard shape without the dropped axes; None where the array is not sharded."""
+        shards = getattr(self._source, "shards", None)
+        return None if shards is None else tuple(shards[i] for i in self._keep)
+
+    @property
+    def nchunks_initialized(self) -> int:
+        """The chunks (shards) written: dropping size-1 axes leaves their number as it is."""
+        return self._source.nchunks_initialized
 
     def _key(self, key: Any) -> tuple[Any, ...]:
         key = key if isinstance(key, tuple) else (key,)
@@ -406,13 +482,15 @@ def write_ome_metadata(container: Path, dataset: str, array: Any) -> bool:
     """
     import zarr
 
+    from voxblock.arrays import ArrayName
+    from voxblock.nodes import make_groups
+
     parts = dataset.split("/")
     if not LEVEL.match(parts[-1]) or not _representable(array.types):
         return False
     zarr_format = array._source_data.metadata.zarr_format
     version = "0.4" if zarr_format == 2 else "0.5"
-    for depth in range(len(parts)):
-        zarr.open_group(str(container.joinpath(*parts[:depth])), mode="a", zarr_format=zarr_format)
+    make_groups(ArrayName(container, dataset), zarr_format)
     multiscale = output_multiscale(
         parts[-1], array.axis_names, array.types, array.units, array.voxel_size, array.offset
     )
@@ -510,43 +588,169 @@ class N5Source:
         return f"N5Source({self.path!r})"
 
 
-def n5_geometry(attrs: Mapping[str, Any], dims: int, where: str) -> Geometry:
-    """funlib's metadata from an N5 dataset's attributes (x,y,z order), for the array as z,y,x."""
-
-    def reversed_list(key: str, value: Any = None) -> list | None:
-        value = attrs.get(key) if value is None else value
-        if value is None:
-            return None
-        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != dims:
-            raise VoxblockError(f"{where}: N5 attribute {key}={value!r} does not have one value per axis")
-        return list(value)[::-1]
-
-    scale = reversed_list("resolution")
-    offset = reversed_list("offset")
-    names = reversed_list("axes")
-    units = reversed_list("units")
-    pixel = attrs.get("pixelResolution")
-    if scale is None and isinstance(pixel, Mapping) and "dimensions" in pixel:
-        scale = reversed_list("pixelResolution", pixel["dimensions"])
-        if units is None and pixel.get("unit"):
-            units = [str(pixel["unit"])] * dims
-    transform = attrs.get("transform")
-    if scale is None and isinstance(transform, Mapping) and "scale" in transform:
-        order = -1 if transform.get("ordering", "C") == "F" else 1  # CellMap lists C order (z,y,x)
-        scale = list(transform["scale"])[::order]
-        offset = list(transform.get("translate") or [0] * dims)[::order]
-        names = list(transform.get("axes") or names or [])[::order] or None
-        units = list(transform.get("units") or units or [])[::order] or None
-    voxel_size, begin, units = integer_geometry(
-        where,
-        [float(v) for v in scale or [1] * dims],
-        [float(v) for v in offset or [0] * dims],
-        [str(u) for u in units or [""] * dims],
+def _n5_refused(where: str, key: str, value: Any, expected: str) -> VoxblockError:
+    return VoxblockError(
+        f"{where}: N5 attribute {key}={value!r} cannot be read ({expected}); voxblock does not guess "
+        "where voxels are. Fix or remove the attribute"
     )
-    names = [str(n) for n in names] if names else ["z", "y", "x"][-dims:] if dims <= 3 else None
-    if names is None:
-        names = [f"d{i}" for i in range(dims)]
-    return Geometry(begin, voxel_size, names, units, ["space"] * dims)
+
+
+def _n5_numbers(where: str, key: str, value: Any, dims: int, positive: bool = False) -> list[float]:
+    """One finite number per axis, as listed (x, y, z), or refused."""
+    expected = f"expected {dims} {'positive ' if positive else ''}numbers, one per axis, x first"
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != dims:
+        raise _n5_refused(where, key, value, expected)
+    numbers = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _n5_refused(where, key, value, expected)
+        if positive and v <= 0:
+            raise _n5_refused(where, key, value, expected)
+        numbers.append(float(v))
+    return numbers
+
+
+def _n5_strings(where: str, key: str, value: Any, dims: int) -> list[str]:
+    if (
+        not isinstance(value, Sequence)
+        or isinstance(value, str)
+        or len(value) != dims
+        or not all(isinstance(v, str) for v in value)
+    ):
+        raise _n5_refused(where, key, value, f"expected {dims} strings, one per axis, x first")
+    return list(value)
+
+
+def _pixel_resolution(where: str, value: Any, dims: int) -> tuple[list[float], str | None]:
+    """n5-viewer's `{"unit", "dimensions"}`, or n5-ij's plain list: (resolution x,y,z, unit or None)."""
+    if isinstance(value, Mapping):
+        if "dimensions" not in value:
+            raise _n5_refused(where, "pixelResolution", value, 'no "dimensions"')
+        unit = value.get("unit")
+        if unit is not None and not isinstance(unit, str):
+            raise _n5_refused(where, "pixelResolution", value, '"unit" is not a string')
+        return _n5_numbers(where, "pixelResolution", value["dimensions"], dims, positive=True), unit or None
+    return _n5_numbers(where, "pixelResolution", value, dims, positive=True), None
+
+
+def _level_factors(where: str, groups: Sequence[Mapping[str, Any]], level: str, dims: int) -> list[float]:
+    """A level's downsampling factors from a group's `scales` / `downsamplingFactors` (one list per level)."""
+    for attrs in groups:
+        for key in ("scales", "downsamplingFactors"):
+            table = attrs.get(key)
+            if table is None:
+                continue
+            match = re.fullmatch(r"s(\d+)", level)
+            if not isinstance(table, Sequence) or isinstance(table, str):
+                raise _n5_refused(where, key, table, "expected one list of factors per level")
+            if match is None:
+                continue  # not a level of that pyramid
+            index = int(match.group(1))
+            if index >= len(table):
+                raise _n5_refused(where, key, table, f"no entry for level {level}")
+            return _n5_numbers(where, key, table[index], dims, positive=True)
+    return [1.0] * dims
+
+
+def n5_geometry(
+    attrs: Mapping[str, Any],
+    dims: int,
+    where: str,
+    groups: Sequence[Mapping[str, Any]] = (),
+    level: str = "",
+) -> Geometry:
+    """funlib's metadata from an N5 dataset's attributes (x,y,z order), for the array as z,y,x.
+
+    `groups`: the attributes of the groups above the dataset, nearest first
+    (n5-viewer's defaults); `level`: the dataset's name (`s1`). The
+    conventions are those of the module docstring.
+    """
+    get = attrs.get
+    names = _n5_strings(where, "axes", get("axes"), dims) if "axes" in attrs else None
+    units = _n5_strings(where, "units", get("units"), dims) if "units" in attrs else None
+    offset = _n5_numbers(where, "offset", get("offset"), dims) if "offset" in attrs else None
+
+    # each convention's (voxel size, offset, units), x first
+    found: dict[str, tuple[list[float], list[float] | None, list[str] | None]] = {}
+    if "resolution" in attrs:
+        found["resolution"] = (_n5_numbers(where, "resolution", get("resolution"), dims, True), offset, units)
+    pixel_source = attrs if "pixelResolution" in attrs else None
+    if pixel_source is None and not ({"resolution", "transform"} & set(attrs)):
+        pixel_source = next((g for g in groups if "pixelResolution" in g), None)  # n5-viewer's defaults
+    factors = None
+    if "downsamplingFactors" in attrs:
+        factors = _n5_numbers(where, "downsamplingFactors", get("downsamplingFactors"), dims, positive=True)
+    if pixel_source is not None:
+        resolution, unit = _pixel_resolution(where, pixel_source["pixelResolution"], dims)
+        if factors is None:
+            factors = _level_factors(where, groups, level, dims)
+        pixel_units = units if units is not None else [unit] * dims if unit else None
+        found["pixelResolution"] = ([r * f for r, f in zip(resolution, factors)], offset, pixel_units)
+    elif "resolution" in attrs and factors is not None and any(f != 1 for f in factors):
+        raise VoxblockError(
+            f"{where}: N5 attributes resolution={list(get('resolution'))} and downsamplingFactors="
+            f"{list(get('downsamplingFactors'))} on one dataset are read two ways (funlib and tensorstore "
+            "take resolution as this level's voxel size; neuroglancer and Paintera multiply it by the "
+            "factors); voxblock does not guess. Remove downsamplingFactors if resolution is this level's "
+            "voxel size, or write the level's voxel size as resolution"
+        )
+    if "transform" in attrs:
+        transform = get("transform")
+        if not isinstance(transform, Mapping) or "scale" not in transform:
+            raise _n5_refused(where, "transform", transform, 'expected an object with "scale"')
+        order = transform.get("ordering", "C")
+        if order not in ("C", "F"):
+            raise _n5_refused(where, "transform", transform, 'ordering is neither "C" nor "F"')
+        flip = (lambda v: list(v)[::-1]) if order == "C" else list  # CellMap lists C order (z,y,x)
+        scale = flip(_n5_numbers(where, "transform.scale", transform["scale"], dims, positive=True))
+        translate = transform.get("translate")
+        begin = flip(_n5_numbers(where, "transform.translate", translate, dims)) if translate else None
+        t_units = transform.get("units")
+        t_units = flip(_n5_strings(where, "transform.units", t_units, dims)) if t_units else units
+        found["transform"] = (scale, begin if begin is not None else offset, t_units)
+        if transform.get("axes"):
+            names = flip(_n5_strings(where, "transform.axes", transform["axes"], dims))
+
+    # every convention present must place the voxels alike
+    placed = {
+        key: integer_geometry(
+            where,
+            [float(v) for v in size[::-1]],
+            [float(v) for v in (begin or [0.0] * dims)[::-1]],
+            [str(u) for u in (axis_units or [""] * dims)[::-1]],
+        )
+        for key, (size, begin, axis_units) in found.items()
+    }
+    if len({json.dumps(value) for value in placed.values()}) > 1:
+        shown = "; ".join(f"{key}: voxel size {v[0]}, offset {v[1]} {v[2]}" for key, v in placed.items())
+        raise VoxblockError(
+            f"{where}: its N5 attributes place the voxels differently ({shown}, z first); fix one of them"
+        )
+    if placed:
+        voxel_size, begin, spatial_units = next(iter(placed.values()))
+    else:
+        voxel_size, begin, spatial_units = integer_geometry(
+            where,
+            [1.0] * dims,
+            [float(v) for v in (offset or [0.0] * dims)[::-1]],
+            [str(u) for u in (units or [""] * dims)[::-1]],
+        )
+    axis_names = [str(n) for n in names[::-1]] if names else None
+    if axis_names is None:
+        axis_names = ["z", "y", "x"][-dims:] if dims <= 3 else [f"d{i}" for i in range(dims)]
+    return Geometry(begin, voxel_size, axis_names, spatial_units, ["space"] * dims)
+
+
+def _n5_groups(path: Path) -> list[dict[str, Any]]:
+    """The attributes of the groups above an N5 dataset, nearest first, up to the container."""
+    groups = []
+    for folder in path.parents:
+        attrs = _read_json(folder / "attributes.json")
+        if attrs is not None:
+            groups.append(attrs)
+        if folder.suffix == ".n5":
+            break
+    return groups
 
 
 def open_n5(path: str | Path, mode: str = "r") -> tuple[N5Source, Geometry]:
@@ -566,8 +770,12 @@ def open_n5(path: str | Path, mode: str = "r") -> tuple[N5Source, Geometry]:
     attrs = _read_json(Path(path) / "attributes.json")
     if attrs is None or "dimensions" not in attrs:
         raise VoxblockError(f"{where}: no N5 dataset (no attributes.json with dimensions)")
-    source = N5Source(path, attrs)
-    return source, n5_geometry(attrs, len(source.shape), where)
+    dims = attrs["dimensions"]
+    if not isinstance(dims, list):
+        raise _n5_refused(where, "dimensions", dims, "expected a list of sizes")
+    # the attributes first: tensorstore refuses some (resolution, units) in words of its own
+    geometry = n5_geometry(attrs, len(dims), where, _n5_groups(Path(path)), Path(path).name)
+    return N5Source(path, attrs), geometry
 
 
 def n5_datasets(container: Path) -> list[str]:

@@ -22,6 +22,7 @@ from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess, run
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
 from voxblock.halo import Halo, plan_thickness
+from voxblock.nodes import check_output_container
 from voxblock.rundir import RunDirectory, default_run_dir
 from voxblock.workers import Preparation, Worker, make_worker, stable_hash
 
@@ -334,50 +335,6 @@ def all_upstream(task: BlockwiseTask) -> list[BlockwiseTask]:
 
 def _roi(roi: Roi) -> list[list[int]]:
     return [list(roi.offset), list(roi.shape)]
-
-
-# files that mark a directory as a zarr (v3, v2) or N5 node
-NODE_METADATA = ("zarr.json", ".zgroup", ".zarray", ".zattrs", "attributes.json")
-
-
-def check_output_container(name: str) -> None:
-    """Refuse an output whose container exists but is not one: a file, or a directory of other things.
-
-    zarr would turn any directory into a group and write beside what is in
-    it, or fail half-way where the container path is a file. An empty
-    directory is fine (nothing to mix with), and so is a container without
-    root metadata whose arrays have theirs (funlib writes those).
-    """
-    container = arrays.ArrayName.parse(name).container
-    if not container.exists():
-        return
-    if not container.is_dir():
-        raise VoxblockError(
-            f"output {name}: {container} is a file, not a zarr container; choose another output name"
-        )
-    if is_empty(container) or has_node_metadata(container):
-        return
-    raise VoxblockError(
-        f"output {name}: {container} is a directory but not a zarr container (no zarr.json or .zgroup "
-        "in it or in its datasets), so arrays would be mixed with what it holds; choose another output name"
-    )
-
-
-def is_empty(directory: Path) -> bool:
-    """No entry but hidden ones (.DS_Store...)."""
-    return not any(not p.name.startswith(".") for p in directory.iterdir())
-
-
-def has_node_metadata(directory: Path, depth: int = 3) -> bool:
-    """zarr or N5 metadata in `directory` or a subdirectory at most `depth` levels down (breadth first)."""
-    level = [directory]
-    for _ in range(depth + 1):
-        if any((d / m).is_file() for d in level for m in NODE_METADATA):
-            return True
-        level = [s for d in level for s in d.iterdir() if s.is_dir()]
-        if not level:
-            return False
-    return False
 
 
 def _remove_empty_tree(path: Path) -> None:

@@ -762,7 +762,8 @@ def _check_segment_output(seg: Segmentation, overwrite: bool, spec: arrays.Outpu
 
 
 def _no_chunk_written(array: Any) -> bool:
-    return array._source_data.nchunks_initialized == 0
+    """No chunk written: True only where that is known (zarr, a dropped time axis); N5: data may exist."""
+    return arrays.no_chunk_written(array)
 
 
 def _check_intermediate(name: str, overwrite: bool) -> None:
