@@ -363,7 +363,7 @@ class Empanada(ArrayWorker):
         """
         if getattr(self, "_model", None) is None:
             self._load(source, tuple(block.read_roi.shape / source.voxel_size))
-        data = arrays.read(source, block.read_roi)
+        data = source.to_ndarray(block.read_roi)  # zeros outside the region segmented
         return self.instances(data[0] if source.channel_dims else data)
 
     # -- post-processing --------------------------------------------------------

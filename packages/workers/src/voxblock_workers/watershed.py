@@ -139,7 +139,7 @@ class Watershed(ArrayWorker):
             self.check_input(source)
             self._offsets_used = self._offsets(source)
             self._bias_used = self._bias(len(self._offsets_used))
-        return self.fragments(arrays.read(source, block.read_roi))
+        return self.fragments(source.to_ndarray(block.read_roi))  # zeros outside the region segmented
 
     def fragments(self, affinities: np.ndarray) -> np.ndarray:
         """Mutex watershed on one region: uint64 labels, 0 where no fragment formed."""

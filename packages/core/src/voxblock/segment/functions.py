@@ -130,22 +130,39 @@ def built_in_help() -> list[str]:
 
 class ZeroPadded:
     """The input as a segment function sees it: `array[roi]` and `array.to_ndarray(roi)` read
-    zeros past the input, as promised for border blocks (with fit="overhang" their read ROI leaves
-    the input; funlib's arrays raise there). Everything else is the wrapped array's own.
+    zeros outside the region segmented (the total ROI, within the input).
+
+    Border blocks read past it (with fit="overhang" their read ROI leaves the input; funlib's
+    arrays raise there), and a crop of a larger input must not be joined through voxels outside
+    the crop: with them, the labelling of a crop changed with the block size. Everything else
+    is the wrapped array's own.
     """
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "region")
 
-    def __init__(self, array: Any):
+    def __init__(self, array: Any, region: Roi | None = None):
         object.__setattr__(self, "array", array)
+        object.__setattr__(self, "region", array.roi if region is None else array.roi.intersect(region))
+
+    def read(self, roi: Roi, fill_value: Any = 0) -> np.ndarray:
+        """The data in `roi`, `fill_value` outside the region."""
+        inside = self.region.intersect(roi)
+        if inside == roi:
+            return arrays.read(self.array, roi, fill_value)
+        channels = arrays.channel_shape(self.array)
+        data = np.full(channels + tuple(roi.shape / self.array.voxel_size), fill_value, self.array.dtype)
+        if not inside.empty:
+            target = ((inside - roi.begin) / self.array.voxel_size).to_slices()
+            data[(slice(None),) * len(channels) + tuple(target)] = arrays.read(self.array, inside, fill_value)
+        return data
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, Roi):
-            return arrays.read(self.array, key)
+            return self.read(key)
         return self.array[key]
 
     def to_ndarray(self, roi: Roi | None = None, fill_value: Any = 0) -> np.ndarray:
-        return arrays.read(self.array, self.array.roi if roi is None else roi, fill_value)
+        return self.read(self.region if roi is None else roi, fill_value)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.array, name)
@@ -154,7 +171,14 @@ class ZeroPadded:
         setattr(self.array, name, value)  # e.g. the chunk I/O arrays.read keeps on the array
 
     def __repr__(self) -> str:
-        return f"ZeroPadded({self.array!r})"
+        return f"ZeroPadded({self.array!r}, region={self.region})"
+
+
+def read_block(input_array: Any, roi: Roi) -> np.ndarray:
+    """What a segment function reads over `roi`: zeros outside its region, or outside the input."""
+    if isinstance(input_array, ZeroPadded):
+        return input_array.read(roi)
+    return arrays.read(input_array, roi)
 
 
 def threshold_label(
@@ -169,7 +193,7 @@ def threshold_label(
     Labels are consecutive from 1: segment_blockwise's face stitching relies on it.
     """
     check_channel(arrays.channel_shape(input_array), channel)
-    data = arrays.read(input_array, block.read_roi)
+    data = read_block(input_array, block.read_roi)
     if channel is not None:
         data = data[channel]
     foreground = data > threshold
@@ -197,6 +221,8 @@ class SegmentFunction:
 
     spec: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    # [offset, shape] of the region segmented: the function reads zeros outside it
+    region: list | None = None
 
     def __post_init__(self) -> None:
         self._function: Any = None
@@ -263,15 +289,17 @@ class SegmentFunction:
     def __call__(self, input_array: Any, block: Any) -> np.ndarray:
         self.load()
         if not isinstance(input_array, ZeroPadded):
-            input_array = ZeroPadded(input_array)
+            region = Roi(*self.region) if self.region else None
+            input_array = ZeroPadded(input_array, region)
         if self.kind == "worker":
             return self._function(input_array, block)
         return self._function(input_array, block, **self.parameters)
 
     def __getstate__(self) -> Mapping[str, Any]:
-        return {"spec": self.spec, "parameters": self.parameters}
+        return {"spec": self.spec, "parameters": self.parameters, "region": self.region}
 
     def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.spec = state["spec"]
+        self.region = state.get("region")
         self.parameters = dict(state["parameters"])
         self._function = None

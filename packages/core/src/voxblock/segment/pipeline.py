@@ -65,9 +65,10 @@ class Labelling(Worker):
     parameters: dict = option({}, help="parameters of the segment function")
     input: str = option("")
     grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
+    region: list = option([], help="[offset, shape] segmented: the function reads zeros outside it")
 
     def segment_function(self) -> SegmentFunction:
-        return SegmentFunction(self.function, dict(self.parameters)).load()
+        return SegmentFunction(self.function, dict(self.parameters), self.region or None).load()
 
 
 @dataclass
@@ -510,6 +511,11 @@ def segment_blockwise(
             "every axis: blocks are merged where their contexts overlap"
         )
     read_roi, write_roi = block_rois(read_roi, write_roi, context)
+    if not source.roi.contains(total_roi):
+        raise VoxblockError(
+            f"the region to segment {total_roi} is not inside the input {source.roi}; "
+            "choose a total ROI inside the input"
+        )
     worker_class("relabel")  # the relabel pass needs voxblock-workers: say so now
     function = SegmentFunction(str(segment_function), dict(parameters or {})).load()
     function.check_input(source)
@@ -543,6 +549,7 @@ def segment_blockwise(
         # how pass 1 stores its results: a run directory of another layout starts afresh
         "edge_files": "npy",
         "fragments": "smallest unsigned dtype",
+        "outside the total ROI": "zeros",  # a crop is labelled as if it were the whole volume
     }
     key = stable_hash(identity)
     seg = Segmentation(
@@ -559,6 +566,7 @@ def segment_blockwise(
     seg.record(identity)
 
     target = blocking.target_roi
+    region = [list(total_roi.offset), list(total_roi.shape)]  # the function reads zeros outside it
     # a block can hold at most one label per voxel it labels
     labelled = blocking.write_roi if method == "faces" else blocking.read_roi
     grid = BlockGrid.of(blocking, int(np.prod(labelled.shape / source.voxel_size)))
@@ -572,6 +580,7 @@ def segment_blockwise(
             face_dir=str(seg.face_dir),
             edge_dir=str(seg.edge_dir),
             grid=grid.to_dict(),
+            region=region,
             rank=rank,
         )
     else:
@@ -582,6 +591,7 @@ def segment_blockwise(
             fragments=seg.fragments,
             edge_dir=str(seg.edge_dir),
             grid=grid.to_dict(),
+            region=region,
         )
     fragments = BlockwiseTask(
         first_pass,
@@ -637,6 +647,7 @@ def segment_blockwise(
                 output=str(output_name),
                 lut=seg.lut,
                 grid=grid.to_dict(),
+                region=region,
             ),
             blocking.total_roi,
             blocking.read_roi,
