@@ -441,6 +441,65 @@ def test_a_pre_created_output_that_does_not_fit_is_refused_before_any_work(
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize("stitch", ["faces", "context"])
+@pytest.mark.parametrize(
+    ("container", "message"),
+    [
+        ("notes.zarr", "is a directory but not a zarr container"),  # a user's folder: not made a group
+        ("out.zarr", "is a file, not a zarr container"),  # refused before pass 1, not a FileExistsError after
+    ],
+)
+def test_an_output_container_that_is_not_one_is_refused_before_any_work(
+    tmp_path, monkeypatch, stitch, container, message
+):
+    monkeypatch.chdir(tmp_path)
+    raw = write_volume(tmp_path, blobs())
+    if container == "notes.zarr":
+        (tmp_path / container).mkdir()
+        (tmp_path / container / "notes.txt").write_text("mine\n")
+    else:
+        (tmp_path / container).write_text("not a container\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(voxblock.VoxblockError, match=message):
+        segment(
+            "threshold-label",
+            Roi((0, 0, 0), SHAPE),
+            voxblock_rois(Coordinate((BLOCK,) * 3)),
+            Coordinate((1, 1, 1)),
+            input=raw,
+            output=f"{tmp_path}/{container}/seg",
+            stitch=stitch,
+        )
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.bad_input
+def test_the_cli_words_a_refused_segmentation_in_voxels_and_flags(tmp_path, monkeypatch):
+    """As `voxblock run`: the API's world units and keyword arguments become voxels and flags."""
+    import zarr
+
+    from voxblock.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    write_volume(tmp_path, blobs(), voxel=4)
+    # an existing output in shards of 16^3 voxels: two workers writing 8^3 blocks would share them
+    array = zarr.create_array(
+        store=str(tmp_path / "v.zarr" / "seg"), shape=SHAPE, chunks=(8,) * 3, shards=(16,) * 3, dtype="uint64"
+    )
+    array.attrs.put({"voxel_size": [4, 4, 4], "offset": [0, 0, 0]})
+    before = snapshot(tmp_path)
+    arguments = ["segment", "threshold-label", "--input", "v.zarr/raw", "--output", "v.zarr/seg"]
+    arguments += ["--block-size", "8", "--workers", "2", "--overwrite", "--no-progress"]
+    result = CliRunner().invoke(main, arguments)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, SystemExit), result.exception  # a ClickException, no traceback
+    assert "shards of (16, 16, 16) voxels" in result.output, result.output
+    assert "--workers 1" in result.output and "num_workers" not in result.output, result.output
+    assert "world units" not in result.output, result.output
+    assert snapshot(tmp_path) == before
+
+
 def test_voxblock_workers_lists_the_segment_functions():
     from voxblock.cli import main
 

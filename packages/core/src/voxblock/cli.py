@@ -655,9 +655,11 @@ def segment(function: str, **values: Any) -> None:
     from voxblock.segment import segment_blockwise
 
     parameters = key_values(values["parameters"])
+    voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     try:
         compute, host = _compute(values)
         source = arrays.open_input(values["input_"])
+        voxel_size = source.voxel_size
         region, _, _ = rois_from_voxels(
             source.roi, source.voxel_size, values["block_size"], "0", values["roi"]
         )
@@ -690,7 +692,7 @@ def segment(function: str, **values: Any) -> None:
             **_layout(values, source.voxel_size.dims),
         )
     except VoxblockError as error:
-        raise click.ClickException(str(error)) from None
+        raise click.ClickException(cli_wording(str(error), voxel_size)) from None
     sys.exit(0 if ok else 1)
 
 

@@ -32,6 +32,7 @@ from voxblock.compute import Local
 from voxblock.errors import VoxblockError
 from voxblock.files import replace_atomically
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
+from voxblock.nodes import check_output_container
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
 from voxblock.segment.edges import block_edges, contact_edges, select_edges
@@ -557,6 +558,10 @@ def segment_blockwise(
         Path(run_dir) if run_dir else default_run_dir([str(output_name)], "segment", key),
         key,
     )
+    # the faces passes 1 and 2 declare no outputs, and the solve makes its tables' groups itself:
+    # a container that is a file or a user's folder is refused here, before any pass, not after
+    for name in (str(output_name), *seg.intermediates()):
+        check_output_container(name)
     _check_segment_output(seg, overwrite, arrays.OutputSpec.like(source, output_name, np.uint64, total_roi))
     _check_layout(output_name, blocking, num_workers, source.voxel_size, chunk_shape, shard_shape)
     for name in seg.intermediates():
