@@ -100,6 +100,7 @@ class BlockwiseTask:
 
         self.worker = make_worker(worker, *args, **kwargs)
         self.blocking = Blocking(total_roi, read_roi, write_roi, check_fit(fit or self.worker.default_fit()))
+        _check_valid_coverage(self.blocking, self.worker.worker_name, explicit=fit is not None)
         self.read_write_conflict = (
             self.worker.default_read_write_conflict()
             if read_write_conflict is None
@@ -361,3 +362,28 @@ def _voxels(what: str, shape: Sequence[int] | None, dims: int) -> Coordinate | N
     if len(values) != dims or not all(isinstance(v, int) and v > 0 for v in values):
         raise VoxblockError(f"{what} must be {dims} positive integers (voxels); got {shape!r}")
     return Coordinate(values)
+
+
+def _check_valid_coverage(blocking: Blocking, worker: str, explicit: bool) -> None:
+    """fit='valid' writes only whole blocks: say so where that leaves part of the region unwritten.
+
+    Refused where the fit is the worker's default (dacapo's worker files say 'valid'), since a
+    run would end "done" with part of the volume never written; a warning where it was asked for.
+    """
+    if blocking.fit != "valid":
+        return
+    target, written = blocking.target_roi, blocking.written_roi
+    if written == target or target.empty:
+        return
+    missing = target.size - (written.size if not written.empty else 0)
+    message = (
+        f"with fit='valid', blocks of {blocking.write_roi.shape} write only {written} of the region "
+        f"{target} (world units): {missing / target.size:.0%} of it would not be written"
+    )
+    if explicit:
+        warnings.warn(message, stacklevel=3)
+        return
+    raise VoxblockError(
+        f"{message}. fit='valid' is the default of worker {worker!r}; pass fit='shrink' or "
+        "fit='overhang' to write all of it, or fit='valid' to write only whole blocks"
+    )

@@ -279,11 +279,7 @@ def check_output_layout(
 
     name = arrays.ArrayName.parse(name)
     if name.path.exists():
-        if num_workers < 2:
-            return None
-        existing = arrays.open_input(name, role="output")
-        unit = arrays.spatial_write_unit(existing) * existing.voxel_size
-        _check_write_unit(name, blocking, existing.roi, unit, arrays.is_sharded(existing))
+        check_existing_output(name, blocking, num_workers)
         return None
     layout = plan_layout(blocking.write_roi.shape / voxel_size, chunk_shape, shard_shape)
     if layout.shard is not None and arrays.container_format(name) == 2:
@@ -295,6 +291,17 @@ def check_output_layout(
         unit = layout.write_unit * voxel_size
         _check_write_unit(name, blocking, roi or blocking.written_roi, unit, layout.shard is not None)
     return layout
+
+
+def check_existing_output(name: str | arrays.ArrayName, blocking: Blocking, num_workers: int) -> None:
+    """Refuse blocks that would share a write unit (shard, else chunk) of an existing output."""
+    from voxblock import arrays
+
+    if num_workers < 2:
+        return
+    existing = arrays.open_input(name, role="output")
+    unit = arrays.spatial_write_unit(existing) * existing.voxel_size
+    _check_write_unit(name, blocking, existing.roi, unit, arrays.is_sharded(existing))
 
 
 def _check_write_unit(
@@ -430,6 +437,15 @@ class WorkerFile(Worker):
 
     def options(self) -> dict[str, Any]:
         return {"path": self.path, "args": _jsonable(self.args), "kwargs": _jsonable(self.kwargs)}
+
+    def prepare(self, preparation: Preparation) -> None:
+        """The file writes its outputs itself; voxblock still refuses blocks that would share
+        the write units of those that exist (their writes would lose each other's voxels)."""
+        from voxblock import arrays
+
+        for name in self.outputs():
+            if arrays.ArrayName.parse(name).path.exists():
+                check_existing_output(name, preparation.blocking, preparation.num_workers)
 
     def outputs(self) -> list[str]:
         """The arrays given to parameters named output... or prediction... (dacapo's names)."""
