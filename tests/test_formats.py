@@ -104,16 +104,17 @@ def ome_reader_transforms(image: Path) -> tuple[list[dict], list[dict]]:
     return node.metadata["axes"], node.metadata["coordinateTransformations"][0]
 
 
-def check_output_placement(output: str) -> None:
-    """The output lies at TOTAL, in nanometers, for funlib and for OME-NGFF readers."""
+def check_output_placement(output: str, unit: str = "micrometer", per_nm: float = 1000) -> None:
+    """The output lies at TOTAL: in nanometers for funlib, in its input's `unit` for OME-NGFF readers."""
     name = arrays.ArrayName.parse(output)
     assert open_ds(str(name.path)).roi == TOTAL  # funlib's attributes on the array
     axes, transforms = ome_reader_transforms(name.path.parent)
     assert [a["name"] for a in axes][-3:] == ["z", "y", "x"]
-    assert [a.get("unit") for a in axes][-3:] == ["nanometer"] * 3
+    assert [a.get("unit") for a in axes][-3:] == [unit] * 3
     by_type = {t["type"]: t for t in transforms}
-    assert by_type["scale"]["scale"][-3:] == list(VOXEL_NM)
-    assert by_type["translation"]["translation"][-3:] == list(TOTAL.begin)
+    # as the input writes them: 0.004, not 0.0040000000000000001
+    assert by_type["scale"]["scale"][-3:] == [v / per_nm for v in VOXEL_NM]
+    assert by_type["translation"]["translation"][-3:] == [b / per_nm for b in TOTAL.begin]
     from ome_zarr_models import open_ome_zarr
 
     open_ome_zarr(zarr.open_group(str(name.path.parent), mode="r"))  # validates
@@ -121,6 +122,7 @@ def check_output_placement(output: str) -> None:
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 def test_ome_zarr_py_image_in_micrometers_runs_at_its_place_in_nanometers(tmp_path, version):
+    """Blocks and funlib's attributes in nanometers; the output's OME-NGFF metadata in micrometers."""
     data = volume()
     write_ome_zarr_py(tmp_path / "image.zarr", data, version)
     source = arrays.open_input("image.zarr/s0")
@@ -249,7 +251,7 @@ def test_n5_with_resolution_and_offset_runs_at_its_place(tmp_path):
 
     result = np.asarray(zarr.open_array("out.zarr/mask/s0", mode="r")[...])
     np.testing.assert_array_equal(result, (data > 0.5).astype(np.uint8)[voxels(TOTAL)])
-    check_output_placement("out.zarr/mask/s0")
+    check_output_placement("out.zarr/mask/s0", "nanometer", 1)  # the N5 input's unit
 
 
 def test_n5_conventions_of_bigdataviewer_and_cellmap():
@@ -507,8 +509,8 @@ def test_levels_of_one_image_read_in_one_unit_and_outputs_take_the_inputs(tmp_pa
     out = arrays.open_input("out.zarr/mask/s0")
     assert (out.voxel_size, out.units) == (s0.voxel_size, s0.units)
     axes, transforms = ome_reader_transforms(tmp_path / "out.zarr" / "mask")
-    assert [a["unit"] for a in axes] == ["nanometer"] * 3
-    assert {t["type"]: t for t in transforms}["scale"]["scale"] == [1000.0] * 3
+    assert [a["unit"] for a in axes] == ["micrometer"] * 3  # as its input's s0
+    assert {t["type"]: t for t in transforms}["scale"]["scale"] == [1.0] * 3
 
 
 @pytest.mark.bad_input
@@ -630,3 +632,141 @@ def test_an_output_of_a_funlib_input_in_micrometers_reads_back_as_its_input_and_
     axes, _ = ome_reader_transforms(tmp_path / "o.zarr" / "mask")
     assert [a["unit"] for a in axes] == ["micrometer"] * 3
     assert voxblock.run_blockwise("threshold", world, block, block, **run)  # resumes: same units
+
+
+# -- outputs in their input's units: a label layer napari draws on its image ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("unit", "nanometers"),
+    [
+        ("micrometer", [4, 8, 3, 11, 800, 123457, 10**12 + 7]),
+        ("angstrom", [3, 7, 1]),
+        ("meter", [1, 999]),
+        ("millimeter", [4, 250001]),
+        ("picometer", [3]),
+        ("nanometer", [5]),
+    ],
+)
+def test_whole_nanometers_in_another_unit_read_back_exactly(unit, nanometers):
+    for nm in nanometers:
+        value = formats.in_unit(nm, "nanometer", unit)
+        assert value is not None
+        assert formats.integer_geometry("t", [value], [-value], [unit]) == ([nm], [-nm], ["nanometer"])
+        if nm < 10**6:  # a short number, as a person writes it
+            assert len(repr(value)) <= 12, value
+    assert repr(formats.in_unit(4, "nanometer", "micrometer")) == "0.004"
+    assert formats.in_unit(2, "um", "nanometer") == 2000.0
+    assert formats.in_unit(4, "nanometer", "pixel") is None  # no length: not converted
+
+
+def write_multiscale_um(path: Path, data: np.ndarray, version: str) -> dict:
+    """One level written by ome-zarr-py's write_multiscale, in micrometers: its coordinateTransformations."""
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.writer import write_multiscale
+
+    transforms = [
+        {"type": "scale", "scale": [v / 1000 for v in VOXEL_NM]},
+        {"type": "translation", "translation": [o / 1000 for o in OFFSET_NM]},
+    ]
+    root = zarr.open_group(str(path), mode="w", zarr_format=2 if version == "0.4" else 3)
+    write_multiscale(
+        [data],
+        root,
+        fmt=FormatV04() if version == "0.4" else FormatV05(),
+        axes=[{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+        coordinate_transformations=[transforms],
+        storage_options={"chunks": (8, 8, 8)},
+    )
+    return {t["type"]: t[t["type"]] for t in transforms}
+
+
+def read_label_without_warnings(label: Path, version: str, caplog) -> tuple[list[dict], dict]:
+    """ome-zarr-py's Reader (what napari's ome-zarr plugin uses) on a label group: axes, level 0's numbers."""
+    from ome_zarr.format import FormatV04, FormatV05
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Reader
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ome_zarr"):
+        nodes = list(Reader(parse_url(str(label), fmt=FormatV04() if version == "0.4" else FormatV05()))())
+    assert [r.getMessage() for r in caplog.records] == []  # no "no parent found for Label"
+    node = next(n for n in nodes if n.load(Label))
+    assert any(n.zarr.basename() == label.parent.parent.name for n in nodes)  # its image, as its parent
+    numbers = {t["type"]: t[t["type"]] for t in node.metadata["coordinateTransformations"][0]}
+    return node.metadata["axes"], numbers
+
+
+@pytest.mark.parametrize(("version", "stitch"), [("0.4", "faces"), ("0.5", "context")])
+def test_labels_in_an_image_in_micrometers_carry_its_numbers_and_resume(
+    tmp_path, capfd, caplog, version, stitch
+):
+    """A label layer napari draws on its image: scale and translation are the image's numbers, in its unit.
+
+    napari's ome-zarr plugin takes the numbers and ignores units: nanometers on an image in micrometers
+    were drawn 1000 times off. funlib's attributes stay in nanometers; a rerun resumes.
+    """
+    data = volume(seed=5)
+    image = tmp_path / "v.zarr"
+    level0 = write_multiscale_um(image, data, version)
+    source = arrays.open_input("v.zarr/s0")
+    assert (source.voxel_size, source.roi.begin) == (VOXEL_NM, OFFSET_NM)
+    world, block = source.roi, Roi((0, 0, 0), (8 * 8, 4 * 8, 4 * 8))
+
+    def segment() -> bool:
+        return voxblock.segment_blockwise(
+            "threshold-label", (8, 4, 4), world, block, block, num_workers=2, progress=False,
+            input="v.zarr/s0", output="v.zarr/labels/cells/0", parameters={"threshold": 0.5}, stitch=stitch,
+        )  # fmt: skip
+
+    def run() -> bool:
+        return voxblock.run_blockwise(
+            "threshold", world, block, block, progress=False, num_workers=2,
+            input="v.zarr/s0", output="v.zarr/labels/mask/0", threshold=0.5,
+        )  # fmt: skip
+
+    assert run() and segment()
+    for name in ("mask", "cells"):
+        axes, numbers = read_label_without_warnings(image / "labels" / name, version, caplog)
+        assert [a.get("unit") for a in axes] == ["micrometer"] * 3
+        assert numbers == level0  # the very numbers of the image's level 0
+        out = open_ds(str(image / "labels" / name / "0"))  # funlib: nanometers, on the input
+        assert (out.roi, out.voxel_size, out.units) == (source.roi, source.voxel_size, ["nanometer"] * 3)
+    np.testing.assert_array_equal(zarr.open_array(str(image / "labels/mask/0"))[...], data > 0.5)
+    cells = zarr.open_array(str(image / "labels/cells/0"))[...]
+    assert ((cells > 0) == (data > 0.5)).all()
+    labels = zarr.open_group(str(image / "labels"), mode="r").attrs.asdict()
+    assert (labels.get("ome") or labels)["labels"] == ["mask", "cells"]
+    from ome_zarr_models import open_ome_zarr
+
+    for group in ("", "labels/mask", "labels/cells"):
+        open_ome_zarr(zarr.open_group(str(image / group), mode="r"))  # validates
+
+    capfd.readouterr()
+    assert run() and segment()  # a rerun: everything already done
+    printed = capfd.readouterr()
+    done = [line for line in (printed.out + printed.err).splitlines() if "blocks processed" in line]
+    assert len(done) == 4 and all(" 0 blocks processed" in line for line in done), done
+
+
+def test_a_new_level_takes_the_unit_of_the_levels_already_in_its_image(tmp_path):
+    """s1 written from an input in nanometers into an image whose s0 is in micrometers: micrometers too."""
+    from funlib.persistence import prepare_ds
+
+    write_ome_zarr_py(tmp_path / "image.zarr", volume(), "0.5")
+    assert threshold("image.zarr/s0", "out.zarr/mask/s0")
+    prepare_ds(
+        "out.zarr/mask/s1", shape=(10, 12, 14), offset=OFFSET_NM, voxel_size=(16, 8, 8), units=["nm"] * 3,
+        axis_names=["z", "y", "x"],
+        chunk_shape=(8, 8, 8), dtype=np.uint8,
+    )  # fmt: skip
+    s1 = arrays.open_array("out.zarr/mask/s1")
+    assert formats.write_ome_metadata(Path("out.zarr"), "mask/s1", s1, ("nanometer",) * 3)
+    axes, _ = ome_reader_transforms(tmp_path / "out.zarr" / "mask")
+    assert [a["unit"] for a in axes] == ["micrometer"] * 3
+    multiscale = zarr.open_group("out.zarr/mask", mode="r").attrs["ome"]["multiscales"][0]
+    assert [d["path"] for d in multiscale["datasets"]] == ["s0", "s1"]
+    scale, translation = multiscale["datasets"][1]["coordinateTransformations"]
+    assert (scale["scale"], translation["translation"]) == ([0.016, 0.008, 0.008], [0.08, 0.04, 0.4])
+    again = arrays.open_input("out.zarr/mask/s1")
+    assert (again.voxel_size, again.roi.begin, again.units) == ((16, 8, 8), OFFSET_NM, ["nm"] * 3)

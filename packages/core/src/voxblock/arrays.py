@@ -77,6 +77,9 @@ class ZarrArray:
     funlib.persistence imported) the first time one is asked for.
     """
 
+    # the units of the input's world (an OME-NGFF input's axes'): outputs' OME-NGFF metadata uses them
+    ome_units: tuple[str, ...] | None = None
+
     def __init__(
         self,
         data: Any,
@@ -371,6 +374,7 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
     if formats.in_n5(path):
         data, geometry = formats.open_n5(path, mode)
         attrs = geometry.attrs()
+        ome_units = formats.source_units(geometry, {})
     elif _custom_metadata_format():
         from funlib.persistence import open_ds
 
@@ -383,6 +387,7 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
             raise TypeError(f"Expected a zarr Array at {path}, got {type(data).__name__}")
         attrs = data.attrs.asdict()
         geometry = formats.ome_geometry(path, data.shape)
+        ome_units = formats.source_units(geometry, attrs)
         if geometry is not None:
             funlib_agrees = formats.check_agrees(str(path), geometry, attrs)
             if geometry.drop or not funlib_agrees:
@@ -401,6 +406,7 @@ def open_array(path: str | Path, mode: str = "r") -> Array:
         types=types,
     )
     array._halo = _HALOS.get(_halo_key(path))
+    array.ome_units = ome_units
     return array
 
 
@@ -604,6 +610,7 @@ class OutputSpec:
     axis_names: tuple[str, ...] | None = None
     units: tuple[str, ...] | None = None
     chunk_shape: Coordinate | None = None  # spatial voxels; default: the write block
+    ome_units: tuple[str, ...] | None = None  # the input's units, for OME-NGFF metadata (voxblock.formats)
 
     @classmethod
     def like(
@@ -618,6 +625,7 @@ class OutputSpec:
             channels=tuple(channels),
             axis_names=tuple(source.axis_names[source.channel_dims :]),
             units=tuple(source.units),
+            ome_units=getattr(source, "ome_units", None),
         )
 
 
@@ -762,7 +770,9 @@ def _create(
     record_provenance(spec.name, provenance)
     from voxblock import formats
 
-    formats.write_ome_metadata(spec.name.container, spec.name.dataset, open_array(spec.name.path))
+    formats.write_ome_metadata(
+        spec.name.container, spec.name.dataset, open_array(spec.name.path), spec.ome_units
+    )
     return open_array(spec.name.path, mode="r+")
 
 

@@ -63,6 +63,20 @@ replaced by 1. N5 outputs are refused: write a .zarr.
 Outputs named as a multiscale level (`out.zarr/mask/s0`, `.../labels/cells/0`)
 get OME-NGFF metadata on their parent group (`write_ome_metadata`), in the
 version of their zarr format, besides funlib's attributes on the array.
+That metadata is in the length units of the input's axes (its Geometry's
+`source_units`: 0.008 micrometer, not 8 nanometer, for an input in
+micrometers), converted exactly from the nanometers voxblock works in and
+checked to read back to them: napari's ome-zarr plugin places layers by the
+scale and translation numbers alone (napari_ome_zarr's `transform_scale`
+ignores units), so a label layer in nanometers on an image in micrometers
+would be drawn 1000 times off. funlib's attributes on the array stay in
+nanometers (funlib.geometry needs whole numbers: 0.004 micrometer is none),
+so funlib's `open_ds`, and a rerun comparing voxel sizes, read the input's
+nanometer grid. An output that is no level records the input's units in
+its attribute `voxblock_ome_units`, for outputs made from it (the fragments
+segment_blockwise relabels). A label image's `image-label` names its image
+(`source.image` "../../"): ome-zarr-py's Reader warns "no parent found"
+for a label without it.
 """
 
 from __future__ import annotations
@@ -73,6 +87,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +119,9 @@ _NANOMETERS = {
 }
 _OME_UNITS = {"nm": "nanometer", "um": "micrometer", "\u00b5m": "micrometer", "\u03bcm": "micrometer"}
 _OME_UNITS.update({"micron": "micrometer", "pm": "picometer", "mm": "millimeter", "cm": "centimeter"})
+_OME_UNITS["m"] = "meter"
+# on an output that is no OME-NGFF level: the length units of its input's axes (see write_ome_metadata)
+UNITS_KEY = "voxblock_ome_units"
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,8 @@ class Geometry:
     units: list[str]
     types: list[str]
     drop: tuple[int, ...] = ()
+    # the space axes' units as the metadata names them (OME-NGFF names: "micrometer"; "" for none)
+    source_units: tuple[str, ...] = ()
 
     def attrs(self) -> dict[str, Any]:
         return {
@@ -333,7 +353,8 @@ def geometry(multiscale: Mapping[str, Any], dataset: str, shape: Sequence[int], 
     types = ["space" if kinds[i] == "space" else "channel" for i in kept]
     if any(kinds[i] == "space" for i in kept[: len(kept) - len(spatial)]):
         raise VoxblockError(f"{where}: the OME-NGFF axes {names} do not end with the space axes")
-    return Geometry(offset, voxel_size, axis_names, spatial_units, types, drop)
+    named = tuple(_ome_unit(str(units[i] or "")) or "" for i in spatial)
+    return Geometry(offset, voxel_size, axis_names, spatial_units, types, drop, named)
 
 
 def check_agrees(where: str, geometry: Geometry, attrs: Mapping[str, Any]) -> bool:
@@ -419,6 +440,51 @@ def _ome_unit(unit: str) -> str | None:
     return _OME_UNITS.get(unit, unit) or None
 
 
+def source_units(geometry: Geometry | None, attrs: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The units of an array's input world: its OME-NGFF (or N5) axes', else those recorded on it."""
+    if geometry is not None and any(geometry.source_units):
+        return geometry.source_units
+    recorded = attrs.get(UNITS_KEY)
+    if isinstance(recorded, list) and all(isinstance(u, str) for u in recorded):
+        return tuple(recorded)
+    return None
+
+
+def in_unit(value: float, unit: str, target: str) -> float | None:
+    """`value` (in `unit`) as a number of `target`, one that reads back to `value` exactly.
+
+    Reading back is what `integer_geometry` does (times nanometers per `target`, then whole).
+    The number is the exact quotient, rounded to 12 significant digits (0.004, not
+    0.0040000000000000001), or to 17 where 12 do not read back. None where either unit is no
+    length voxblock knows, or no float reads back.
+    """
+    here, there = length_factor(unit), length_factor(target)
+    if here is None or there is None:
+        return None
+    nanometers = Fraction(value) * Fraction(str(here))  # the factors are powers of ten: exact
+    exact = nanometers / Fraction(str(there))
+    for digits in (12, 17):
+        converted = float(f"{float(exact):.{digits}g}")
+        back = converted * there
+        if _whole(back) and round(back) == nanometers:
+            return converted
+    return None
+
+
+def _in_units(
+    voxel_size: Sequence[int], offset: Sequence[int], units: Sequence[str], targets: Sequence[str] | None
+) -> tuple[list[float], list[float], list[str]]:
+    """Voxel size, offset and units per space axis in `targets` where each converts exactly, else as given."""
+    sizes, begins, named = [float(v) for v in voxel_size], [float(v) for v in offset], list(units)
+    for i, target in enumerate(targets or []):
+        if i >= len(named) or not target or named[i] == target:
+            continue
+        size, begin = in_unit(sizes[i], named[i], target), in_unit(begins[i], named[i], target)
+        if size is not None and begin is not None:
+            sizes[i], begins[i], named[i] = size, begin, target
+    return sizes, begins, named
+
+
 def output_multiscale(
     level: str, axis_names: Sequence[str], types: Sequence[str], units: Sequence[str], voxel_size, offset
 ) -> dict[str, Any]:
@@ -471,14 +537,18 @@ def check_output_name(container: Path, dataset: str) -> None:
             )
 
 
-def write_ome_metadata(container: Path, dataset: str, array: Any) -> bool:
+def write_ome_metadata(container: Path, dataset: str, array: Any, units: Sequence[str] | None = None) -> bool:
     """Describe an output level (`.../s0`) as an OME-NGFF image on its parent group.
 
     The version follows the array's zarr format (0.4 on v2, 0.5 on v3);
     groups missing between the container and the image are created. An
     output under `IMAGE/labels/NAME/` is also listed as a label image of
-    IMAGE. Returns False (and writes nothing) where the output is not named
-    as a level or OME-NGFF cannot describe its axes.
+    IMAGE, and names IMAGE as its source. `units`: the input's units of the
+    space axes (`source_units`); scale and translation are written in them
+    where they convert exactly (`in_unit`), else in the array's own; levels
+    already in the image keep it in theirs. Returns False where the output
+    is not named as a level or OME-NGFF cannot describe its axes: it then
+    only records `units` on the array (`UNITS_KEY`), for outputs made from it.
     """
     import zarr
 
@@ -487,25 +557,37 @@ def write_ome_metadata(container: Path, dataset: str, array: Any) -> bool:
 
     parts = dataset.split("/")
     if not LEVEL.match(parts[-1]) or not _representable(array.types):
+        if units and any(units):
+            zarr.open_array(str(container / dataset), mode="r+").attrs[UNITS_KEY] = list(units)
         return False
     zarr_format = array._source_data.metadata.zarr_format
     version = "0.4" if zarr_format == 2 else "0.5"
     make_groups(ArrayName(container, dataset), zarr_format)
-    multiscale = output_multiscale(
-        parts[-1], array.axis_names, array.types, array.units, array.voxel_size, array.offset
-    )
-    multiscale["name"] = parts[-2] if len(parts) > 1 else container.stem
     group = zarr.open_group(str(container.joinpath(*parts[:-1])), mode="r+", zarr_format=zarr_format)
     previous = multiscales_of(group.attrs.asdict()) or []
-    if previous and [a.get("name") for a in previous[0].get("axes", [])] == [
-        a["name"] for a in multiscale["axes"]
-    ]:
-        kept = [d for d in previous[0].get("datasets", []) if str(d.get("path")) != parts[-1]]
-        multiscale["datasets"] = kept + multiscale["datasets"]
+    axes = (
+        [a if isinstance(a, Mapping) else {"name": a} for a in (previous[0].get("axes") or [])]
+        if previous
+        else []
+    )
+    same_axes = [a.get("name") for a in axes] == [str(n).rstrip("^") for n in array.axis_names]
+    others = [d for d in previous[0].get("datasets", []) if str(d.get("path")) != parts[-1]] if axes else []
+    if same_axes and others:  # one image, one unit per axis: the levels already there say which
+        units = [str(a.get("unit") or "") for a in axes if _axis_type(a) == "space"]
+    sizes, begins, shown = _in_units(array.voxel_size, array.offset, array.units, units)
+    multiscale = output_multiscale(parts[-1], array.axis_names, array.types, shown, sizes, begins)
+    multiscale["name"] = parts[-2] if len(parts) > 1 else container.stem
+    if same_axes and [a.get("unit") for a in axes] == [a.get("unit") for a in multiscale["axes"]]:
+        multiscale["datasets"] = others + multiscale["datasets"]
     label = len(parts) >= 3 and parts[-3] == "labels"
     if zarr_format == 3:
         _name_dimensions(container.joinpath(*parts), [a["name"] for a in multiscale["axes"]])
-    _put_ome(group, version, {"multiscales": [multiscale], **({"image-label": {}} if label else {})})
+    values: dict[str, Any] = {"multiscales": [multiscale]}
+    if label:
+        image = group_attrs(container.joinpath(*parts[:-3]))
+        # ome-zarr-py's Reader finds a label's image only by `source` (else: "no parent found")
+        values["image-label"] = {"source": {"image": "../../"}} if image and multiscales_of(image[0]) else {}
+    _put_ome(group, version, values)
     if label:
         labels = zarr.open_group(str(container.joinpath(*parts[:-2])), mode="r+", zarr_format=zarr_format)
         attrs = labels.attrs.asdict()
@@ -726,8 +808,11 @@ def n5_geometry(
         raise VoxblockError(
             f"{where}: its N5 attributes place the voxels differently ({shown}, z first); fix one of them"
         )
+    named: tuple[str, ...] = ()
     if placed:
         voxel_size, begin, spatial_units = next(iter(placed.values()))
+        given = next(iter(found.values()))[2] or [""] * dims
+        named = tuple(_ome_unit(str(u)) or "" for u in given[::-1])
     else:
         voxel_size, begin, spatial_units = integer_geometry(
             where,
@@ -738,7 +823,7 @@ def n5_geometry(
     axis_names = [str(n) for n in names[::-1]] if names else None
     if axis_names is None:
         axis_names = ["z", "y", "x"][-dims:] if dims <= 3 else [f"d{i}" for i in range(dims)]
-    return Geometry(begin, voxel_size, axis_names, spatial_units, ["space"] * dims)
+    return Geometry(begin, voxel_size, axis_names, spatial_units, ["space"] * dims, (), named)
 
 
 def _n5_groups(path: Path) -> list[dict[str, Any]]:

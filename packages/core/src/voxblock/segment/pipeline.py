@@ -391,7 +391,13 @@ def _write_table(name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
 
 @dataclass
 class Segmentation:
-    """Names and places of one segment_blockwise run, derived from its output."""
+    """Names and places of one segment_blockwise run, derived from its output.
+
+    The intermediate arrays sit next to the output, named after it: OUTPUT_fragments,
+    OUTPUT_lut, OUTPUT_edges (`image.zarr/labels/cells/0_lut` for `image.zarr/labels/cells/0`).
+    Inside a label's multiscale group they are not levels: OME-NGFF readers (ome-zarr-py,
+    napari) list only the multiscale's datasets, and ome-zarr-models validates the group.
+    """
 
     output: arrays.ArrayName
     run_dir: Path
