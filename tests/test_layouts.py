@@ -61,6 +61,22 @@ def expected_mask(raw: str) -> np.ndarray:
     return (read_array(raw) > 0.5).astype(np.uint8)
 
 
+def segment(raw: str, output: str, **options) -> bool:
+    return voxblock.segment_blockwise(
+        "threshold-label",
+        context=(1, 1, 1),
+        total_roi=Roi((0, 0, 0), SHAPE),
+        read_roi=Roi((0, 0, 0), (64, 64, 64)),
+        write_roi=Roi((0, 0, 0), (64, 64, 64)),
+        num_workers=2,
+        input=raw,
+        output=output,
+        parameters={"threshold": 0.5},
+        progress=False,
+        **options,
+    )
+
+
 def sharded_output(path: Path, shards: int, chunks: int) -> str:
     """An empty output made by zarr itself, sharded, with funlib's metadata (as a user makes one)."""
     array = zarr.create_array(
@@ -104,19 +120,7 @@ def test_segment_overwrite_into_a_shared_shard_is_refused(raw, tmp_path):
     array.attrs.put({"voxel_size": [1, 1, 1], "offset": [0, 0, 0]})
     before = snapshot(tmp_path / "out.zarr")
     with pytest.raises(VoxblockError, match=r"shards of \(128, 128, 128\) world units"):
-        voxblock.segment_blockwise(
-            "threshold-label",
-            context=(1, 1, 1),
-            total_roi=Roi((0, 0, 0), SHAPE),
-            read_roi=Roi((0, 0, 0), (64, 64, 64)),
-            write_roi=Roi((0, 0, 0), (64, 64, 64)),
-            num_workers=2,
-            input=raw,
-            output=str(output),
-            parameters={"threshold": 0.5},
-            overwrite=True,
-            progress=False,
-        )
+        segment(raw, str(output), overwrite=True)
     assert snapshot(tmp_path / "out.zarr") == before
 
 
@@ -181,18 +185,7 @@ def test_segmentation_in_a_zarr_v2_container_is_zarr_v2_throughout(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     raw = zarr_v2_input(tmp_path)
     output = str(tmp_path / "v2.zarr" / "cells")
-    assert voxblock.segment_blockwise(
-        "threshold-label",
-        context=(1, 1, 1),
-        total_roi=Roi((0, 0, 0), SHAPE),
-        read_roi=Roi((0, 0, 0), (64, 64, 64)),
-        write_roi=Roi((0, 0, 0), (64, 64, 64)),
-        num_workers=2,
-        input=raw,
-        output=output,
-        parameters={"threshold": 0.5},
-        progress=False,
-    )
+    assert segment(raw, output)
     for meta in (tmp_path / "v2.zarr").rglob("zarr.json"):
         pytest.fail(f"a zarr v3 node inside a zarr v2 container: {meta}")
     assert json.loads((Path(output) / ".zarray").read_text())["zarr_format"] == 2
@@ -322,22 +315,6 @@ def test_cli_writes_a_sharded_output(raw, tmp_path):
     written = zarr.open_array(output, mode="r")
     assert (written.shards, written.chunks) == ((64, 64, 64), (32, 32, 32))
     np.testing.assert_array_equal(written[...], expected_mask(raw))
-
-
-def segment(raw: str, output: str, **options) -> bool:
-    return voxblock.segment_blockwise(
-        "threshold-label",
-        context=(1, 1, 1),
-        total_roi=Roi((0, 0, 0), SHAPE),
-        read_roi=Roi((0, 0, 0), (64, 64, 64)),
-        write_roi=Roi((0, 0, 0), (64, 64, 64)),
-        num_workers=2,
-        input=raw,
-        output=output,
-        parameters={"threshold": 0.5},
-        progress=False,
-        **options,
-    )
 
 
 @pytest.mark.parametrize("stitch", ["faces", "context"])
