@@ -47,6 +47,12 @@ CLUSTER_KEYS = (
     "host",
 )
 
+ROI_OFFSET_HELP = (
+    "OFFSET counts voxels from world 0, not from the input's first voxel: voxel i starts at "
+    "i * voxel size + (the input's offset mod voxel size), so the input's first voxel is voxel "
+    "floor(offset / voxel size)"
+)
+
 HALO_HELP = (
     "read each block's context from thin copies of chunk faces kept in the run directory "
     "instead of decoding whole neighbouring chunks [default: where the context is thin next "
@@ -169,7 +175,8 @@ def _run_options(function: Any) -> Any:
         click.option(
             "--roi",
             metavar="OFFSET:SHAPE",
-            help="region to write, in voxels, e.g. 0,0,0:256,256,256 [default: the whole input]",
+            help="region to write, in voxels, e.g. 0,0,0:256,256,256 [default: the whole input]; "
+            + ROI_OFFSET_HELP,
         ),
         click.option("--workers", default=2, show_default=True, help="worker processes"),
         click.option("--max-retries", default=2, show_default=True, help="retries of a failing block"),
@@ -183,8 +190,10 @@ def _run_options(function: Any) -> Any:
             "--fit",
             type=click.Choice(FITS),
             default=None,
-            help="blocks at the border: valid (skip partial), overhang (full size, clipped "
-            "writes), shrink (clipped) [default: the worker's]",
+            help="blocks at the border: valid (skip every border block whose read ROI leaves the "
+            "region grown by --context, i.e. whose write block does not fit whole in the region: "
+            "those voxels are not written), overhang (full size, clipped writes), shrink (clipped) "
+            "[default: the worker's]",
         ),
         click.option(
             "--run-dir",
@@ -287,6 +296,11 @@ def _worker_command(name: str, cls: type[Worker] | None) -> click.Command:
     def command(**values: Any) -> None:
         _run(name, cls, values)
 
+    if cls is not None and issubclass(cls, ArrayWorker):  # it reads --input and writes --output
+        for param in command.__click_params__:
+            if isinstance(param, click.Option) and param.name in ("input_", "output"):
+                param.help = f"{param.help} [required]"
+
     return click.Command(name, params=params + command.__click_params__[::-1], callback=command, help=doc)
 
 
@@ -320,6 +334,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         )
     }
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
+    origin: Coordinate | None = None
     try:
         if cls is None:
             options = key_values(values.pop("extra", ()))
@@ -329,11 +344,14 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             given = (("input", input_name), ("output", output_name))
             options.update({k: v for k, v in given if v is not None})
         if cls is not None and issubclass(cls, ArrayWorker) and not input_name:
-            raise VoxblockError(f"worker {name!r} needs --input CONTAINER/DATASET")
+            raise VoxblockError(f"--input CONTAINER/DATASET is required: worker {name!r} reads it")
+        if cls is not None and issubclass(cls, ArrayWorker) and not output_name:
+            raise VoxblockError(f"--output CONTAINER/DATASET is required: worker {name!r} writes it")
         if not input_name:
             raise VoxblockError("--input is needed to know the voxel size and the ROI")
         source = arrays.open_input(input_name)
         voxel_size = source.voxel_size
+        origin = source.offset
         total, read, write = rois_from_voxels(
             source.roi,
             source.voxel_size,
@@ -361,7 +379,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         )
         report = run_tasks([task], progress=not common["no_progress"], host=host)
     except VoxblockError as error:
-        raise click.ClickException(cli_wording(str(error), voxel_size)) from None
+        raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
     if not report.succeeded:
         sys.exit(1)
 
@@ -389,7 +407,7 @@ _ROI = re.compile(r"\[(-?\d+:-?\d+(?:, -?\d+:-?\d+)*)\] \((-?\d+(?:, -?\d+)*),?\
 _TUPLE = re.compile(r"(?<!voxel size )(?<!\] )\((-?\d+(?:, -?\d+)*),?\)(?! voxels)")
 
 
-def cli_wording(message: str, voxel_size: Coordinate | None) -> str:
+def cli_wording(message: str, voxel_size: Coordinate | None, origin: Coordinate | None = None) -> str:
     """An error of the API in the words of the command line: flags, and voxels.
 
     The API takes keyword arguments and world units, the CLI flags and
@@ -399,6 +417,8 @@ def cli_wording(message: str, voxel_size: Coordinate | None) -> str:
     prints it (`[0:64, 0:32, 0:32] (64, 32, 32)`) becomes `--roi`'s
     OFFSET:SHAPE in voxels, and so do the sizes of a clause that says they
     are in "world units". Numbers off the voxel grid stay as they are.
+    `origin` (the input's offset) places the grid as `--roi` does: a ROI's
+    offset counts voxels from world 0 shifted by origin mod voxel size.
     """
     message = _KEYWORD.sub(lambda m: _flag(m.group(1), m.group(2)), message)
     message = _BARE.sub(lambda m: API_FLAGS[m.group(1)], message)
@@ -408,7 +428,7 @@ def cli_wording(message: str, voxel_size: Coordinate | None) -> str:
     rois: list[str] = []  # each ROI says its own units: set aside while the clauses are rewritten
 
     def set_aside(match: re.Match) -> str:
-        rois.append(_roi_in_voxels(match, voxel_size))
+        rois.append(_roi_in_voxels(match, voxel_size, origin))
         return f"\0{len(rois) - 1}\0"
 
     parts = re.split(r"((?:;|:|\.) )", _ROI.sub(set_aside, message))
@@ -431,8 +451,11 @@ def _voxels(values: str, voxel_size: Coordinate) -> list[int] | None:
     return [n // v for n, v in zip(numbers, voxel_size)]
 
 
-def _roi_in_voxels(match: re.Match, voxel_size: Coordinate) -> str:
-    offset = _voxels(",".join(pair.split(":")[0] for pair in match.group(1).split(", ")), voxel_size)
+def _roi_in_voxels(match: re.Match, voxel_size: Coordinate, origin: Coordinate | None = None) -> str:
+    begins = [int(pair.split(":")[0]) for pair in match.group(1).split(", ")]
+    if origin is not None and len(origin) == len(begins) == len(voxel_size):
+        begins = [b - o % v for b, o, v in zip(begins, origin, voxel_size)]  # as --roi counts them
+    offset = _voxels(",".join(map(str, begins)), voxel_size)
     shape = _voxels(match.group(2), voxel_size)
     if offset is None or shape is None:
         return f"[{match.group(1)}] ({match.group(2)}) (world units)"
@@ -514,7 +537,12 @@ def rois_from_voxels(
     """CLI voxels -> (total read ROI, read ROI, write ROI) in world units.
 
     The total ROI is the region to write grown by the context, so border
-    blocks get their full context (read as zeros past the input).
+    blocks get their full context (read as zeros past the input). `roi`'s
+    OFFSET counts voxels of the input's grid from world 0 (not from the
+    input's first voxel): voxel i starts at i * voxel size, shifted by the
+    input's offset modulo the voxel size where that offset is off the
+    world-0 grid (OME-NGFF levels at half-voxel translations), so that
+    the region is always on the input's grid.
     """
     ndim = len(voxel_size)
     block = parse_coordinate(block_size, ndim) * voxel_size
@@ -527,7 +555,10 @@ def rois_from_voxels(
         region = input_roi
     else:
         offset, shape = parse_roi(roi, ndim)
-        region = Roi(offset * voxel_size, shape * voxel_size)
+        if any(v <= 0 for v in shape):
+            raise VoxblockError(f"--roi's shape must be positive on every axis; got {roi}")
+        phase = Coordinate(b % v for b, v in zip(input_roi.begin, voxel_size))
+        region = Roi(offset * voxel_size + phase, shape * voxel_size)
     write = Roi(margin, block)
     read = write.grow(margin, margin)
     return region.grow(margin, margin), read, write
@@ -593,7 +624,11 @@ main.add_command(
     metavar="Z,Y,X",
     help="voxels around each block where it is compared with its neighbours (>= 1)",
 )
-@click.option("--roi", metavar="OFFSET:SHAPE", help="region to segment, in voxels [default: the whole input]")
+@click.option(
+    "--roi",
+    metavar="OFFSET:SHAPE",
+    help="region to segment, in voxels [default: the whole input]; " + ROI_OFFSET_HELP,
+)
 @click.option(
     "--parameter",
     "-p",
@@ -656,10 +691,12 @@ def segment(function: str, **values: Any) -> None:
 
     parameters = key_values(values["parameters"])
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
+    origin: Coordinate | None = None
     try:
         compute, host = _compute(values)
         source = arrays.open_input(values["input_"])
         voxel_size = source.voxel_size
+        origin = source.offset
         region, _, _ = rois_from_voxels(
             source.roi, source.voxel_size, values["block_size"], "0", values["roi"]
         )
@@ -692,7 +729,7 @@ def segment(function: str, **values: Any) -> None:
             **_layout(values, source.voxel_size.dims),
         )
     except VoxblockError as error:
-        raise click.ClickException(cli_wording(str(error), voxel_size)) from None
+        raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
     sys.exit(0 if ok else 1)
 
 

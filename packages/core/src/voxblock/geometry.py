@@ -48,24 +48,82 @@ def parse_roi(text: str, ndim: int | None = None) -> tuple[Coordinate, Coordinat
     return parse_coordinate(offset, ndim), parse_coordinate(shape, ndim)
 
 
-def is_on_grid(roi: Roi, voxel_size: Coordinate) -> bool:
-    return all(o % v == 0 and s % v == 0 for o, s, v in zip(roi.offset, roi.shape, voxel_size))
+def _origin(origin: Sequence[int] | None, voxel_size: Coordinate) -> Coordinate:
+    return Coordinate(origin) if origin is not None else Coordinate((0,) * len(voxel_size))
 
 
-def check_on_grid(what: str, roi: Roi, voxel_size: Coordinate) -> None:
+def is_on_grid(roi: Roi, voxel_size: Coordinate, origin: Sequence[int] | None = None) -> bool:
+    """Whether `roi` starts at `origin` plus whole voxels and spans whole voxels.
+
+    `origin` is where the grid starts: the input array's offset (which need not be a
+    multiple of the voxel size: OME-NGFF pyramids put a level at a half-voxel translation);
+    world 0 by default.
+    """
+    begin = _origin(origin, voxel_size)
+    return all(
+        (o - g) % v == 0 and s % v == 0 for o, s, g, v in zip(roi.offset, roi.shape, begin, voxel_size)
+    )
+
+
+def nearest_on_grid(roi: Roi, voxel_size: Coordinate, origin: Sequence[int] | None = None) -> tuple[Roi, Roi]:
+    """(inside, around): the largest ROI on the grid inside `roi` and the smallest one around it."""
+    begin = _origin(origin, voxel_size)
+    up = [g + -(-(b - g) // v) * v for b, g, v in zip(roi.begin, begin, voxel_size)]
+    down = [g + (b - g) // v * v for b, g, v in zip(roi.begin, begin, voxel_size)]
+    end_down = [g + (e - g) // v * v for e, g, v in zip(roi.end, begin, voxel_size)]
+    end_up = [g + -(-(e - g) // v) * v for e, g, v in zip(roi.end, begin, voxel_size)]
+    inside = Roi(up, [max(e - b, 0) for b, e in zip(up, end_down)])
+    return inside, Roi(down, [e - b for b, e in zip(down, end_up)])
+
+
+def check_on_grid(what: str, roi: Roi, voxel_size: Coordinate, origin: Sequence[int] | None = None) -> None:
+    """Refuse a ROI (as the user gave it) that is not on the grid of `voxel_size` from `origin`."""
     if roi.dims != len(voxel_size):
         raise VoxblockError(f"{what} {roi} has {roi.dims} axes; the data has {len(voxel_size)} spatial axes")
-    if not is_on_grid(roi, voxel_size):
-        raise VoxblockError(
-            f"{what} {roi} is off the voxel grid: its offset and shape must be "
-            f"multiples of the voxel size {tuple(voxel_size)}"
-        )
+    if is_on_grid(roi, voxel_size, origin):
+        return
+    begin = _origin(origin, voxel_size)
+    start = (
+        f"the input's offset {tuple(begin)} plus multiples of the voxel size {tuple(voxel_size)}"
+        if origin is not None
+        else f"multiples of the voxel size {tuple(voxel_size)}"
+    )
+    inside, around = nearest_on_grid(roi, voxel_size, origin)
+    nearest = f"{around}" if inside.empty else f"{inside} (inside it) or {around} (around it)"
+    raise VoxblockError(
+        f"{what} {roi} (world units) is off the voxel grid: ROIs must start at {start} "
+        f"and their shape must be a multiple of the voxel size; the nearest on the grid: {nearest}"
+    )
 
 
-def check_blocking_on_grid(blocking: Blocking, voxel_size: Coordinate) -> None:
-    check_on_grid("total ROI", blocking.total_roi, voxel_size)
-    check_on_grid("read ROI", blocking.read_roi, voxel_size)
-    check_on_grid("write ROI", blocking.write_roi, voxel_size)
+def check_block_on_grid(what: str, roi: Roi, write_roi: Roi, voxel_size: Coordinate) -> None:
+    """Refuse a block ROI whose shape, or offset relative to the write ROI, is off the voxel grid.
+
+    Blocks start at the total ROI: a read or write ROI's own offset matters only relative to
+    the other's (the context), so it need not be on any grid of its own.
+    """
+    if roi.dims != len(voxel_size):
+        raise VoxblockError(f"{what} {roi} has {roi.dims} axes; the data has {len(voxel_size)} spatial axes")
+    shift = roi.begin - write_roi.begin
+    if all(s % v == 0 and d % v == 0 for s, d, v in zip(roi.shape, shift, voxel_size)):
+        return
+    raise VoxblockError(
+        f"{what} {roi} is off the voxel grid: its shape, and its offset relative to the write ROI "
+        f"{write_roi} (the context), must be multiples of the voxel size {tuple(voxel_size)}"
+    )
+
+
+def check_blocking_on_grid(
+    blocking: Blocking, voxel_size: Coordinate, origin: Sequence[int] | None = None
+) -> None:
+    """Refuse a blocking off the voxel grid that starts at `origin` (the input's offset; default world 0).
+
+    The total ROI must be on that grid; the read and write ROIs only by their shapes and the
+    context between them (blocks are placed from the total ROI).
+    """
+    check_on_grid("total ROI", blocking.total_roi, voxel_size, origin)
+    check_block_on_grid("read ROI", blocking.read_roi, blocking.write_roi, voxel_size)
+    check_block_on_grid("write ROI", blocking.write_roi, blocking.write_roi, voxel_size)
 
 
 def context_of(read_roi: Roi, write_roi: Roi) -> tuple[Coordinate, Coordinate]:

@@ -179,7 +179,7 @@ class ArrayWorker(Worker):
         if arrays.ArrayName.parse(self.input) == arrays.ArrayName.parse(self.output):
             raise VoxblockError(f"input and output are the same array ({self.input})")
         source = arrays.open_input(self.input)
-        check_blocking_on_grid(preparation.blocking, source.voxel_size)
+        check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
         self.check_input(source)
         prepare_output(
             preparation,

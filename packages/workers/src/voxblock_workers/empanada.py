@@ -312,7 +312,7 @@ class Empanada(ArrayWorker):
             raise VoxblockError("empanada needs an output array (output=...)")
         source = arrays.open_input(self.input)
         blocking = preparation.blocking
-        check_blocking_on_grid(blocking, source.voxel_size)
+        check_blocking_on_grid(blocking, source.voxel_size, source.offset)
         self.check_input(source)
         self._load(source, tuple(blocking.read_roi.shape / source.voxel_size))
         self._model = None  # loaded again in each worker process

@@ -143,7 +143,7 @@ class Predict(ArrayWorker):
         if arrays.ArrayName.parse(self.input) == arrays.ArrayName.parse(self.output):
             raise VoxblockError(f"input and output are the same array ({self.input})")
         source = arrays.open_input(self.input)
-        check_blocking_on_grid(preparation.blocking, source.voxel_size)
+        check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
         if np.dtype(source.dtype).kind not in "biuf":
             raise VoxblockError(f"predict: input {self.input} has dtype {source.dtype}; it must be numeric")
         blocking = preparation.blocking

@@ -116,7 +116,7 @@ class Watershed(ArrayWorker):
     def prepare(self, preparation: Preparation) -> None:
         if self.input:
             source = arrays.open_input(self.input)
-            check_blocking_on_grid(preparation.blocking, source.voxel_size)
+            check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
             # a block keeps at most one fragment per voxel of its write ROI
             voxels = int(np.prod(preparation.blocking.write_roi.shape / source.voxel_size))
             self._grid = BlockGrid.of(preparation.blocking, voxels)

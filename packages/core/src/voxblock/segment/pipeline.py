@@ -31,7 +31,7 @@ from voxblock import arrays
 from voxblock.compute import Local
 from voxblock.errors import VoxblockError
 from voxblock.files import replace_atomically
-from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
+from voxblock.geometry import Blocking, check_blocking_on_grid, check_on_grid, context_shell
 from voxblock.nodes import check_output_container
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
@@ -95,7 +95,7 @@ class SegmentBlocks(Labelling):
         function = self.segment_function()
         source = arrays.open_input(self.input)
         blocking = preparation.blocking
-        check_blocking_on_grid(blocking, source.voxel_size)
+        check_blocking_on_grid(blocking, source.voxel_size, source.offset)
         _preview(function, source, blocking)
         prepare_output(
             preparation,
@@ -255,7 +255,7 @@ class StitchFaces(Labelling):
 
     def prepare(self, preparation: Preparation) -> None:
         source = arrays.open_input(self.input)
-        check_blocking_on_grid(preparation.blocking, source.voxel_size)
+        check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
         _preview(self.segment_function(), source, preparation.blocking, own=True)
         Path(self.face_dir).mkdir(parents=True, exist_ok=True)
         Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
@@ -517,6 +517,12 @@ def segment_blockwise(
             f"context {tuple(context)} must be at least one voxel {tuple(source.voxel_size)} on "
             "every axis: blocks are merged where their contexts overlap"
         )
+    if any(c % v for c, v in zip(context, source.voxel_size)):
+        raise VoxblockError(
+            f"context {tuple(context)} must be a multiple of the voxel size {tuple(source.voxel_size)}"
+        )
+    # the ROI as given, not grown by the context: on the input's grid (from its offset)
+    check_on_grid("total ROI", total_roi, source.voxel_size, source.offset)
     read_roi, write_roi = block_rois(read_roi, write_roi, context)
     if not source.roi.contains(total_roi):
         raise VoxblockError(
