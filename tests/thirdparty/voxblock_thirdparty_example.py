@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from funlib.persistence import Array
 
 from voxblock import ArrayWorker, VoxblockError
+
+if TYPE_CHECKING:
+    from voxblock import Array
 
 
 @dataclass

@@ -3,6 +3,16 @@
 The public names are imported on first use: a worker process unpickles its
 job through `voxblock.compute` and should pay only for the modules its loop
 needs (not zarr's, scipy's or the CLI's start-up).
+
+Everything a worker author needs is here (packages/core/README.md):
+`Worker`, `ArrayWorker` (its hooks `check_input`, `check_blocking`,
+`output_dtype`, `output_channels`, `setup`, `compute`; `block_ids` and
+`global_ids` for labels unique across blocks), `option` (a worker's options),
+`Preparation` and `Blocking` (what the driver knows when it prepares a worker),
+`Array` (the type of `source`, for annotations), `ArrayName` (a
+"CONTAINER/DATASET" name), `crop_to` (a read-ROI result cropped to the write
+ROI) and `VoxblockError` (what a check raises). Worker modules import voxblock
+in no other way: the rest is internal and may change.
 """
 
 from __future__ import annotations
@@ -11,7 +21,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from voxblock.arrays import ArrayName
+    from voxblock.arrays import Array, ArrayName
     from voxblock.cluster import Lsf, Slurm
     from voxblock.compute import Command, Compute, Local
     from voxblock.errors import VoxblockError
@@ -19,9 +29,10 @@ if TYPE_CHECKING:
     from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
     from voxblock.segment import segment_blockwise
     from voxblock.task import BlockwiseTask
-    from voxblock.workers import ArrayWorker, Preparation, Worker, option
+    from voxblock.workers import ArrayWorker, Preparation, Worker, crop_to, option
 
 _WHERE = {
+    "Array": "voxblock.arrays",
     "ArrayName": "voxblock.arrays",
     "ArrayWorker": "voxblock.workers",
     "Blocking": "voxblock.geometry",
@@ -36,6 +47,7 @@ _WHERE = {
     "TaskReport": "voxblock.run",
     "VoxblockError": "voxblock.errors",
     "Worker": "voxblock.workers",
+    "crop_to": "voxblock.workers",
     "option": "voxblock.workers",
     "run_blockwise": "voxblock.run",
     "run_tasks": "voxblock.run",
@@ -43,6 +55,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "Array",
     "ArrayName",
     "ArrayWorker",
     "Blocking",
@@ -57,6 +70,7 @@ __all__ = [
     "TaskReport",
     "VoxblockError",
     "Worker",
+    "crop_to",
     "option",
     "run_blockwise",
     "run_tasks",
@@ -68,6 +82,14 @@ def __getattr__(name: str) -> Any:
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module 'voxblock' has no attribute {name!r}")
+    if name == "Array":
+        # a type alias (what open_input returns: voxblock's ZarrArray, or a funlib.persistence
+        # Array); at run time forward references, so that using it imports neither
+        from typing import ForwardRef
+
+        value = ForwardRef("voxblock.arrays.ZarrArray") | ForwardRef("funlib.persistence.Array")
+        globals()[name] = value
+        return value
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value

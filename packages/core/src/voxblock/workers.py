@@ -136,6 +136,16 @@ class ArrayWorker(Worker):
     over the block's read ROI (zero outside the input) and returns the
     output over the write ROI or the read ROI.
 
+    `prepare()` (driver, once) opens the input, checks the blocks are on its
+    voxel grid, calls the hooks `check_input(source)`, `check_blocking(blocking,
+    source)`, `output_dtype(source)` and `output_channels(source)` in that order
+    (a hook may keep what it found for a later one), records the preparation
+    (`self.preparation`) and, for `block_ids = True`, the block grid
+    (`global_ids`), then creates or checks the output. Subclasses implement the
+    hooks rather than override `prepare`. `setup()` (each worker process, once)
+    opens `self.source` and `self.target`; a subclass that loads a model extends
+    it (`super().setup()` first).
+
     Its default fit is `overhang`: border blocks keep their full size, read
     zeros past the input and have their writes clipped to the output, so the
     whole requested region is written.
@@ -148,9 +158,18 @@ class ArrayWorker(Worker):
     output: str = option("", help="output array, CONTAINER/DATASET; created if missing")
 
     fill_value: ClassVar[float] = 0
+    # True for a worker that writes labels (fragments): prepare() records the task's block grid
+    # and `global_ids(labels, block)` gives a block's labels IDs unique across the volume
+    block_ids: ClassVar[bool] = False
+    # what the driver knew (blocking, num_workers, ...): set by prepare(), shipped to every process
+    preparation: ClassVar[Preparation | None] = None
 
     def check_input(self, source: Array) -> None:
-        """Raise VoxblockError if this worker cannot use `source` (dtype, channels)."""
+        """Raise VoxblockError if this worker cannot use `source` (dtype, channels, options)."""
+
+    def check_blocking(self, blocking: Blocking, source: Array) -> None:
+        """Raise VoxblockError if this worker cannot run on these blocks (their fit, shape or
+        context, e.g. a model's input and output shapes); after `check_input`, in the driver."""
 
     def output_dtype(self, source: Array) -> np.dtype:
         import numpy as np
@@ -181,6 +200,16 @@ class ArrayWorker(Worker):
         source = arrays.open_input(self.input)
         check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
         self.check_input(source)
+        self.check_blocking(preparation.blocking, source)
+        self.preparation = preparation
+        if self.block_ids:
+            from voxblock.segment.ids import BlockGrid
+
+            # a block keeps at most one label per voxel of its write ROI
+            voxels = 1
+            for size in preparation.blocking.write_roi.shape / source.voxel_size:
+                voxels *= int(size)
+            self._block_grid = BlockGrid.of(preparation.blocking, voxels)
         prepare_output(
             preparation,
             source,
@@ -196,8 +225,33 @@ class ArrayWorker(Worker):
     def setup(self) -> None:
         from voxblock import arrays
 
+        if self.block_ids and getattr(self, "_block_grid", None) is None:
+            raise RuntimeError(f"{self.name}: the worker was not prepared (no block grid)")
         self._source = arrays.open_input(self.input)
         self._target = arrays.open_output(self.output)
+
+    @property
+    def source(self) -> Array:
+        """The input array, opened by `setup()` in each worker process."""
+        return self._source
+
+    @property
+    def target(self) -> Array:
+        """The output array, opened by `setup()` in each worker process."""
+        return self._target
+
+    def global_ids(self, labels: np.ndarray, block: Any) -> np.ndarray:
+        """A block's local labels (over its write ROI, 1..n with n at most the voxels of a write
+        block, 0 background) as uint64 IDs unique across the volume (needs `block_ids = True`).
+
+        Block k of the task's grid owns IDs k * V + 1 .. (k + 1) * V (V: voxels of a write
+        block): IDs depend only on where a block lies, not on the order blocks run in, and a
+        block that is redone writes the same IDs.
+        """
+        grid = getattr(self, "_block_grid", None)
+        if grid is None:
+            raise RuntimeError(f"{self.name}: global_ids needs block_ids = True and a prepared worker")
+        return grid.to_global(labels, block.write_roi)
 
     def process(self, block: Any) -> None:
         import numpy as np
@@ -220,6 +274,8 @@ class ArrayWorker(Worker):
 
 
 def crop_to(data: np.ndarray, data_roi: Roi, roi: Roi, voxel_size: Coordinate) -> np.ndarray:
+    """The part of `data` (covering `data_roi`, channels first) that covers `roi`: e.g. a result
+    computed over a block's read ROI cropped to its write ROI. A view, no copy."""
     begin = (roi.begin - data_roi.begin) / voxel_size
     end = (roi.end - data_roi.begin) / voxel_size
     spatial = tuple(slice(b, e) for b, e in zip(begin, end))

@@ -39,7 +39,8 @@ its columns, pointing from the pixel to its centre.
 
 Two ways to run it. `run_blockwise("empanada", ...)` writes every block's
 instances over its write ROI with IDs unique across blocks (block k of the
-grid owns IDs k * V + 1 .. (k + 1) * V, V the voxels of a write block), but
+grid owns IDs k * V + 1 .. (k + 1) * V, V the voxels of a write block:
+`block_ids = True`, `ArrayWorker.global_ids`), but
 an object cut by a block border gets one ID per block. The intended use is
 `segment_blockwise("empanada", context, ..., parameters={"config": ...})`:
 `segment(source, block)` labels the whole read ROI and segment_blockwise
@@ -57,14 +58,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
-from voxblock.geometry import check_blocking_on_grid
-from voxblock.segment.ids import BlockGrid
-from voxblock.workers import crop_to
+from voxblock import ArrayWorker, VoxblockError, crop_to, option
 from voxblock_workers.torch_runtime import import_torch, resolve_device, share_cpu_threads
 
 if TYPE_CHECKING:
-    from voxblock.arrays import Array
+    from voxblock import Array, Blocking
 
 PLANES = {"xy": 0, "xz": 1, "yz": 2}  # the (z, y, x) axis each kind of plane is stacked along
 HEADS = ("sem_logits", "ctr_hmp", "offsets")
@@ -222,6 +220,7 @@ class Empanada(ArrayWorker):
     """Panoptic-DeepLab (empanada/MitoNet) instances: uint64 labels, 0 background."""
 
     name = "empanada"
+    block_ids = True  # instance IDs from the block's position on the grid (global_ids)
 
     config: str = option("", help="empanada model config (YAML/JSON): model, norms, padding_factor")
     axes: str = option("xy", help="planes to predict on: xy, or xy,xz,yz for ortho-plane consensus")
@@ -255,7 +254,7 @@ class Empanada(ArrayWorker):
             raise VoxblockError(f"empanada: batch_size must be an integer >= 1; got {self.batch_size!r}")
 
     def check_input(self, source: Array) -> None:
-        channels = arrays.channel_shape(source)
+        channels = tuple(source.shape[: source.channel_dims])
         if channels not in ((), (1,)):
             raise VoxblockError(
                 f"empanada: input {self.input} must be a single-channel image; "
@@ -305,34 +304,20 @@ class Empanada(ArrayWorker):
         self._probe(model, config, device, read_shape)
         self._config, self._model, self._device = config, model, device
 
-    def prepare(self, preparation: Preparation) -> None:
-        if not self.input:
-            raise VoxblockError("empanada needs an input array (input=...)")
-        if not self.output:
-            raise VoxblockError("empanada needs an output array (output=...)")
-        source = arrays.open_input(self.input)
-        blocking = preparation.blocking
-        check_blocking_on_grid(blocking, source.voxel_size, source.offset)
-        self.check_input(source)
+    def check_blocking(self, blocking: Blocking, source: Array) -> None:
+        """Options, config, block size and the model's heads, checked once in the driver."""
         self._load(source, tuple(blocking.read_roi.shape / source.voxel_size))
         self._model = None  # loaded again in each worker process
-        # a block keeps at most one instance per voxel of its write ROI
-        self._grid = BlockGrid.of(blocking, int(np.prod(blocking.write_roi.shape / source.voxel_size)))
-        self._num_workers = preparation.num_workers
-        super().prepare(preparation)
 
     def output_dtype(self, source: Array) -> np.dtype:
         return np.dtype(np.uint64)
 
     def setup(self) -> None:
         super().setup()
-        if getattr(self, "_grid", None) is None:
-            raise RuntimeError("empanada: the worker was not prepared (no block grid)")
         device = resolve_device(self.device, "empanada")
         if device == "cpu":
             # share the cores between the worker processes instead of each taking all of them
-            workers = getattr(self, "_num_workers", 1)
-            share_cpu_threads("empanada", workers)
+            share_cpu_threads("empanada", self.preparation.num_workers if self.preparation else 1)
         self._config = read_config(self.config)
         self._device = device
         self._model = load_model(self._config, device)
@@ -347,12 +332,12 @@ class Empanada(ArrayWorker):
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
         import fastremap
 
-        voxel_size = self._source.voxel_size
-        if self._source.channel_dims:
+        voxel_size = self.source.voxel_size
+        if self.source.channel_dims:
             data = data[0]
         labels = crop_to(self.instances(data), block.read_roi, block.write_roi, voxel_size)
         labels, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True, in_place=True)
-        return self._grid.to_global(labels, block.write_roi)
+        return self.global_ids(labels, block)
 
     def segment(self, source: Array, block: Any) -> np.ndarray:
         """Local instance labels over the block's whole read ROI, for `segment_blockwise`.

@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
-from voxblock.geometry import check_blocking_on_grid
-from voxblock.workers import prepare_output
+from voxblock import ArrayWorker, VoxblockError, option
 from voxblock_workers.torch_runtime import import_torch, resolve_device, share_cpu_threads
 
 if TYPE_CHECKING:
-    from voxblock.arrays import Array
+    from voxblock import Array, Blocking
 
 NORMALIZE = ("none", "minmax", "scale")
 ACTIVATIONS = ("none", "sigmoid", "softmax")
@@ -134,19 +132,15 @@ class Predict(ArrayWorker):
             raise VoxblockError(f"predict: input {self.input} has more than one channel axis")
         return int(source.shape[0]) if source.channel_dims else 1
 
-    def prepare(self, preparation: Preparation) -> None:
+    def check_input(self, source: Array) -> None:
         self._check_options()
-        if not self.input:
-            raise VoxblockError("predict needs an input array (input=...)")
-        if not self.output:
-            raise VoxblockError("predict needs an output array (output=...)")
-        if arrays.ArrayName.parse(self.input) == arrays.ArrayName.parse(self.output):
-            raise VoxblockError(f"input and output are the same array ({self.input})")
-        source = arrays.open_input(self.input)
-        check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
         if np.dtype(source.dtype).kind not in "biuf":
             raise VoxblockError(f"predict: input {self.input} has dtype {source.dtype}; it must be numeric")
-        blocking = preparation.blocking
+        self._input_channels(source)
+
+    def check_blocking(self, blocking: Blocking, source: Array) -> None:
+        """The blocks must be the model's shapes: read ROI = its input, write ROI = its output,
+        centred. Loads the model once in the driver to find its output (kept for output_channels)."""
         if blocking.fit == "shrink":
             raise VoxblockError(
                 "predict needs blocks of one size (the model's input shape); use fit='overhang' or 'valid'"
@@ -181,12 +175,13 @@ class Predict(ArrayWorker):
                 f"predict: the write ROI must be centered in the read ROI (context below {tuple(below)}, "
                 f"above {tuple(above)})"
             )
-        self._num_workers = preparation.num_workers
-        prepare_output(
-            preparation,
-            source,
-            arrays.OutputSpec.like(source, self.output, self.dtype, blocking.written_roi, (channels,)),
-        )
+        self._out_channels = channels
+
+    def output_dtype(self, source: Array) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def output_channels(self, source: Array) -> tuple[int, ...]:
+        return (self._out_channels,)  # the model's, found by check_blocking
 
     def _probe(
         self, model: Any, in_channels: int, in_shape: tuple[int, ...], device: str
@@ -212,8 +207,7 @@ class Predict(ArrayWorker):
         self._device = resolve_device(self.device, "predict")
         if self._device == "cpu":
             # share the cores between the worker processes instead of each taking all of them
-            workers = getattr(self, "_num_workers", 1)
-            share_cpu_threads("predict", workers)
+            share_cpu_threads("predict", self.preparation.num_workers if self.preparation else 1)
         self._model = load_model(self.model, self.checkpoint, self._device)
 
     def normalized(self, data: np.ndarray) -> np.ndarray:
@@ -231,7 +225,7 @@ class Predict(ArrayWorker):
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
         torch = import_torch("predict")
         data = self.normalized(data)
-        if self._source.channel_dims == 0:
+        if self.source.channel_dims == 0:
             data = data[np.newaxis]
         with torch.inference_mode():
             out = self._model(torch.from_numpy(np.ascontiguousarray(data[np.newaxis])).to(self._device))

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayWorker, VoxblockError, option
-from voxblock.arrays import CONTAINER_SUFFIXES, ArrayName
+from voxblock import ArrayName, ArrayWorker, VoxblockError, option
 
 if TYPE_CHECKING:
-    from voxblock.arrays import Array
+    from voxblock import Array
 
 NPZ_KEY = "fragment_segment_lut"
 
@@ -42,7 +41,7 @@ def load_lut(lut: str) -> np.ndarray:
             raise
         except Exception as error:
             raise VoxblockError(f"relabel: cannot read lookup table {path}: {error}") from error
-    elif any(suffix in text for suffix in CONTAINER_SUFFIXES):
+    elif any(suffix in text for suffix in (".zarr", ".n5", ".zr")):  # a container: CONTAINER/DATASET
         import zarr
 
         name = ArrayName.parse(text)
@@ -120,9 +119,10 @@ class Relabel(ArrayWorker):
     def setup(self) -> None:
         super().setup()
         self._fragments, self._segments = load_lut(self.lut)
+        self._dtype = self.target.dtype
 
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
-        return relabel_block(data, self._fragments, self._segments, self.unmapped_to_zero, self._target.dtype)
+        return relabel_block(data, self._fragments, self._segments, self.unmapped_to_zero, self._dtype)
 
 
 def relabel_block(

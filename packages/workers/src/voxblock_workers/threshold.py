@@ -10,7 +10,7 @@ import numpy as np
 from voxblock import ArrayWorker, VoxblockError, option
 
 if TYPE_CHECKING:
-    from voxblock.arrays import Array
+    from voxblock import Array
 
 
 @dataclass

@@ -3,9 +3,10 @@
 Each block runs mutex watershed on its read ROI (the write ROI plus
 context), crops the result to its write ROI and renumbers it 1..n. IDs are
 made unique across the volume from the block's position on the block grid
-(`voxblock.segment.ids.BlockGrid`: block k owns k * V + 1 .. (k + 1) * V,
-V the voxels of a write block), so they do not depend on the order blocks
-run in, a rerun of one block writes the same IDs, and 0 stays background.
+(`block_ids = True`, `ArrayWorker.global_ids`: block k owns k * V + 1 ..
+(k + 1) * V, V the voxels of a write block), so they do not depend on the
+order blocks run in, a rerun of one block writes the same IDs, and 0 stays
+background.
 """
 
 from __future__ import annotations
@@ -15,13 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayWorker, Preparation, VoxblockError, arrays, option
-from voxblock.geometry import check_blocking_on_grid
-from voxblock.segment.ids import BlockGrid
-from voxblock.workers import crop_to
+from voxblock import ArrayWorker, VoxblockError, crop_to, option
 
 if TYPE_CHECKING:
-    from voxblock.arrays import Array
+    from voxblock import Array
 
 
 def _is_int(value: Any) -> bool:
@@ -34,6 +32,7 @@ class Watershed(ArrayWorker):
 
     name = "watershed"
     fit = "shrink"  # any block size: border blocks are clipped to the volume
+    block_ids = True  # fragment IDs from the block's position on the grid (global_ids)
 
     offsets: list = option(
         [], help="one offset per affinity channel (default: the input's 'offsets' attribute)"
@@ -113,21 +112,10 @@ class Watershed(ArrayWorker):
     def output_dtype(self, source: Array) -> np.dtype:
         return np.dtype(np.uint64)
 
-    def prepare(self, preparation: Preparation) -> None:
-        if self.input:
-            source = arrays.open_input(self.input)
-            check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
-            # a block keeps at most one fragment per voxel of its write ROI
-            voxels = int(np.prod(preparation.blocking.write_roi.shape / source.voxel_size))
-            self._grid = BlockGrid.of(preparation.blocking, voxels)
-        super().prepare(preparation)
-
     def setup(self) -> None:
         super().setup()
-        self._offsets_used = self._offsets(self._source)
+        self._offsets_used = self._offsets(self.source)
         self._bias_used = self._bias(len(self._offsets_used))
-        if getattr(self, "_grid", None) is None:
-            raise RuntimeError("watershed: the worker was not prepared (no block grid)")
 
     def segment(self, source: Array, block: Any) -> np.ndarray:
         """Fragments over the block's whole read ROI, for `segment_blockwise`.
@@ -166,7 +154,7 @@ class Watershed(ArrayWorker):
         import fastremap
 
         labels = self.fragments(data)
-        labels = crop_to(labels, block.read_roi, block.write_roi, self._source.voxel_size)
+        labels = crop_to(labels, block.read_roi, block.write_roi, self.source.voxel_size)
         labels, _ = fastremap.renumber(np.ascontiguousarray(labels), preserve_zero=True, in_place=False)
         labels = labels.astype(np.uint64, copy=False)
-        return self._grid.to_global(labels, block.write_roi)
+        return self.global_ids(labels, block)
