@@ -144,11 +144,12 @@ import sys, voxblock
 from funlib.geometry import Roi
 from voxblock_testing.workers import Flaky
 
-source, output, tmp = sys.argv[1:4]
+source, output, tmp, layout = sys.argv[1:5]
 worker = Flaky(input=source, output=output, attempts_dir=tmp + "/attempts", done_dir=tmp + "/done",
                fail_times=0, sleep=0.08)
 block = Roi((0, 0, 0), (8, 8, 8))
-ok = voxblock.run_blockwise(worker, Roi((0, 0, 0), (32, 32, 32)), block, block, 2, progress=False)
+shards = {"shard_shape": (8, 8, 8), "chunk_shape": (4, 4, 4)} if layout == "shards" else {}
+ok = voxblock.run_blockwise(worker, Roi((0, 0, 0), (32, 32, 32)), block, block, 2, progress=False, **shards)
 sys.exit(0 if ok else 1)
 """
 
@@ -182,6 +183,19 @@ def group_members(pgid: int) -> list[int]:
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_the_whole_run_killed_at_random_moments_and_restarted(tmp_path, source, fault_tally, seed):
+    kill_and_restart(tmp_path, source, fault_tally, seed, "chunks")
+
+
+@pytest.mark.parametrize("seed", SEEDS[:5])
+def test_a_run_writing_shards_killed_at_random_moments_and_restarted(tmp_path, source, fault_tally, seed):
+    """A shard file is replaced whole: a killed writer leaves the old shard or the new, never half."""
+    kill_and_restart(tmp_path, source, fault_tally, seed, "shards")
+    assert zarr.open_array(f"{tmp_path}/out.zarr/copy", mode="r").shards == (8, 8, 8)
+
+
+def kill_and_restart(
+    tmp_path: Path, source: tuple[str, np.ndarray], fault_tally, seed: int, layout: str
+) -> None:
     name, data = source
     output = f"{tmp_path}/out.zarr/copy"
     run_dir = tmp_path / "out.zarr.voxblock" / "copy"
@@ -189,7 +203,7 @@ def test_the_whole_run_killed_at_random_moments_and_restarted(tmp_path, source, 
     kills, redone, marked = 0, set(), set()
     for round_ in range(4):
         round_start = time.time()
-        process = start(DRIVER, name, output, str(tmp_path))
+        process = start(DRIVER, name, output, str(tmp_path), layout)
         if round_ < 3:
             time.sleep(rng.uniform(0.8, 2.5))
         finished = process.poll() is not None
@@ -207,7 +221,8 @@ def test_the_whole_run_killed_at_random_moments_and_restarted(tmp_path, source, 
             break
     result = read_array(output)
     lost = sum(not np.array_equal(result[_slices(b)], data[_slices(b)]) for b in BLOCKS)
-    fault_tally.add("whole run killed (SIGKILL) and restarted", injected=kills, survived=lost == 0, lost=lost)
+    what = "whole run killed (SIGKILL) and restarted" + (", sharded output" if layout == "shards" else "")
+    fault_tally.add(what, injected=kills, survived=lost == 0, lost=lost)
     assert kills > 0
     assert not redone, f"blocks redone although marked done: {sorted(redone)}"
     np.testing.assert_array_equal(result, data)
