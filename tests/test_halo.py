@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from funlib.geometry import Coordinate, Roi
@@ -67,11 +69,11 @@ def test_halo_read_equals_zarr_read(tmp_path_factory, case):
 def test_writes_keep_slabs_that_match_the_chunks(tmp_path):
     data = np.zeros((8, 8, 8), dtype=np.uint16)
     name = write_array(f"{tmp_path}/v.zarr/a", data, chunk_shape=(4, 4, 4))
-    with arrays.halos_in_use({name: Halo(str(tmp_path / "halo"), (1, 1, 1))}):
-        array = arrays.open_output(name)
-    assert array._halo is not None
-    plain = arrays.open_output(name)
-    assert plain._halo is None  # registered only while in use
+    kept = Halo(str(tmp_path / "halo"), (1, 1, 1))
+    array, plain = arrays.open_output(name), arrays.open_output(name)
+    halo.use_halos([array], {name: kept})
+    assert array.block_io is kept
+    assert plain.block_io is None  # only the arrays it is given to
     block = Roi((0, 0, 4), (4, 4, 4))
     arrays.write(array, block, np.full((4, 4, 4), 7, np.uint16))
     assert (tmp_path / "halo" / "0_0_1.bin").exists()
@@ -81,6 +83,32 @@ def test_writes_keep_slabs_that_match_the_chunks(tmp_path):
     arrays.write(array, block, np.arange(64, dtype=np.uint16).reshape(4, 4, 4))
     read = Roi((-1, -1, 3), (6, 6, 6))
     np.testing.assert_array_equal(arrays.read(array, read), arrays.read(plain, read))
+
+
+def test_a_job_gives_its_halos_to_the_arrays_its_worker_opened(tmp_path):
+    """The read strategy travels with the job: after the worker's setup, each array it opened
+    that the job keeps a halo for reads through it; the others read straight from their chunks."""
+    from voxblock.job import Job
+    from voxblock.workers import Worker
+
+    data = np.arange(512, dtype=np.uint16).reshape(8, 8, 8)
+    name = write_array(f"{tmp_path}/v.zarr/a", data, chunk_shape=(4, 4, 4))
+    other = write_array(f"{tmp_path}/v.zarr/b", data, chunk_shape=(4, 4, 4))
+
+    @dataclasses.dataclass
+    class Opens(Worker):
+        def setup(self) -> None:
+            self.kept = arrays.open_input(name)
+            self.plain = arrays.open_output(other)
+
+    kept = Halo(str(tmp_path / "halo"), (1, 1, 1), from_reads=True)
+    worker = Opens()
+    Job(worker, tmp_path / "run", halos={name: kept}).setup()
+    assert worker.kept.block_io is kept
+    assert worker.plain.block_io is None
+    read = Roi((-1, 3, 3), (6, 6, 6))
+    np.testing.assert_array_equal(arrays.read(worker.kept, read), arrays.read(worker.plain, read))
+    assert any((tmp_path / "halo").iterdir())  # the read kept the slabs of the chunks it decoded
 
 
 def test_slab_geometry():

@@ -197,6 +197,11 @@ class DirectChunks:
             Path(store_path.store.root) / store_path.path if store_path.path else Path(store_path.store.root)
         )
         self._made: set[str] = set()
+        self._source = source
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # made again where unpickled: what it keeps (directories made) is this process's
+        return (type(self), (self._source,))
 
     @classmethod
     def of(cls, source: Any) -> DirectChunks | None:
@@ -358,3 +363,23 @@ class DirectChunks:
                 whole = np.full(self.unit, self.fill_value) if current is None else np.array(current)
             whole[box_slices(piece, unit[0])] = part
             self.write_unit(index, whole)
+
+
+def chunk_io(array: Any) -> Any:
+    """What block reads and writes of `array` (a voxblock ZarrArray or a funlib Array) index:
+    direct chunk I/O (`DirectChunks`) where it applies, else the zarr array itself.
+
+    Made once per array and process and kept on the array (`_chunk_io`; a ZarrArray drops it
+    when pickled, a DirectChunks is made again where unpickled).
+    """
+    cached = getattr(array, "_chunk_io", None)
+    if cached is not None:
+        return cached
+    source = array._source_data
+    cached = DirectChunks.of(source) or source
+    try:
+        array._chunk_io = cached
+    except (AttributeError, TypeError):  # funlib's arrays are frozen against new attributes
+        with contextlib.suppress(AttributeError, TypeError):
+            object.__setattr__(array, "_chunk_io", cached)
+    return cached

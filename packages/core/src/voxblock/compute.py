@@ -1,4 +1,4 @@
-"""Where worker processes run, and the loop each of them runs.
+"""Where worker processes run; the loop each of them runs is voxblock.job's.
 
 daisy starts one process per worker slot and hands it the scheduler's
 address in `DAISY_CONTEXT`. What that process does is chosen here:
@@ -24,7 +24,6 @@ run still known to the scheduler.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import shlex
 import signal
@@ -32,138 +31,24 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import cloudpickle
-
-from voxblock.files import replace_atomically
+from voxblock.job import Job, process_block, serve_blocks
+from voxblock.job import keep_freed_memory as keep_freed_memory  # benchmarks/floor.py
 from voxblock.rundir import RunDirectory
 from voxblock.workers import Worker
-
-WORKER_FILE = "worker.pkl"
-
-
-class BlockCheckFailed(RuntimeError):
-    """The task's post-check said a processed block is not done."""
-
-
-@dataclass(frozen=True)
-class Job:
-    """Everything one worker process needs: picklable, and saved in the run directory."""
-
-    worker: Worker
-    run_dir: Path
-    post_check: Callable[[Any], bool] | None = None
-    # unique per run of a task ("TASK-TOKEN"): names the cluster jobs this run starts
-    name: str = ""
-    # voxblock.halo.Halo by array name: context read from thin slabs, not whole chunks
-    halos: dict[str, Any] = field(default_factory=dict)
-
-    def save(self) -> Path:
-        path = Path(self.run_dir) / WORKER_FILE
-        replace_atomically(path, lambda file: file.write(cloudpickle.dumps(self)))
-        return path
-
-    @staticmethod
-    def load(run_dir: str | Path) -> Job:
-        """The job `save` left in a run directory (a worker started elsewhere, or forked)."""
-        return cloudpickle.loads((Path(run_dir) / WORKER_FILE).read_bytes())  # type: ignore[no-any-return]
-
-
-def serve_blocks(job: Job) -> None:
-    """The worker loop: set up once, then process blocks until none are left.
-
-    A block that raises is recorded (ROI, error) and reported to the
-    scheduler as failed, which retries it; this process carries on with the
-    next block, so one bad block does not cost a model reload.
-    """
-    import daisy.v2 as daisy
-
-    started = time.monotonic()
-    keep_freed_memory()
-    run_dir = RunDirectory(Path(job.run_dir))
-    client = daisy.Client()
-    with _halos(job):
-        job.worker.setup()
-        ready = time.monotonic()
-        blocks, last = _serve(client, job, run_dir)
-    run_dir.record_worker(
-        {"setup_seconds": ready - started, "blocks": blocks, "serving_seconds": max(0.0, last - ready)}
-    )
-
-
-def _halos(job: Job) -> contextlib.AbstractContextManager[None]:
-    """The job's halos in use; no array module (nor numpy) for a worker that has none."""
-    if not job.halos:
-        return contextlib.nullcontext()
-    from voxblock import arrays
-
-    return arrays.halos_in_use(job.halos)
-
-
-# glibc's mallopt parameters, and the largest mmap threshold it accepts on 64-bit
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-_MAX_MMAP_THRESHOLD = 32 << 20
-
-
-def keep_freed_memory() -> None:
-    """Reuse freed block buffers instead of handing them back to the kernel (Linux, glibc).
-
-    glibc serves an allocation above its mmap threshold with fresh pages and
-    unmaps them when it is freed, so every block's megabyte-sized arrays
-    page-fault in anew; on a VM that costs about as much as decoding the
-    chunk. With higher thresholds they come from the heap, which keeps what
-    one block needs: memory still follows the block size.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, _MAX_MMAP_THRESHOLD)
-    mallopt(_M_TRIM_THRESHOLD, 8 * _MAX_MMAP_THRESHOLD)
-
-
-def _serve(client: Any, job: Job, run_dir: RunDirectory) -> tuple[int, float]:
-    """Serve blocks until none are left: (blocks done, when the last one ended)."""
-    blocks, last = 0, time.monotonic()
-    while True:
-        current = None
-        try:
-            with client.acquire_block() as block:
-                if block is None:
-                    return blocks, last
-                current = block
-                try:
-                    job.worker.process(block)
-                    if job.post_check is not None and not job.post_check(block):
-                        raise BlockCheckFailed(
-                            f"check_function says block {block.block_id[1]} "
-                            f"(write ROI {block.write_roi}) is not done after processing"
-                        )
-                except Exception as error:
-                    # record before daisy hears of the failure: after the last
-                    # attempt the run may end as soon as it does
-                    run_dir.record_failure(block, error)
-                    raise
-            blocks += 1
-            last = time.monotonic()
-        except Exception:
-            if current is None:
-                raise
 
 
 @dataclass
 class ServeInProcess:
     """daisy's block function for serial runs (`serial=True`): no processes, no TCP.
 
-    For debugging and for fast property tests of the pure logic; failures are
+    For debugging and for fast property tests of the pure logic: the job's set-up and
+    per-block step of the worker loop (voxblock.job), run in the driver; failures are
     recorded like in a worker process and re-raised so daisy retries them.
     """
 
@@ -171,20 +56,10 @@ class ServeInProcess:
     ready: bool = False
 
     def __call__(self, block: Any) -> None:
-        with _halos(self.job):
-            self._process(block)
-
-    def _process(self, block: Any) -> None:
         if not self.ready:
-            self.job.worker.setup()
+            self.job.setup()
             self.ready = True
-        try:
-            self.job.worker.process(block)
-            if self.job.post_check is not None and not self.job.post_check(block):
-                raise BlockCheckFailed(f"check_function says block {block.block_id[1]} is not done")
-        except Exception as error:
-            RunDirectory(Path(self.job.run_dir)).record_failure(block, error)
-            raise
+        process_block(self.job, block, RunDirectory(Path(self.job.run_dir)))
 
 
 @dataclass(frozen=True)
@@ -404,6 +279,27 @@ def _copy_tail(path: Path, stream: Any, lines: int = 50) -> None:
     if tail:
         print(f"--- {path} (last {len(tail)} lines) ---", file=stream)
         print("\n".join(tail), file=stream, flush=True)
+
+
+@dataclass(frozen=True)
+class AfterInit:
+    """Hold a worker process until the task's init callback has run in the driver.
+
+    daisy 2 has no init callback; voxblock keeps daisy 1's promise (called
+    once, when the task starts, with a context that reaches the scheduler)
+    by having the first worker offer its context and every worker wait.
+    """
+
+    function: Callable[[], None]
+    run_dir: Path
+
+    def __call__(self) -> None:
+        import daisy.v2 as daisy
+
+        run_dir = RunDirectory(Path(self.run_dir))
+        run_dir.announce_worker(dict(daisy.Context.from_env().items()))
+        run_dir.wait_for_init()
+        self.function()
 
 
 class Compute:

@@ -41,9 +41,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-# what every worker needs (the rest comes with the workers' own lists; funlib.persistence
-# never: importing it starts threads, and workers do not need it)
-CORE_MODULES = ("cloudpickle", "daisy.v2", "voxblock.compute")
+# what every worker needs: the worker loop, and what unpickling a worker takes (the rest comes
+# with the workers' own lists; funlib.persistence never: importing it starts threads, and
+# workers do not need it)
+CORE_MODULES = ("cloudpickle", "daisy.v2", "voxblock.job", "voxblock.workers")
 _PID, _STATUS, _LENGTH = struct.Struct("!q"), struct.Struct("!i"), struct.Struct("!Q")
 _PR_SET_PDEATHSIG = 1
 _PREFIX = "voxblock-fork-"
@@ -316,7 +317,7 @@ def _run_child(
         sys.path[:] = request["path"]
         importlib.invalidate_caches()
         _reseed()
-        from voxblock.compute import Job, serve_blocks
+        from voxblock.job import Job, serve_blocks
 
         serve_blocks(Job.load(request["run_dir"]))
         code = 0

@@ -552,7 +552,7 @@ def write_ome_metadata(container: Path, dataset: str, array: Any, units: Sequenc
     """
     import zarr
 
-    from voxblock.arrays import ArrayName
+    from voxblock.names import ArrayName
     from voxblock.nodes import make_groups
 
     parts = dataset.split("/")

@@ -23,6 +23,7 @@ import functools
 import math
 import operator
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,11 @@ from typing import Any
 import numpy as np
 from funlib.geometry import Coordinate, Roi
 
-from voxblock.chunks import Box, box_slices, chunks_in, intersect, unit_of
+from voxblock.blockio import write_direct
+from voxblock.chunks import Box, box_slices, chunk_io, chunks_in, intersect, unit_of
 from voxblock.files import replace_atomically
+from voxblock.metadata import ZarrArray
+from voxblock.names import ArrayName
 
 # a halo is worth it when the read ROI touches this many times the chunks the
 # write ROI does, and its slabs stay below this fraction of the array's bytes
@@ -50,6 +54,28 @@ class Halo:
 
     def path(self, index: tuple[int, ...]) -> str:
         return os.path.join(self.directory, "_".join(map(str, index)) + ".bin")
+
+    # a read strategy (voxblock.blockio.BlockIO): an array whose `block_io` is this halo reads
+    # and writes its blocks here
+
+    def read(self, array: Any, roi: Roi, fill_value: float) -> np.ndarray:
+        return read(array, roi, fill_value, self)
+
+    def write(self, array: Any, roi: Roi, data: np.ndarray) -> None:
+        forget(array, self, roi)
+        write_direct(array, roi, data)
+        keep(array, self, roi, data)
+
+
+def use_halos(arrays: Iterable[Any], halos: Mapping[str, Halo]) -> None:
+    """Give each of `arrays` (those a worker opened) that `halos` (by array name) keeps a halo
+    for that halo as its way to read and write blocks; the others read straight from their chunks."""
+    if not halos:
+        return
+    by_path = {str(ArrayName.parse(name).path.resolve()): kept for name, kept in halos.items()}
+    for array in arrays:
+        if isinstance(array, ZarrArray) and array._path in by_path:
+            array.block_io = by_path[array._path]
 
 
 # -- geometry (pure; boxes are (begin, end) voxel tuples relative to the array's first voxel) --
@@ -265,8 +291,6 @@ def _read_plan(
 
 def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
     """`roi` of the array (fill value outside it), taking chunk slivers from the halo."""
-    from voxblock.arrays import chunk_io
-
     grid = _Grid.of(array)
     box = grid.box(roi)
     channel_dims = len(grid.channels)

@@ -129,8 +129,8 @@ def check_output_container(name: str) -> None:
     directory is fine (nothing to mix with), and so is a container without
     root metadata whose arrays have theirs (funlib writes those).
     """
-    from voxblock.arrays import ArrayName
     from voxblock.errors import VoxblockError
+    from voxblock.names import ArrayName
 
     container = ArrayName.parse(name).container
     if not container.exists():
