@@ -17,7 +17,7 @@ from funlib.persistence import prepare_ds
 
 import voxblock
 from voxblock.cli import cli_wording
-from voxblock.workers import WorkerFile
+from voxblock.compat import WorkerFile
 from voxblock_testing.volumes import random_raw, read_array, write_array
 
 DATA = Path(__file__).parent / "data"

@@ -22,16 +22,10 @@ import click
 from funlib.geometry import Coordinate, Roi
 
 from voxblock import arrays
+from voxblock.compat import file_arrays
 from voxblock.errors import VoxblockError
 from voxblock.geometry import FITS, parse_coordinate, parse_roi
-from voxblock.workers import (
-    ArrayIdentifier,
-    ArrayWorker,
-    Worker,
-    WorkerFile,
-    registered_workers,
-    worker_class,
-)
+from voxblock.workers import ArrayWorker, Worker, registered_workers, worker_class
 
 COMMON = {"input", "output"}
 CLUSTER_KEYS = (
@@ -472,45 +466,6 @@ def _clause_in_voxels(clause: str, voxel_size: Coordinate) -> str:
     voxels = iter(converted)
     clause = _TUPLE.sub(lambda m: "(" + ", ".join(map(str, next(voxels) or [])) + ")", clause)
     return clause.replace("(world units)", "(voxels)").replace("world units", "voxels")
-
-
-def file_arrays(
-    path: Path, input_name: str | None, output_name: str | None, given: dict[str, Any]
-) -> dict[str, Any]:
-    """--input/--output as arguments of a worker file's spawn_worker, only where it takes them.
-
-    Passed as `input`/`output` where spawn_worker names them (or takes
-    **kwargs), else as dacapo's `input_container` + `input_dataset` pair or
-    its `input_array_identifier` (an `ArrayIdentifier`, as is any
-    ..._array_identifier given with -o); an argument given with -o wins.
-    --input is also what the CLI reads the
-    voxel size and ROI from, so a file that takes no input still runs; an
-    --output it cannot take is refused: the user expects it to be written.
-    """
-    parameters = WorkerFile.parameters(path)
-    passed: dict[str, Any] = {}
-    for role, name in (("input", input_name), ("output", output_name)):
-        if name is None:
-            continue
-        pair = (f"{role}_container", f"{role}_dataset")
-        if role in parameters.names or (parameters.any_keyword and not set(pair) <= set(parameters.names)):
-            passed[role] = name
-        elif set(pair) <= set(parameters.names):
-            parsed = arrays.ArrayName.parse(name)
-            passed.update({pair[0]: str(parsed.container), pair[1]: parsed.dataset})
-        elif f"{role}_array_identifier" in parameters.names:
-            passed[f"{role}_array_identifier"] = name
-        elif role == "output":
-            raise VoxblockError(
-                f"worker file {path}: spawn_worker() takes no output, so --output would not be "
-                f"written; give the array it writes with -o NAME=VALUE "
-                f"(its parameters: {', '.join(parameters.names) or 'none'})"
-            )
-    passed = {k: v for k, v in passed.items() if k not in given}
-    # dacapo's workers take an array as an identifier (.container, .dataset), not as a string
-    named = {**given, **passed}
-    strings = [k for k, v in named.items() if k.endswith("_array_identifier") and isinstance(v, str)]
-    return {**passed, **{k: ArrayIdentifier.parse(named[k]) for k in strings}}
 
 
 def key_values(items: Any) -> dict[str, Any]:

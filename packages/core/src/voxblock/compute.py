@@ -281,27 +281,6 @@ def _copy_tail(path: Path, stream: Any, lines: int = 50) -> None:
         print("\n".join(tail), file=stream, flush=True)
 
 
-@dataclass(frozen=True)
-class AfterInit:
-    """Hold a worker process until the task's init callback has run in the driver.
-
-    daisy 2 has no init callback; voxblock keeps daisy 1's promise (called
-    once, when the task starts, with a context that reaches the scheduler)
-    by having the first worker offer its context and every worker wait.
-    """
-
-    function: Callable[[], None]
-    run_dir: Path
-
-    def __call__(self) -> None:
-        import daisy.v2 as daisy
-
-        run_dir = RunDirectory(Path(self.run_dir))
-        run_dir.announce_worker(dict(daisy.Context.from_env().items()))
-        run_dir.wait_for_init()
-        self.function()
-
-
 class Compute:
     """Starts worker processes. Subclasses say where."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -12,8 +11,9 @@ from typing import Any, TextIO
 
 from funlib.geometry import Roi
 
+from voxblock.compat import InitCallbacks
 from voxblock.errors import VoxblockError
-from voxblock.rundir import RunDirectory, roi_record
+from voxblock.rundir import roi_record
 from voxblock.task import BlockwiseTask
 
 
@@ -346,47 +346,3 @@ def _worker_timings(records: list[dict[str, Any]]) -> dict[str, float]:
         "worker_setup_seconds": max(r.get("setup_seconds", 0.0) for r in records),
         "serving_blocks_per_second": blocks / serving if serving > 0 else 0.0,
     }
-
-
-class InitCallbacks:
-    """Driver side of the init-callback gate (see `compute.AfterInit`)."""
-
-    def __init__(self, tasks: Sequence[BlockwiseTask]) -> None:
-        self.pending = {id(t): t for t in tasks}
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def start(self) -> None:
-        if self.pending:
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _loop(self) -> None:
-        import daisy.v2 as daisy
-
-        while self.pending and not self._stop.is_set():
-            for key, task in list(self.pending.items()):
-                directory: RunDirectory = task.run_dir
-                offered = directory.init_dir / "context.json"
-                if not offered.exists():
-                    continue
-                try:
-                    values = json.loads(offered.read_text())
-                except json.JSONDecodeError:
-                    continue  # still being written
-                del self.pending[key]
-                try:
-                    assert task.init_callback_fn is not None
-                    task.init_callback_fn(daisy.Context(**values))
-                except Exception as error:
-                    message = f"init_callback_fn of {task.task_id} failed: {error!r}"
-                    self.errors.append(message)
-                    (directory.init_dir / "failed").write_text(message)
-                else:
-                    (directory.init_dir / "done").write_text("ok")
-            self._stop.wait(0.02)

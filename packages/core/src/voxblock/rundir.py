@@ -6,6 +6,7 @@
     <run_dir>/failures/      one JSON line per failed block attempt
     <run_dir>/logs/          one .out/.err pair per worker process
     <run_dir>/halo/          chunk face slabs for reads with context (voxblock.halo)
+    <run_dir>/init/          daisy 1's init-callback gate (voxblock.compat)
     <run_dir>/workers/       one JSON per worker process of the last run: start-up and block times
     <run_dir>/report.json    the summary of the last run
 
@@ -219,29 +220,6 @@ class RunDirectory:
 
     def forget_workers(self) -> None:
         shutil.rmtree(self.workers_dir, ignore_errors=True)
-
-    # -- init callback gate ---------------------------------------------------
-
-    def announce_worker(self, context: dict[str, str]) -> None:
-        """Worker side: offer this worker's scheduler context to the init callback."""
-        self.init_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.init_dir / "context.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        with os.fdopen(fd, "w") as handle:
-            json.dump(context, handle)
-
-    def wait_for_init(self, poll: float = 0.05, limit: float = 24 * 3600) -> None:
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            if (self.init_dir / "done").exists():
-                return
-            failed = self.init_dir / "failed"
-            if failed.exists():
-                raise RuntimeError(f"init_callback_fn failed: {failed.read_text()}")
-            time.sleep(poll)
-        raise TimeoutError("waited too long for init_callback_fn")
 
 
 def roi_record(roi: Any) -> dict[str, list[int]]:

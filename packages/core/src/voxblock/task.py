@@ -18,13 +18,14 @@ from typing import Any
 from funlib.geometry import Coordinate, Roi
 
 from voxblock import arrays
-from voxblock.compute import AfterInit, Compute, Job, Local, ServeInProcess, run_name
+from voxblock.compat import AfterInit, make_worker, split_check
+from voxblock.compute import Compute, Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
 from voxblock.halo import Halo, plan_thickness
 from voxblock.nodes import check_output_container
 from voxblock.rundir import RunDirectory, default_run_dir
-from voxblock.workers import Preparation, Worker, make_worker, stable_hash
+from voxblock.workers import Preparation, Worker, stable_hash
 
 DEFAULT_MAX_WORKER_RESTARTS = 10
 
@@ -106,7 +107,7 @@ class BlockwiseTask:
             if read_write_conflict is None
             else bool(read_write_conflict)
         )
-        self.pre_check, self.post_check = _split_check(
+        self.pre_check, self.post_check = split_check(
             check_function if check_function is not None else self.worker.check_function()
         )
         self.init_callback_fn = init_callback_fn or self.worker.init_callback_fn()
@@ -304,22 +305,6 @@ class BlockwiseTask:
             f"write_roi={self.blocking.write_roi}, fit={self.blocking.fit!r}, "
             f"num_workers={self.num_workers})"
         )
-
-
-def _split_check(check: Any) -> tuple[Callable[[Any], bool] | None, Callable[[Any], bool] | None]:
-    """daisy's convention: one function checks before and after; a pair splits them."""
-    if check is None:
-        return None, None
-    if isinstance(check, (tuple, list)):
-        if len(check) != 2:
-            raise VoxblockError("check_function must be a function or a (pre, post) pair")
-        pre, post = check
-    else:
-        pre = post = check
-    for function in (pre, post):
-        if function is not None and not callable(function):
-            raise VoxblockError(f"check_function parts must be callable; got {function!r}")
-    return pre, post
 
 
 def all_upstream(task: BlockwiseTask) -> list[BlockwiseTask]:

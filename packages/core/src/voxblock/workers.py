@@ -9,22 +9,21 @@ driver ships the configured instance to each worker process.
 Workers are registered in the `voxblock.workers` entry-point group, so a
 third-party package adds one with a line in its pyproject.toml. A path to
 a Python file in the style of dacapo's worker files (`spawn_worker`,
-`start_worker`, module-level `fit`, `read_write_conflict`) also works.
+`start_worker`, module-level `fit`, `read_write_conflict`) also works:
+that convention is `voxblock.compat` (`WorkerFile`, and `make_worker`,
+which takes a name, a file or an instance).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
-import inspect
 import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from funlib.geometry import Coordinate, Roi
@@ -396,7 +395,7 @@ def stable_hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(_jsonable(data), sort_keys=True).encode()).hexdigest()
 
 
-# -- finding workers ----------------------------------------------------------
+# -- finding workers (a worker file, dacapo's convention: voxblock.compat) ---------
 
 
 def registered_workers() -> dict[str, EntryPoint]:
@@ -415,264 +414,3 @@ def worker_class(name: str) -> type[Worker]:
     if not (isinstance(cls, type) and issubclass(cls, Worker)):
         raise VoxblockError(f"entry point {name!r} does not name a voxblock Worker class")
     return cls
-
-
-def make_worker(worker: str | Path | Worker, *args: Any, **kwargs: Any) -> Worker:
-    """A configured worker from a registered name, a worker file, or an instance."""
-    if isinstance(worker, Worker):
-        if args or kwargs:
-            raise VoxblockError("options cannot be added to a worker instance; set them on it")
-        return worker
-    text = str(worker)
-    if text.endswith(".py") or Path(text).is_file():
-        return WorkerFile.load(Path(text), args, kwargs)
-    cls = worker_class(text)
-    if args:
-        raise VoxblockError(f"worker {text!r} takes options by keyword only; got {args!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise VoxblockError(
-            f"worker {text!r} has no option {', '.join(unknown)}; its options are: {', '.join(sorted(known))}"
-        )
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:
-        raise VoxblockError(f"worker {text!r}: {error}") from error
-
-
-@dataclass
-class WorkerFile(Worker):
-    """A dacapo-style worker file: `spawn_worker(*args, **kwargs)` returns the
-    0-arg function daisy runs in each worker process."""
-
-    path: str = ""
-    args: tuple = ()
-    kwargs: dict = field(default_factory=dict)
-
-    @classmethod
-    def load(cls, path: Path, args: tuple, kwargs: Mapping[str, Any]) -> WorkerFile:
-        module = load_worker_module(path)
-        if not callable(getattr(module, "spawn_worker", None)):
-            raise VoxblockError(f"worker file {path} defines no spawn_worker()")
-        # a missing or unknown argument would fail in every worker process, after the run started
-        problem = spawn_argument_problem(inspect.signature(module.spawn_worker), tuple(args), kwargs)
-        if problem is not None:
-            raise VoxblockError(f"worker file {path}: spawn_worker() {problem}")
-        instance = cls(path=str(path.resolve()), args=tuple(args), kwargs=dict(kwargs))
-        instance._module = module
-        return instance
-
-    @staticmethod
-    def parameters(path: Path) -> SpawnParameters:
-        """What the spawn_worker() of a worker file takes: the CLI passes `input`/`output` only then."""
-        module = load_worker_module(path)
-        if not callable(getattr(module, "spawn_worker", None)):
-            raise VoxblockError(f"worker file {path} defines no spawn_worker()")
-        return SpawnParameters.of(inspect.signature(module.spawn_worker))
-
-    def arguments(self) -> dict[str, Any]:
-        """spawn_worker's arguments by parameter name (positional ones too; **kwargs flattened)."""
-        return named_arguments(inspect.signature(self.module.spawn_worker), self.args, self.kwargs)
-
-    @property
-    def module(self) -> ModuleType:
-        if getattr(self, "_module", None) is None:
-            self._module = load_worker_module(Path(self.path))
-        return self._module
-
-    @property
-    def worker_name(self) -> str:
-        return Path(self.path).stem
-
-    def default_fit(self) -> Fit:
-        return getattr(self.module, "fit", "valid")
-
-    def default_read_write_conflict(self) -> bool:
-        return bool(getattr(self.module, "read_write_conflict", False))
-
-    def options(self) -> dict[str, Any]:
-        return {"path": self.path, "args": _jsonable(self.args), "kwargs": _jsonable(self.kwargs)}
-
-    def prepare(self, preparation: Preparation) -> None:
-        """The file writes its outputs itself; voxblock still refuses blocks that would share
-        the write units of those that exist (their writes would lose each other's voxels)."""
-        from voxblock import arrays
-
-        for name in self.outputs():
-            if arrays.ArrayName.parse(name).path.exists():
-                check_existing_output(name, preparation.blocking, preparation.num_workers)
-
-    def outputs(self) -> list[str]:
-        """The arrays given to parameters named output... or prediction... (dacapo's names)."""
-        found = array_arguments(self.arguments())
-        names = [name for role, name in found.items() if role.startswith(OUTPUT_ROLES)]
-        return list(dict.fromkeys(names))
-
-    def spawn_function(self, serve: Callable[[], None]) -> Callable[[], None]:
-        function = self.module.spawn_worker(*self.args, **self.kwargs)
-        if not callable(function):
-            raise VoxblockError(f"spawn_worker() in {self.path} did not return a function")
-        if inspect.signature(function).parameters:
-            required = [
-                p
-                for p in inspect.signature(function).parameters.values()
-                if p.default is inspect.Parameter.empty and p.kind != p.KEYWORD_ONLY
-            ]
-            if required:
-                raise VoxblockError(f"spawn_worker() in {self.path} must return a function of no arguments")
-        return function
-
-    def check_function(self) -> Any:
-        return getattr(self.module, "check_function", None)
-
-    def init_callback_fn(self) -> Callable[[Any], None] | None:
-        return getattr(self.module, "init_callback_fn", None)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_module", None)
-        return state
-
-
-# parameters of a worker file's spawn_worker that name arrays it writes: dacapo's output_container +
-# output_dataset, output_array_identifier, prediction_array_identifier; also output_path, output...
-OUTPUT_ROLES = ("output", "prediction")
-
-
-@dataclass(frozen=True)
-class ArrayIdentifier:
-    """What dacapo's worker files take for an array (its LocalArrayIdentifier): a container and a
-    dataset. The CLI gives one to a spawn_worker parameter named ..._array_identifier."""
-
-    container: Path
-    dataset: str
-
-    @classmethod
-    def parse(cls, name: str) -> ArrayIdentifier:
-        from voxblock.arrays import ArrayName
-
-        parsed = ArrayName.parse(name)
-        return cls(parsed.container, parsed.dataset)
-
-    def __str__(self) -> str:
-        return f"{self.container}/{self.dataset}"
-
-
-@dataclass(frozen=True)
-class SpawnParameters:
-    """The parameters of a spawn_worker(): their names, the required ones, and **kwargs."""
-
-    names: tuple[str, ...]
-    required: tuple[str, ...]
-    any_keyword: bool
-
-    @classmethod
-    def of(cls, signature: inspect.Signature) -> SpawnParameters:
-        named = [p for p in signature.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        return cls(
-            names=tuple(p.name for p in named),
-            required=tuple(p.name for p in named if p.default is p.empty),
-            any_keyword=any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()),
-        )
-
-    def takes(self, name: str) -> bool:
-        return self.any_keyword or name in self.names
-
-
-def spawn_argument_problem(
-    signature: inspect.Signature, args: tuple, kwargs: Mapping[str, Any]
-) -> str | None:
-    """What is wrong with calling spawn_worker(*args, **kwargs), in words a user can act on; or None."""
-    try:
-        signature.bind(*args, **kwargs)
-        return None
-    except TypeError as error:
-        reason = str(error)
-    parameters = SpawnParameters.of(signature)
-    positional = [
-        p.name
-        for p in signature.parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    given = set(positional[: len(args)]) | set(kwargs)
-    missing = [name for name in parameters.required if name not in given]
-    unknown = sorted(k for k in kwargs if not parameters.takes(k))
-    takes = ", ".join(parameters.names) or "no named parameters"
-    if unknown:
-        return f"takes no parameter {', '.join(unknown)}; it takes: {takes}"
-    if missing:
-        shown = " ".join(f"-o {name}=VALUE" for name in missing)
-        return (
-            f"needs {', '.join(missing)}: give {'it' if len(missing) == 1 else 'them'} as {shown} "
-            f"(voxblock run) or as keyword arguments (Python)"
-        )
-    return f"cannot take these arguments ({reason}); it takes: {takes}"
-
-
-def named_arguments(signature: inspect.Signature, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Arguments by parameter name, as spawn_worker would see them (**kwargs flattened)."""
-    try:
-        bound = signature.bind_partial(*args, **kwargs)
-    except TypeError:
-        return dict(kwargs)
-    named: dict[str, Any] = {}
-    for name, value in bound.arguments.items():
-        kind = signature.parameters[name].kind
-        if kind == inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif kind != inspect.Parameter.VAR_POSITIONAL:
-            named[name] = value
-    return named
-
-
-def array_arguments(arguments: Mapping[str, Any]) -> dict[str, str]:
-    """The arrays among a worker file's arguments, CONTAINER/DATASET by role.
-
-    dacapo names an array by two arguments, `output_container` and
-    `output_dataset` (role "output"), or by an identifier with `.container`
-    and `.dataset`; others by one CONTAINER/DATASET string. Anything that
-    is not an array name (a lone container, a dataset, a number) is no array.
-    """
-    from voxblock.arrays import ArrayName
-
-    found: dict[str, str] = {}
-    for key, value in arguments.items():
-        role, text = key, None
-        if key.endswith("_container") and f"{key[: -len('_container')]}_dataset" in arguments:
-            role = key[: -len("_container")]
-            text = f"{value}/{arguments[role + '_dataset']}"
-        elif hasattr(value, "container") and hasattr(value, "dataset"):
-            text = f"{value.container}/{value.dataset}"
-        elif isinstance(value, (str, Path)):
-            text = str(value)
-        if text is None:
-            continue
-        try:
-            found[role] = str(ArrayName.parse(text))
-        except VoxblockError:
-            continue
-    return found
-
-
-def load_worker_module(path: Path) -> ModuleType:
-    if not path.is_file():
-        raise VoxblockError(f"worker file {path} does not exist")
-    name = f"voxblock_worker_file_{stable_hash(str(path.resolve()))[:12]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise VoxblockError(f"worker file {path} cannot be loaded as Python")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as error:
-        del sys.modules[name]
-        raise VoxblockError(f"worker file {path} failed to import: {error!r}") from error
-    import cloudpickle
-
-    # not importable by name in a worker process: ship its functions by value
-    cloudpickle.register_pickle_by_value(module)
-    return module

@@ -23,8 +23,9 @@ import numpy as np
 from funlib.geometry import Roi
 
 from voxblock import arrays
+from voxblock.compat import load_worker_module
 from voxblock.errors import VoxblockError
-from voxblock.workers import load_worker_module, worker_class
+from voxblock.workers import worker_class
 
 BUILT_IN = ("threshold-label",)
 BUILT_IN_SUMMARIES = {"threshold-label": "threshold, then connected components of the foreground"}
