@@ -24,10 +24,12 @@ from funlib.geometry import Coordinate, Roi
 from voxblock import arrays
 from voxblock.compat import file_arrays
 from voxblock.errors import VoxblockError
-from voxblock.geometry import FITS, parse_coordinate, parse_roi
+from voxblock.geometry import parse_coordinate, parse_roi
+from voxblock.options import TaskOptions, cli_flag
 from voxblock.workers import ArrayWorker, Worker, registered_workers, worker_class
 
 COMMON = {"input", "output"}
+WORKER_KEY = "worker__"  # a worker option whose flag a task option has: --worker-NAME
 CLUSTER_KEYS = (
     "cluster",
     "cluster_config",
@@ -38,7 +40,6 @@ CLUSTER_KEYS = (
     "time_limit",
     "cluster_flags",
     "command_template",
-    "host",
 )
 
 ROI_OFFSET_HELP = (
@@ -47,37 +48,51 @@ ROI_OFFSET_HELP = (
     "floor(offset / voxel size)"
 )
 
-HALO_HELP = (
-    "read each block's context from thin copies of chunk faces kept in the run directory "
-    "instead of decoding whole neighbouring chunks [default: where the context is thin next "
-    "to the chunks]"
-)
+# the task options that have a flag (voxblock.options.TaskOptions), by field name
+TASK_FLAGS = {f.name: f for f in dataclasses.fields(TaskOptions) if cli_flag(f) is not None}
 
 
-LAYOUT_OPTIONS = (
-    click.option(
-        "--chunk-size",
-        metavar="Z,Y,X",
-        default=None,
-        help="chunk of a new output, voxels [default: the block; 64 per axis inside shards]",
-    ),
-    click.option(
-        "--shard-size",
-        metavar="Z,Y,X",
-        default=None,
-        help="write a new output sharded (zarr v3): one file per shard instead of per chunk; "
-        "the shard must divide the block size, so that each block owns whole shards",
-    ),
-)
+def _task_options(overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:
+    """The flags of the task options, declared once in TaskOptions: the flag (--NAME unless its
+    metadata names another), help and default (the CLI's where it has one); `overrides` changes
+    them for one command."""
+    params = []
+    for name, f in TASK_FLAGS.items():
+        cli = {**f.metadata["cli"], **(overrides or {}).get(name, {})}
+        flag = cli_flag(f)
+        default = cli.get("default", f.default)
+        kind = cli.get("type", type(default) if default is not None else str)
+        settings: dict[str, Any] = {"default": default, "help": cli.get("help", f.metadata["help"])}
+        decls = [flag]
+        if kind is bool and default is None:
+            decls = [f"{flag}/--no-{flag[2:]}"]
+        elif kind is bool:
+            settings["is_flag"] = True
+        elif "choices" in cli:
+            settings.update(type=click.Choice(list(cli["choices"])), show_default=default is not None)
+        elif kind == "voxels":  # parsed once the input's dimensions are known (_task_keywords)
+            settings["metavar"] = "Z,Y,X"
+        elif kind == "directory":
+            settings["type"] = click.Path(file_okay=False)
+        else:
+            settings.update(type=kind, show_default=default is not None)
+        params.append(click.option(*decls, name, **settings))
+    return params
 
 
-def _layout(values: dict[str, Any], ndim: int) -> dict[str, Any]:
-    """--chunk-size / --shard-size as the task options chunk_shape / shard_shape (voxels)."""
-    chunk, shard = values.pop("chunk_size", None), values.pop("shard_size", None)
-    return {
-        "chunk_shape": tuple(parse_coordinate(chunk, ndim)) if chunk else None,
-        "shard_shape": tuple(parse_coordinate(shard, ndim)) if shard else None,
-    }
+def _task_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """The values of the task options' flags, popped from `values` (see _task_keywords)."""
+    return {name: values.pop(name) for name in TASK_FLAGS}
+
+
+def _task_keywords(flags: dict[str, Any], ndim: int, compute: Any, host: str | None) -> dict[str, Any]:
+    """The task options as keyword arguments, from their flags' values: sizes in voxels as
+    shapes, and the compute and host that the cluster options and config decided."""
+    given = dict(flags)
+    for name, f in TASK_FLAGS.items():
+        if f.metadata["cli"].get("type") == "voxels":
+            given[name] = tuple(parse_coordinate(given[name], ndim)) if given[name] else None
+    return {**given, "compute": compute, "host": host}
 
 
 def _cluster_options(function: Any) -> Any:
@@ -117,19 +132,14 @@ def _cluster_options(function: Any) -> Any:
             metavar="COMMAND",
             help="for --cluster command: the prefix that starts a worker, e.g. 'ssh node7'",
         ),
-        click.option(
-            "--host",
-            default=None,
-            help="address cluster workers connect to [default: $DAISY_HOST, else detected]",
-        ),
     ]
     for decorate in reversed(options):
         function = decorate(function)
     return function
 
 
-def _compute(values: dict[str, Any]) -> tuple[Any, str | None]:
-    """(Compute, host) from the cluster options (popped from `values`) over the config file."""
+def _compute(values: dict[str, Any], host: str | None) -> tuple[Any, str | None]:
+    """(Compute, host) from the cluster options (popped from `values`) and --host over the config file."""
     from voxblock.cluster import compute_from_config
 
     given = {k: values.pop(k, None) for k in CLUSTER_KEYS}
@@ -144,7 +154,7 @@ def _compute(values: dict[str, Any]) -> tuple[Any, str | None]:
         time_limit=given["time_limit"],
         flags=tuple(given["cluster_flags"] or ()),
         template=tuple(shlex.split(template)) if template else None,
-        host=given["host"],
+        host=host,
     )
 
 
@@ -172,43 +182,30 @@ def _run_options(function: Any) -> Any:
             help="region to write, in voxels, e.g. 0,0,0:256,256,256 [default: the whole input]; "
             + ROI_OFFSET_HELP,
         ),
-        click.option("--workers", default=2, show_default=True, help="worker processes"),
-        click.option("--max-retries", default=2, show_default=True, help="retries of a failing block"),
-        click.option(
-            "--timeout",
-            type=float,
-            default=None,
-            help="seconds a block may take before its worker is killed and the block retried",
-        ),
-        click.option(
-            "--fit",
-            type=click.Choice(FITS),
-            default=None,
-            help="blocks at the border: valid (skip every border block whose read ROI leaves the "
-            "region grown by --context, i.e. whose write block does not fit whole in the region: "
-            "those voxels are not written), overhang (full size, clipped writes), shrink (clipped) "
-            "[default: the worker's]",
-        ),
-        click.option(
-            "--run-dir",
-            type=click.Path(file_okay=False),
-            default=None,
-            help="where done markers, logs and the report go [default: OUTPUT_CONTAINER.voxblock/DATASET]",
-        ),
-        click.option("--fresh", is_flag=True, help="forget done blocks and start over"),
-        click.option("--overwrite", is_flag=True, help="replace an output that holds other data"),
-        click.option("--no-progress", is_flag=True, help="no progress bar"),
-        click.option("--halo/--no-halo", default=None, help=HALO_HELP),
-        *LAYOUT_OPTIONS,
     ]
-    function = _cluster_options(function)  # listed after the run options
+    function = _shared_options(function)
     for decorate in reversed(options):
         function = decorate(function)
     return function
 
 
-def _field_option(field: dataclasses.Field, hint: Any) -> click.Option:
-    name = "--" + field.name.replace("_", "-")
+def _shared_options(function: Any = None, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
+    """What `run` and `segment` share: the task options, --no-progress, then the cluster options."""
+
+    def decorate(function: Any) -> Any:
+        function = _cluster_options(function)
+        function = click.option("--no-progress", is_flag=True, help="no progress bar")(function)
+        for option in reversed(_task_options(overrides)):
+            function = option(function)
+        return function
+
+    return decorate if function is None else decorate(function)
+
+
+def _field_option(field: dataclasses.Field, hint: Any, prefix: str = "") -> click.Option:
+    """A worker option's flag: --NAME, or --worker-NAME (prefix) where a task option has --NAME."""
+    name = "--" + prefix + field.name.replace("_", "-")
+    key = WORKER_KEY + field.name if prefix else field.name
     help_text = field.metadata.get("help", "")
     default = (
         field.default
@@ -224,14 +221,14 @@ def _field_option(field: dataclasses.Field, hint: Any) -> click.Option:
         hint, origin = args[0], typing.get_origin(args[0])
     if hint is bool:
         return click.Option(
-            [f"{name}/--no-{field.name.replace('_', '-')}"],
+            [f"{name}/--no-{prefix}{field.name.replace('_', '-')}", key],
             default=default,
             show_default=True,
             help=help_text,
         )
     if origin is typing.Literal:
         return click.Option(
-            [name],
+            [name, key],
             type=click.Choice([str(a) for a in typing.get_args(hint)]),
             default=default,
             show_default=True,
@@ -239,11 +236,11 @@ def _field_option(field: dataclasses.Field, hint: Any) -> click.Option:
         )
     if hint in (int, float, str):
         return click.Option(
-            [name], type=hint, default=default, show_default=True, required=required, help=help_text
+            [name, key], type=hint, default=default, show_default=True, required=required, help=help_text
         )
     shown = json.dumps(default) if default not in (None, "") else None
     return click.Option(
-        [name],
+        [name, key],
         type=_JSON(),
         default=shown,
         show_default=True,
@@ -267,13 +264,22 @@ class _JSON(click.ParamType):
 
 
 def _worker_command(name: str, cls: type[Worker] | None) -> click.Command:
+    @_run_options
+    def command(**values: Any) -> None:
+        _run(name, cls, values)
+
+    shared = command.__click_params__
+    taken = {p.name for p in shared} | {flag for p in shared for flag in p.opts + p.secondary_opts}
     params: list[click.Parameter] = []
     if cls is not None:
         hints = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
             if field.name in COMMON:
                 continue
-            params.append(_field_option(field, hints.get(field.name, str)))
+            option = _field_option(field, hints.get(field.name, str))
+            if {option.name, *option.opts, *option.secondary_opts} & taken:
+                option = _field_option(field, hints.get(field.name, str), prefix="worker-")
+            params.append(option)
         doc = (cls.__doc__ or "").strip()
     else:
         params.append(
@@ -285,10 +291,6 @@ def _worker_command(name: str, cls: type[Worker] | None) -> click.Command:
             )
         )
         doc = f"Run the dacapo-style worker file {name}."
-
-    @_run_options
-    def command(**values: Any) -> None:
-        _run(name, cls, values)
 
     if cls is not None and issubclass(cls, ArrayWorker):  # it reads --input and writes --output
         for param in command.__click_params__:
@@ -304,29 +306,12 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
 
     input_name = values.pop("input_")
     output_name = values.pop("output")
+    flags = _task_flags(values)
     try:
-        compute, host = _compute(values)
+        compute, host = _compute(values, flags.pop("host"))
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None
-    common = {
-        k: values.pop(k)
-        for k in (
-            "block_size",
-            "context",
-            "roi",
-            "workers",
-            "max_retries",
-            "timeout",
-            "fit",
-            "run_dir",
-            "fresh",
-            "overwrite",
-            "no_progress",
-            "halo",
-            "chunk_size",
-            "shard_size",
-        )
-    }
+    common = {k: values.pop(k) for k in ("block_size", "context", "roi", "no_progress")}
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     origin: Coordinate | None = None
     try:
@@ -334,7 +319,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             options = key_values(values.pop("extra", ()))
             options.update(file_arrays(Path(name), input_name, output_name, options))
         else:
-            options = {k: v for k, v in values.items() if v is not None}
+            options = {k.removeprefix(WORKER_KEY): v for k, v in values.items() if v is not None}
             given = (("input", input_name), ("output", output_name))
             options.update({k: v for k, v in given if v is not None})
         if cls is not None and issubclass(cls, ArrayWorker) and not input_name:
@@ -358,18 +343,8 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             total,
             read,
             write,
-            common["workers"],
-            common["max_retries"],
-            common["timeout"],
-            None,
-            fit=common["fit"],
-            run_dir=common["run_dir"],
-            fresh=common["fresh"],
-            overwrite=common["overwrite"],
-            compute=compute,
-            halo=common["halo"],
-            **_layout(common, source.voxel_size.dims),
-            **options,
+            worker_options=options,  # every worker option: never taken for a task option
+            **_task_keywords(flags, source.voxel_size.dims, compute, host),
         )
         report = run_tasks([task], progress=not common["no_progress"], host=host)
     except VoxblockError as error:
@@ -378,19 +353,18 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         sys.exit(1)
 
 
-# the API's keyword arguments, as the `voxblock run` flags that set them
+# the API's keyword arguments, as the `voxblock run` flags that set them (a shape in world
+# units is no flag's value: those are rewritten in voxels, below)
 API_FLAGS = {
-    "num_workers": "--workers",
-    "max_retries": "--max-retries",
-    "timeout": "--timeout",
-    "fit": "--fit",
-    "run_dir": "--run-dir",
-    "fresh": "--fresh",
-    "overwrite": "--overwrite",
-    "halo": "--halo",
+    **{name: cli_flag(f) for name, f in TASK_FLAGS.items() if f.metadata["cli"].get("type") != "voxels"},
     "input": "--input",
     "output": "--output",
-    "host": "--host",
+}
+# the task options that are switches: `fresh=True` is --fresh, `halo=False` --no-halo
+_SWITCHES = {
+    name
+    for name, f in TASK_FLAGS.items()
+    if isinstance(f.default, bool) or f.metadata["cli"].get("type") is bool
 }
 _KEYWORD = re.compile(r"(?<![\w-])(" + "|".join(API_FLAGS) + r")=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)")
 _BARE = re.compile(r"(?<![\w-])(" + "|".join(k for k in API_FLAGS if "_" in k) + r")(?![\w=])")
@@ -432,8 +406,10 @@ def cli_wording(message: str, voxel_size: Coordinate | None, origin: Coordinate 
 
 def _flag(name: str, value: str) -> str:
     flag, value = API_FLAGS[name], value.strip("'\"")
-    if value in ("True", "False", "None") and name in ("fresh", "overwrite", "halo"):
-        return flag if value == "True" else ("--no-halo" if name == "halo" else f"no {flag}")
+    if value in ("True", "False", "None") and name in _SWITCHES:
+        if value == "True":
+            return flag
+        return f"--no-{flag[2:]}" if TASK_FLAGS[name].default is None else f"no {flag}"
     return f"{flag} {value}"
 
 
@@ -605,7 +581,6 @@ main.add_command(
     show_default=True,
     help="minimum overlap fraction or IoU for --merge overlap/iou",
 )
-@click.option("--fit", type=click.Choice(["overhang", "shrink"]), default="overhang", show_default=True)
 @click.option(
     "--stitch",
     type=click.Choice(["auto", "context", "faces"]),
@@ -614,17 +589,13 @@ main.add_command(
     help="how blocks are joined: faces (connected components only: exact, no fragments stored), "
     "context (any function: overlaps in the context), auto (faces where it applies)",
 )
-@click.option("--workers", default=2, show_default=True, help="worker processes")
-@click.option("--max-retries", default=2, show_default=True, help="retries of a failing block")
-@click.option("--timeout", type=float, default=None, help="seconds a block may take")
 @click.option("--drop-fragments", is_flag=True, help="delete the intermediate fragments when done")
-@click.option("--fresh", is_flag=True, help="forget every pass and start over")
-@click.option("--overwrite", is_flag=True, help="replace an output that holds other data")
-@click.option("--no-progress", is_flag=True, help="no progress bars")
-@click.option("--halo/--no-halo", default=None, help=HALO_HELP)
-@LAYOUT_OPTIONS[0]
-@LAYOUT_OPTIONS[1]
-@_cluster_options
+@_shared_options(
+    overrides={
+        "fit": {"choices": ("overhang", "shrink"), "default": "overhang", "help": "blocks at the border"},
+        "fresh": {"help": "forget every pass and start over"},
+    }
+)
 def segment(function: str, **values: Any) -> None:
     """Segment a volume blockwise into one consistent labelling.
 
@@ -645,10 +616,11 @@ def segment(function: str, **values: Any) -> None:
     from voxblock.segment import segment_blockwise
 
     parameters = key_values(values["parameters"])
+    flags = _task_flags(values)
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     origin: Coordinate | None = None
     try:
-        compute, host = _compute(values)
+        compute, host = _compute(values, flags.pop("host"))
         source = arrays.open_input(values["input_"])
         voxel_size = source.voxel_size
         origin = source.offset
@@ -664,24 +636,15 @@ def segment(function: str, **values: Any) -> None:
             region,
             write,
             write,
-            values["workers"],
-            values["max_retries"],
-            values["timeout"],
             input=values["input_"],
             output=values["output"],
             parameters=parameters,
             merge=values["merge"],
             merge_threshold=values["merge_threshold"],
-            fit=values["fit"],
             stitch=values["stitch"],
             keep_fragments=not values["drop_fragments"],
-            fresh=values["fresh"],
-            overwrite=values["overwrite"],
             progress=not values["no_progress"],
-            compute=compute,
-            host=host,
-            halo=values["halo"],
-            **_layout(values, source.voxel_size.dims),
+            **_task_keywords(flags, source.voxel_size.dims, compute, host),
         )
     except VoxblockError as error:
         raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None

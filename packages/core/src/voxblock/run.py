@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -99,32 +99,23 @@ def run_blockwise(
     total_roi: Roi,
     read_roi: Roi,
     write_roi: Roi,
-    num_workers: int = 16,
-    max_retries: int = 1,
-    timeout: float | None = None,
-    upstream_tasks: Sequence[BlockwiseTask] | None = None,
     *args: Any,
     progress: bool = True,
+    worker_options: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> bool:
     """Run `worker` blockwise; True only if every block succeeded or was already done.
 
     Failed blocks are printed (ROI, attempts, last error) and kept in the run
-    directory's report.json. Arguments are those of `BlockwiseTask`
-    (`compute=voxblock.Slurm(...)` for cluster workers, `host=` for the
-    address they connect to).
+    directory's report.json. Arguments are those of `BlockwiseTask`, dacapo's
+    order: `num_workers` (16), `max_retries` (2), `timeout`, `upstream_tasks`
+    by position or keyword, then worker options and task options
+    (`voxblock.options.TaskOptions`: `compute=voxblock.Slurm(...)` for
+    cluster workers, `host=` for the address they connect to, ...) by
+    keyword; `worker_options={...}` says which are the worker's.
     """
     task = BlockwiseTask(
-        worker,
-        total_roi,
-        read_roi,
-        write_roi,
-        num_workers,
-        max_retries,
-        timeout,
-        upstream_tasks,
-        *args,
-        **kwargs,
+        worker, total_roi, read_roi, write_roi, *args, worker_options=worker_options, **kwargs
     )
     return run_tasks([task], progress=progress).succeeded
 

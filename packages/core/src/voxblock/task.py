@@ -9,25 +9,25 @@ have prepared theirs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 from funlib.geometry import Coordinate, Roi
 
 from voxblock import arrays
-from voxblock.compat import AfterInit, make_worker, split_check
-from voxblock.compute import Compute, Job, Local, ServeInProcess, run_name
+from voxblock.compat import AfterInit, WorkerFile, make_worker
+from voxblock.compute import Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_fit
 from voxblock.halo import Halo, plan_thickness
 from voxblock.nodes import check_output_container
+from voxblock.options import split_check, split_keywords, split_positional
 from voxblock.rundir import RunDirectory, default_run_dir
-from voxblock.workers import Preparation, Worker, stable_hash
-
-DEFAULT_MAX_WORKER_RESTARTS = 10
+from voxblock.workers import Preparation, Worker, stable_hash, worker_class
 
 
 class BlockwiseTask:
@@ -38,16 +38,17 @@ class BlockwiseTask:
     total *read* ROI, as in daisy: blocks read inside it (or past it with
     `fit="overhang"`) and write the part of it less the context.
 
-    Keyword-only task options (`fit`, `read_write_conflict`,
-    `check_function`, `init_callback_fn`) default to what the worker
-    defines. `run_dir`, `fresh`, `overwrite`, `compute`, `host`, `task_id`
-    and `max_worker_restarts` control the run; every other argument goes to
-    the worker. `host` is the scheduler address workers connect to (see
-    `run_tasks`). `halo` (default: where it pays) reads the context of
-    blocks from thin copies of chunk faces (`voxblock.halo`).
-    `chunk_shape` and `shard_shape` (voxels) lay out outputs this task
-    creates (`voxblock.layout`): by default one chunk per write block;
-    with `shard_shape`, sharded, each block owning whole shards.
+    The arguments after the ROIs are dacapo's: `num_workers`,
+    `max_retries`, `timeout`, `upstream_tasks`, then any positional
+    arguments of a worker file's spawn_worker. Keyword arguments named like
+    a field of `voxblock.options.TaskOptions` (`fit`, `run_dir`, `compute`,
+    `halo`, `chunk_shape`, ...: see there and the README) are task options;
+    every other one is the worker's, as is all of `worker_options`. A
+    keyword that the worker takes too (an option `timeout` of the worker) is
+    refused unless `worker_options={"timeout": ...}` gives the worker's; or
+    pass a configured worker instance. Task options left out default to
+    what the worker defines (`fit`, `read_write_conflict`,
+    `check_function`, `init_callback_fn`) or to TaskOptions' defaults.
     """
 
     def __init__(
@@ -56,27 +57,8 @@ class BlockwiseTask:
         total_roi: Roi,
         read_roi: Roi,
         write_roi: Roi,
-        num_workers: int = 16,
-        max_retries: int = 2,
-        timeout: float | None = None,
-        upstream_tasks: Sequence[BlockwiseTask] | None = None,
         *args: Any,
-        fit: str | None = None,
-        read_write_conflict: bool | None = None,
-        check_function: Callable[[Any], bool]
-        | tuple[Callable[[Any], bool] | None, Callable[[Any], bool] | None]
-        | None = None,
-        init_callback_fn: Callable[[Any], None] | None = None,
-        task_id: str | None = None,
-        run_dir: str | Path | None = None,
-        fresh: bool = False,
-        overwrite: bool = False,
-        compute: Compute | None = None,
-        host: str | None = None,
-        max_worker_restarts: int | None = None,
-        halo: bool | None = None,
-        chunk_shape: Sequence[int] | None = None,
-        shard_shape: Sequence[int] | None = None,
+        worker_options: Mapping[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         for name, roi in (
@@ -86,59 +68,49 @@ class BlockwiseTask:
         ):
             if not isinstance(roi, Roi):
                 raise VoxblockError(f"{name} must be a funlib.geometry.Roi; got {type(roi).__name__}")
-        if not isinstance(num_workers, int) or num_workers < 1:
-            raise VoxblockError(f"num_workers must be an integer >= 1; got {num_workers!r}")
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise VoxblockError(f"max_retries must be an integer >= 0; got {max_retries!r}")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise VoxblockError(f"timeout must be a number of seconds > 0, or None; got {timeout!r}")
-        if max_worker_restarts is not None and max_worker_restarts < 0:
-            raise VoxblockError(f"max_worker_restarts must be >= 0; got {max_worker_restarts!r}")
-        upstream = list(upstream_tasks or [])
+        given, worker_args = split_positional(args, kwargs)
+        kwargs = dict(kwargs)
+        upstream = list(given.pop("upstream_tasks", None) or kwargs.pop("upstream_tasks", None) or [])
         for up in upstream:
             if not isinstance(up, BlockwiseTask):
                 raise VoxblockError(f"upstream_tasks must be BlockwiseTasks; got {type(up).__name__}")
-
-        self.worker = make_worker(worker, *args, **kwargs)
+        if worker_options is not None and isinstance(worker, Worker):
+            raise VoxblockError("worker_options cannot be added to a worker instance; set them on it")
+        options, worker_kwargs = split_keywords(
+            kwargs, worker_options, lambda: worker_option_names(worker), f"worker {str(worker)!r}", given
+        )
+        self.options = options
+        self.worker = make_worker(worker, *worker_args, **worker_kwargs)
+        fit = options.fit
         self.blocking = Blocking(total_roi, read_roi, write_roi, check_fit(fit or self.worker.default_fit()))
         _check_valid_coverage(self.blocking, self.worker.worker_name, explicit=fit is not None)
         self.read_write_conflict = (
             self.worker.default_read_write_conflict()
-            if read_write_conflict is None
-            else bool(read_write_conflict)
+            if options.read_write_conflict is None
+            else bool(options.read_write_conflict)
         )
         self.pre_check, self.post_check = split_check(
-            check_function if check_function is not None else self.worker.check_function()
+            options.check_function if options.check_function is not None else self.worker.check_function()
         )
-        self.init_callback_fn = init_callback_fn or self.worker.init_callback_fn()
-        self.num_workers = num_workers
-        self.max_retries = max_retries
-        self.timeout = timeout
+        self.init_callback_fn = options.init_callback_fn or self.worker.init_callback_fn()
+        self.num_workers = options.num_workers
+        self.max_retries = options.max_retries
+        self.timeout = options.timeout
         self.upstream_tasks = upstream
-        self.max_worker_restarts = (
-            max_worker_restarts
-            if max_worker_restarts is not None
-            else max(DEFAULT_MAX_WORKER_RESTARTS, 2 * num_workers * (max_retries + 1))
-        )
-        self.fresh = fresh
-        self.overwrite = overwrite
-        if compute is not None and not isinstance(compute, Compute):
-            raise VoxblockError(
-                f"compute must be a voxblock Compute (Local(), Slurm(...), ...); got {compute!r}"
-            )
-        self.compute = compute or Local()
-        self.host = host
-        if halo not in (None, True, False):
-            raise VoxblockError(f"halo must be True, False or None (decide per array); got {halo!r}")
-        self.halo = halo
-        self.chunk_shape = _voxels("chunk_shape", chunk_shape, self.blocking.write_roi.dims)
-        self.shard_shape = _voxels("shard_shape", shard_shape, self.blocking.write_roi.dims)
+        self.max_worker_restarts = options.worker_restarts()
+        self.fresh = options.fresh
+        self.overwrite = options.overwrite
+        self.compute = options.compute or Local()
+        self.host = options.host
+        self.halo = options.halo
+        self.chunk_shape = options.voxels("chunk_shape", self.blocking.write_roi.dims)
+        self.shard_shape = options.voxels("shard_shape", self.blocking.write_roi.dims)
         self.job: Job | None = None
         self.task_key = stable_hash(self.identity())
-        self.task_id = task_id or self.worker.worker_name or "task"
+        self.task_id = options.task_id or self.worker.worker_name or "task"
         self.run_dir = RunDirectory(
-            Path(run_dir)
-            if run_dir is not None
+            Path(options.run_dir)
+            if options.run_dir is not None
             else default_run_dir(self.worker.outputs(), self.task_id, self.task_key)
         )
         self._prepared = False
@@ -307,6 +279,17 @@ class BlockwiseTask:
         )
 
 
+def worker_option_names(worker: str | Path | Worker) -> Collection[str]:
+    """The keywords a worker takes: its dataclass fields, or the named parameters of a worker
+    file's spawn_worker (none for an instance: it is configured)."""
+    if isinstance(worker, Worker):
+        return ()
+    text = str(worker)
+    if text.endswith(".py") or Path(text).is_file():
+        return WorkerFile.parameters(Path(text)).names
+    return [f.name for f in dataclasses.fields(worker_class(text))]
+
+
 def all_upstream(task: BlockwiseTask) -> list[BlockwiseTask]:
     """Every task `task` depends on, directly or not."""
     found: list[BlockwiseTask] = []
@@ -338,15 +321,6 @@ def _remove_empty_tree(path: Path) -> None:
             if parent == root:
                 break
             parent = parent.parent
-
-
-def _voxels(what: str, shape: Sequence[int] | None, dims: int) -> Coordinate | None:
-    if shape is None:
-        return None
-    values = tuple(shape)
-    if len(values) != dims or not all(isinstance(v, int) and v > 0 for v in values):
-        raise VoxblockError(f"{what} must be {dims} positive integers (voxels); got {shape!r}")
-    return Coordinate(values)
 
 
 def _check_valid_coverage(blocking: Blocking, worker: str, explicit: bool) -> None:

@@ -33,6 +33,7 @@ from voxblock.errors import VoxblockError
 from voxblock.files import replace_atomically
 from voxblock.geometry import Blocking, check_blocking_on_grid, check_on_grid, context_shell
 from voxblock.nodes import check_output_container
+from voxblock.options import TaskOptions, split_positional
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
 from voxblock.segment.edges import block_edges, contact_edges, select_edges
@@ -449,28 +450,16 @@ def segment_blockwise(
     total_roi: Roi,
     read_roi: Roi,
     write_roi: Roi,
-    num_workers: int = 16,
-    max_retries: int = 2,
-    timeout: float | None = None,
-    upstream_tasks: Any = None,
     *args: Any,
     input: str | None = None,
     output: str | None = None,
     parameters: dict[str, Any] | None = None,
     merge: str = "any",
     merge_threshold: float = 0.5,
-    fit: str = "overhang",
     stitch: str = "auto",
     keep_fragments: bool = True,
-    fresh: bool = False,
-    overwrite: bool = False,
-    run_dir: str | Path | None = None,
     progress: bool = True,
     serial: bool = False,
-    compute: Any = None,
-    host: str | None = None,
-    chunk_shape: tuple[int, ...] | None = None,
-    shard_shape: tuple[int, ...] | None = None,
     **kwargs: Any,
 ) -> bool:
     """Segment blockwise into one consistent labelling of `total_roi`.
@@ -488,16 +477,39 @@ def segment_blockwise(
     foreground only: threshold-label; exact, and nothing per voxel is
     stored); "auto" picks faces where it applies and merge is "any".
     `serial=True` runs every pass in this process (debugging, fast tests).
+
+    After the ROIs come dacapo's `num_workers`, `max_retries`, `timeout` and
+    `upstream_tasks`; the other keywords are task options
+    (`voxblock.options.TaskOptions`), given to every pass where they apply:
     `compute` (e.g. `voxblock.Slurm(cpus=2)`) says where the workers of
-    every pass run and `host` the scheduler address they connect to.
+    every pass run and `host` the scheduler address they connect to;
     `chunk_shape` / `shard_shape` (voxels) lay out the segmentation if it is
-    created (see `BlockwiseTask`); the scratch arrays keep one chunk per block.
+    created (see `BlockwiseTask`; the scratch arrays keep one chunk per
+    block); `run_dir` holds a directory per pass; `fit` is `overhang` unless
+    `shrink`; `init_callback_fn` is called when the first pass starts.
+    `task_id`, `read_write_conflict` and `check_function` are set per pass.
     """
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
 
-    if args:
-        raise VoxblockError(f"segment_blockwise takes no extra positional arguments; got {args!r}")
+    given, extra = split_positional(args, kwargs)
+    if extra:
+        raise VoxblockError(f"segment_blockwise takes no extra positional arguments; got {extra!r}")
+    kwargs = dict(kwargs)
+    upstream_tasks = given.pop("upstream_tasks", None) or kwargs.pop("upstream_tasks", None)
+    own = sorted({"task_id", "read_write_conflict", "check_function"} & set(kwargs))
+    if own:
+        raise VoxblockError(f"segment_blockwise sets {', '.join(own)} itself, per pass; leave it out")
+    options = TaskOptions.of({**given, **kwargs}, "segment_blockwise")
+    fit = options.fit or "overhang"
+    num_workers, max_retries, fresh, overwrite = (
+        options.num_workers,
+        options.max_retries,
+        options.fresh,
+        options.overwrite,
+    )
+    run_dir, compute, host = options.run_dir, options.compute, options.host
+    chunk_shape, shard_shape = options.chunk_shape, options.shard_shape
     if input is None or output is None:
         raise VoxblockError("segment_blockwise needs input='C/D' and output='C/D'")
     if fit not in ("overhang", "shrink"):
@@ -587,7 +599,11 @@ def segment_blockwise(
     # a block can hold at most one label per voxel it labels
     labelled = blocking.write_roi if method == "faces" else blocking.read_roi
     grid = BlockGrid.of(blocking, int(np.prod(labelled.shape / source.voxel_size)))
-    common = {"num_workers": num_workers, "max_retries": max_retries, "timeout": timeout}
+    # every pass but the one-block solve runs with the user's workers, retries, timeout and halo
+    common = {
+        k: getattr(options, k)
+        for k in ("num_workers", "max_retries", "timeout", "halo", "max_worker_restarts")
+    }
     where = {"compute": compute, "host": host}
     if method == "faces":
         first_pass: Worker = StitchFaces(
@@ -620,9 +636,9 @@ def segment_blockwise(
         overwrite=True,
         fit=fit,
         run_dir=seg.run_dir / "fragments",
+        init_callback_fn=options.init_callback_fn,
         **common,
         **where,
-        **kwargs,
     )
     first = run_tasks([fragments], progress=progress, serial=serial)
     if not first.succeeded:
