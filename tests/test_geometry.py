@@ -169,3 +169,21 @@ def test_check_blocks_catches_wrong_blocks():
 def test_num_blocks_is_the_number_of_blocks(case: BlockingCase):
     blocking = Blocking(case.total_roi, case.read_roi, case.write_roi, case.fit)
     assert blocking.num_blocks == len(blocking.blocks())
+
+
+def test_roi_slices_index_an_array_by_world_rois():
+    """roi_slices: a ROI's voxels in an array whose first voxel is at `origin` (off world 0 too)."""
+    import numpy as np
+
+    from voxblock.geometry import roi_slices
+
+    voxel_size = Coordinate(4, 2)
+    origin = Coordinate(-6, 1)  # an input at a half-voxel translation
+    data = np.arange(10 * 12).reshape(10, 12)
+    roi = Roi((10, 5), (12, 8))  # voxels 4..6 and 2..5 from the origin
+    assert roi_slices(roi, origin, voxel_size) == (slice(4, 7), slice(2, 6))
+    assert roi_slices(roi, tuple(origin), tuple(voxel_size)) == (slice(4, 7), slice(2, 6))
+    np.testing.assert_array_equal(data[roi_slices(roi, origin, voxel_size)], data[4:7, 2:6])
+    whole = Roi(origin, Coordinate(data.shape) * voxel_size)
+    assert data[roi_slices(whole, origin, voxel_size)].shape == data.shape
+    assert roi_slices(Roi(origin, (0, 0)), origin, voxel_size) == (slice(0, 0), slice(0, 0))

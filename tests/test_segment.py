@@ -358,6 +358,51 @@ def test_fragment_ids_take_the_smallest_unsigned_type_that_holds_them():
         to_global(np.array([1]), 2**20, 2**12, np.uint32)
 
 
+def test_smallest_unsigned_is_one_helper_for_label_dtypes():
+    """voxblock.smallest_unsigned: argmax's class labels (any width) and fragment IDs (uint32 at least)."""
+    assert [voxblock.smallest_unsigned(n) for n in (0, 255, 256, 2**16, 2**32)] == [
+        np.uint8,
+        np.uint8,
+        np.uint16,
+        np.uint32,
+        np.uint64,
+    ]
+    assert voxblock.smallest_unsigned(3, at_least=np.uint32) == np.uint32
+    assert voxblock.smallest_unsigned(2**32, at_least=np.uint16) == np.uint64
+    with pytest.raises(voxblock.VoxblockError, match="does not fit"):
+        voxblock.smallest_unsigned(2**64)
+
+
+def test_load_lut_reads_the_solves_table_and_users_tables(tmp_path):
+    """voxblock.load_lut: one reader for the relabel worker and the faces relabel pass."""
+    load_lut = voxblock.load_lut
+    table = np.array([[7, 3, 9], [1, 2, 1]], dtype=np.uint64)
+    expected = [[3, 7, 9], [2, 1, 1]]
+    zarr.create_array(str(tmp_path / "v.zarr" / "lut"), data=table)
+    assert load_lut(f"{tmp_path}/v.zarr/lut").tolist() == expected
+    np.savez(tmp_path / "one.npz", table)  # a single array: whatever its name
+    np.savez(tmp_path / "named.npz", fragment_segment_lut=table, other=np.zeros(3))
+    for name in ("one.npz", "named.npz"):
+        assert load_lut(str(tmp_path / name)).tolist() == expected
+    solved = segment_lut(np.array([4, 2, 9], np.uint64), np.array([[2, 9]], np.uint64))
+    zarr.create_array(str(tmp_path / "v.zarr" / "solved"), data=solved)
+    np.testing.assert_array_equal(load_lut(f"{tmp_path}/v.zarr/solved", "segment"), solved)
+    np.savez(tmp_path / "twice.npz", fragment_segment_lut=np.array([[7, 3, 7], [1, 2, 3]]))
+    np.savez(tmp_path / "two.npz", a=table, b=table)
+    refused = {
+        "": "relabel needs a lookup table",
+        str(tmp_path / "twice.npz"): "relabel: lookup table .* maps some fragment ID more than once",
+        str(tmp_path / "two.npz"): "none is named 'fragment_segment_lut'",
+        str(tmp_path / "none.npz"): "does not exist",
+        str(tmp_path / "lut.txt"): "must be a .npz file or a zarr array",
+    }
+    for lut, message in refused.items():
+        with pytest.raises(voxblock.VoxblockError, match=message):
+            load_lut(lut)
+    with pytest.raises(voxblock.VoxblockError, match=r"^segment: lookup table"):
+        load_lut(str(tmp_path / "none.npz"), "segment")
+
+
 def test_watershed_fragments_merge_into_whole_volume_objects(tmp_path):
     """Mutex watershed per block, merged by segment_blockwise: objects crossing blocks stay whole."""
     import mwatershed

@@ -11,8 +11,10 @@ Everything a worker author needs is here (packages/core/README.md):
 `Preparation` and `Blocking` (what the driver knows when it prepares a worker),
 `Array` (the type of `source`, for annotations), `ArrayName` (a
 "CONTAINER/DATASET" name), `crop_to` (a read-ROI result cropped to the write
-ROI) and `VoxblockError` (what a check raises). Worker modules import voxblock
-in no other way: the rest is internal and may change.
+ROI), `VoxblockError` (what a check raises), `load_lut` (a fragment -> segment
+lookup table, as the relabel worker reads it) and `smallest_unsigned` (the
+narrowest unsigned dtype for labels up to a value). Worker modules import
+voxblock in no other way: the rest is internal and may change.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from voxblock.geometry import Blocking
     from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
     from voxblock.segment import segment_blockwise
+    from voxblock.segment.ids import smallest_unsigned
+    from voxblock.segment.solve import load_lut
     from voxblock.task import BlockwiseTask
     from voxblock.workers import ArrayWorker, Preparation, Worker, crop_to, option
 
@@ -48,10 +52,12 @@ _WHERE = {
     "VoxblockError": "voxblock.errors",
     "Worker": "voxblock.workers",
     "crop_to": "voxblock.workers",
+    "load_lut": "voxblock.segment.solve",
     "option": "voxblock.workers",
     "run_blockwise": "voxblock.run",
     "run_tasks": "voxblock.run",
     "segment_blockwise": "voxblock.segment",
+    "smallest_unsigned": "voxblock.segment.ids",
 }
 
 __all__ = [
@@ -71,10 +77,12 @@ __all__ = [
     "VoxblockError",
     "Worker",
     "crop_to",
+    "load_lut",
     "option",
     "run_blockwise",
     "run_tasks",
     "segment_blockwise",
+    "smallest_unsigned",
 ]
 
 

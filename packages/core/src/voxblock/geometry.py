@@ -270,8 +270,14 @@ def _block(per_axis: Sequence[tuple[int, int, int, int]]) -> tuple[Roi, Roi]:
     )
 
 
-def to_world(voxels: Coordinate, voxel_size: Coordinate) -> Coordinate:
-    return Coordinate(voxels) * Coordinate(voxel_size)
+def roi_slices(roi: Roi, origin: Sequence[int], voxel_size: Sequence[int]) -> tuple[slice, ...]:
+    """The voxels of `roi` (world units, on the grid) as slices of the spatial axes of an array
+    whose first voxel is at world `origin`: e.g. a block's write ROI inside data read over its
+    read ROI, `roi_slices(write_roi, read_roi.begin, voxel_size)`."""
+    origin, voxel_size = Coordinate(origin), Coordinate(voxel_size)
+    begin = (roi.begin - origin) / voxel_size
+    end = (roi.end - origin) / voxel_size
+    return tuple(slice(b, e) for b, e in zip(begin, end))
 
 
 def context_shell(read_roi: Roi, write_roi: Roi) -> list[Roi]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from funlib.geometry import Coordinate
 
+from voxblock.compat import split_check
 from voxblock.errors import VoxblockError
 from voxblock.geometry import FITS, Fit, check_fit
 
@@ -266,22 +267,6 @@ class TaskOptions:
 
 
 NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TaskOptions))
-
-
-def split_check(check: Any) -> tuple[Callable[[Any], bool] | None, Callable[[Any], bool] | None]:
-    """daisy's convention: one function checks before and after; a pair splits them."""
-    if check is None:
-        return None, None
-    if isinstance(check, (tuple, list)):
-        if len(check) != 2:
-            raise VoxblockError("check_function must be a function or a (pre, post) pair")
-        pre, post = check
-    else:
-        pre = post = check
-    for function in (pre, post):
-        if function is not None and not callable(function):
-            raise VoxblockError(f"check_function parts must be callable; got {function!r}")
-    return pre, post
 
 
 # dacapo's positional arguments after the ROIs; any further ones are the worker's

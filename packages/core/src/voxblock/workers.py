@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
-from voxblock.geometry import Blocking, Fit, check_blocking_on_grid
+from voxblock.geometry import Blocking, Fit, check_blocking_on_grid, roi_slices
 from voxblock.layout import Layout, plan_layout
 
 if TYPE_CHECKING:
@@ -275,10 +275,7 @@ class ArrayWorker(Worker):
 def crop_to(data: np.ndarray, data_roi: Roi, roi: Roi, voxel_size: Coordinate) -> np.ndarray:
     """The part of `data` (covering `data_roi`, channels first) that covers `roi`: e.g. a result
     computed over a block's read ROI cropped to its write ROI. A view, no copy."""
-    begin = (roi.begin - data_roi.begin) / voxel_size
-    end = (roi.end - data_roi.begin) / voxel_size
-    spatial = tuple(slice(b, e) for b, e in zip(begin, end))
-    return data[(slice(None),) * (data.ndim - roi.dims) + spatial]
+    return data[(slice(None),) * (data.ndim - roi.dims) + roi_slices(roi, data_roi.begin, voxel_size)]
 
 
 def prepare_output(preparation: Preparation, source: Array, spec: arrays.OutputSpec) -> None:

@@ -7,18 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayWorker, VoxblockError, option
+from voxblock import ArrayWorker, VoxblockError, option, smallest_unsigned
 
 if TYPE_CHECKING:
     from voxblock import Array
-
-
-def smallest_unsigned(max_value: int) -> np.dtype:
-    """The smallest unsigned integer dtype that holds 0..max_value."""
-    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
-        if max_value <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    raise VoxblockError(f"{max_value} does not fit in any unsigned integer dtype")
 
 
 @dataclass

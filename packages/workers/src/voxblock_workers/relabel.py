@@ -3,72 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayName, ArrayWorker, VoxblockError, option
+from voxblock import ArrayWorker, VoxblockError, load_lut, option
 
 if TYPE_CHECKING:
     from voxblock import Array
-
-NPZ_KEY = "fragment_segment_lut"
-
-
-def load_lut(lut: str) -> np.ndarray:
-    """The 2xN lookup table (row 0: fragments, row 1: segments) from a .npz file or a zarr array,
-    sorted by fragment."""
-    if not lut:
-        raise VoxblockError("relabel needs a lookup table (lut=PATH.npz or lut=CONTAINER/DATASET)")
-    text = str(lut).rstrip("/")
-    if text.endswith(".npz"):
-        path = Path(text)
-        if not path.is_file():
-            raise VoxblockError(f"relabel: lookup table {path} does not exist")
-        try:
-            with np.load(path, allow_pickle=False) as npz:
-                if NPZ_KEY in npz.files:
-                    table = npz[NPZ_KEY]
-                elif len(npz.files) == 1:
-                    table = npz[npz.files[0]]
-                else:
-                    raise VoxblockError(
-                        f"relabel: {path} holds {len(npz.files)} arrays ({', '.join(npz.files)}) and "
-                        f"none is named {NPZ_KEY!r}"
-                    )
-        except VoxblockError:
-            raise
-        except Exception as error:
-            raise VoxblockError(f"relabel: cannot read lookup table {path}: {error}") from error
-    elif any(suffix in text for suffix in (".zarr", ".n5", ".zr")):  # a container: CONTAINER/DATASET
-        import zarr
-
-        name = ArrayName.parse(text)
-        if not name.path.exists():
-            raise VoxblockError(f"relabel: lookup table {name} does not exist")
-        try:
-            node = zarr.open(str(name.path), mode="r")
-            table = np.asarray(node[...])
-        except Exception as error:
-            raise VoxblockError(f"relabel: cannot read lookup table {name}: {error}") from error
-    else:
-        raise VoxblockError(
-            f"relabel: lut must be a .npz file or a zarr array CONTAINER/DATASET; got {text!r}"
-        )
-    if table.ndim != 2 or table.shape[0] != 2:
-        raise VoxblockError(
-            f"relabel: lookup table {text} has shape {table.shape}; it must be 2xN "
-            "(row 0: fragment IDs, row 1: segment IDs)"
-        )
-    if table.dtype.kind not in "iu":
-        raise VoxblockError(f"relabel: lookup table {text} has dtype {table.dtype}; it must hold integers")
-    # sorted by fragment: what lookups need, and a duplicate is then next to its twin
-    # (a sort, not np.unique: its hash table took 0.15 s for 262k fragments)
-    table = table[:, np.argsort(table[0], kind="stable")]
-    if (table[0, 1:] == table[0, :-1]).any():
-        raise VoxblockError(f"relabel: lookup table {text} maps some fragment ID more than once")
-    return table
 
 
 @dataclass

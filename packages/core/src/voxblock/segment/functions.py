@@ -25,6 +25,7 @@ from funlib.geometry import Roi
 from voxblock import arrays
 from voxblock.compat import load_worker_module
 from voxblock.errors import VoxblockError
+from voxblock.geometry import roi_slices
 from voxblock.workers import worker_class
 
 BUILT_IN = ("threshold-label",)
@@ -153,8 +154,8 @@ class ZeroPadded:
         channels = arrays.channel_shape(self.array)
         data = np.full(channels + tuple(roi.shape / self.array.voxel_size), fill_value, self.array.dtype)
         if not inside.empty:
-            target = ((inside - roi.begin) / self.array.voxel_size).to_slices()
-            data[(slice(None),) * len(channels) + tuple(target)] = arrays.read(self.array, inside, fill_value)
+            target = roi_slices(inside, roi.begin, self.array.voxel_size)
+            data[(slice(None),) * len(channels) + target] = arrays.read(self.array, inside, fill_value)
         return data
 
     def __getitem__(self, key: Any) -> Any:

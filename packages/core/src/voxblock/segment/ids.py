@@ -34,9 +34,17 @@ def check_id_space(num_blocks: int, id_range: int) -> None:
         )
 
 
+def smallest_unsigned(max_value: int, at_least: np.dtype | type = np.uint8) -> np.dtype:
+    """The smallest unsigned integer dtype, at least as wide as `at_least`, that holds 0..max_value."""
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if np.dtype(dtype).itemsize >= np.dtype(at_least).itemsize and max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise VoxblockError(f"{max_value} does not fit in any unsigned integer dtype")
+
+
 def smallest_id_dtype(num_blocks: int, id_range: int) -> np.dtype:
     """uint32 where every block's IDs fit in it (half the bytes to move), else uint64."""
-    return np.dtype(np.uint32 if num_blocks * id_range <= np.iinfo(np.uint32).max else np.uint64)
+    return smallest_unsigned(num_blocks * id_range, at_least=np.uint32)
 
 
 def to_global(local: np.ndarray, index: int, id_range: int, dtype: np.dtype | type = np.uint64) -> np.ndarray:

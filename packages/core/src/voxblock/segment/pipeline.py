@@ -36,10 +36,10 @@ from voxblock.nodes import check_output_container
 from voxblock.options import TaskOptions, split_positional
 from voxblock.rundir import default_run_dir
 from voxblock.segment import faces as face_stitching
-from voxblock.segment.edges import block_edges, contact_edges, select_edges
+from voxblock.segment.edges import EDGE_FIELDS, block_edges, contact_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.ids import BlockGrid, to_global
-from voxblock.segment.solve import segment_lut
+from voxblock.segment.solve import load_lut, segment_lut
 from voxblock.workers import (
     Preparation,
     Worker,
@@ -318,10 +318,7 @@ class LabelSegments(Labelling):
         self._source = arrays.open_input(self.input)
         self._output = arrays.open_output(self.output)
         self._grid = BlockGrid.from_dict(self.grid)
-        table = np.asarray(zarr.open_array(str(arrays.ArrayName.parse(self.lut).path), mode="r")[...])
-        if table.shape[1] and not (table[0, 1:] > table[0, :-1]).all():
-            table = table[:, np.argsort(table[0], kind="stable")]
-        self._fragments, self._segments = table[0], table[1]
+        self._fragments, self._segments = load_lut(self.lut, "segment")
 
     def process(self, block: Any) -> None:
         labels, largest = own_labels(self._function, self._source, block, self._grid)
@@ -366,7 +363,7 @@ class SolveLut(Worker):
         edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 5), np.uint64)
         fragments = np.concatenate(all_fragments) if all_fragments else np.zeros(0, np.uint64)
         lut = segment_lut(fragments, select_edges(edges, self.merge, self.merge_threshold))
-        _write_table(self.edges, edges, {"columns": ["a", "b", "overlap", "size_a", "size_b"]})
+        _write_table(self.edges, edges, {"columns": list(EDGE_FIELDS)})
         _write_table(self.lut, lut, {"rows": ["fragment", "segment"]})
 
 
