@@ -10,7 +10,7 @@ import zarr
 from funlib.geometry import Roi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
 from voxblock import arrays
 from voxblock.chunks import DirectChunks
@@ -21,6 +21,7 @@ COMPRESSORS = {
     "zstd-checksum": [ZstdCodec(level=3, checksum=True)],
     "blosc-lz4": [BloscCodec(cname="lz4", clevel=1, shuffle="shuffle")],
     "gzip": [GzipCodec(level=1)],
+    "crc32c": [ZstdCodec(level=1), Crc32cCodec()],
 }
 
 
@@ -155,3 +156,21 @@ def test_an_array_pickles_without_its_chunk_io_and_reads_the_same_after(tmp_path
     np.testing.assert_array_equal(arrays.read(copy, roi), expected)
     copy[roi] = expected + 1
     np.testing.assert_array_equal(zarr.open_array(str(path), mode="r")[1:5, 2:7, 3:8], expected + 1)
+
+
+def test_an_untested_zarr_release_goes_through_zarr(tmp_path, monkeypatch):
+    """Direct I/O uses zarr's private codec methods: only on releases it was tested against."""
+    from voxblock import chunks
+
+    source = zarr.create_array(str(tmp_path / "a.zarr"), shape=(8, 8), chunks=(4, 4), dtype="u2")
+    assert chunks.tested_zarr(zarr.__version__), "this zarr is not in TESTED_ZARR: test it, then add it"
+    assert DirectChunks.of(source) is not None
+    monkeypatch.setattr(zarr, "__version__", "3.9.0")
+    assert DirectChunks.of(source) is None
+    zarr.open_array(str(tmp_path / "a.zarr"), mode="r+").attrs.update(
+        {"voxel_size": [1, 1], "offset": [0, 0]}
+    )
+    array = arrays.open_array(tmp_path / "a.zarr", mode="r+")
+    data = np.arange(36, dtype="u2").reshape(6, 6)
+    arrays.write(array, Roi((1, 2), (6, 6)), data)
+    np.testing.assert_array_equal(arrays.read(array, Roi((1, 2), (6, 6))), data)

@@ -27,7 +27,6 @@ from voxblock.metadata import (
     open_input,
     open_output,
     spatial_chunk_shape,
-    spatial_shape,
     spatial_write_unit,
 )
 from voxblock.names import CONTAINER_SUFFIXES, ArrayName
@@ -66,7 +65,6 @@ __all__ = [
     "read",
     "record_provenance",
     "spatial_chunk_shape",
-    "spatial_shape",
     "spatial_write_unit",
     "write",
 ]

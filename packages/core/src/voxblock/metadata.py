@@ -422,10 +422,6 @@ def _datasets_in(container: Path) -> list[str]:
     return found[:20]
 
 
-def spatial_shape(array: Array) -> Coordinate:
-    return Coordinate(array.shape[array.channel_dims :])
-
-
 def spatial_chunk_shape(array: Array) -> Coordinate:
     """The zarr chunk shape of the spatial axes, in voxels (not dask's chunks)."""
     return Coordinate(array._source_data.chunks[array.channel_dims :])
