@@ -569,17 +569,15 @@ def test_an_existing_sharded_output_with_a_dropped_time_axis_is_refused_for_bloc
 
 def test_no_chunk_written_on_n5_and_a_dropped_time_axis(tmp_path):
     """segment's check of a pre-created output: N5 may hold data; a t,z,y,x zarr is counted."""
-    from voxblock.segment import pipeline
-
     write_sharded_tzyx(tmp_path / "t.zarr", shards=None)
     empty = arrays.open_input("t.zarr/s0")
     assert isinstance(empty._source_data, formats.DropAxes) and empty._source_data.shards is None
-    assert pipeline._no_chunk_written(empty)
+    assert arrays.no_chunk_written(empty)
     zarr.open_array(str(tmp_path / "t.zarr" / "s0"), mode="r+")[0, :8, :8, :8] = 1
-    assert not pipeline._no_chunk_written(arrays.open_input("t.zarr/s0"))
+    assert not arrays.no_chunk_written(arrays.open_input("t.zarr/s0"))
     pytest.importorskip("tensorstore")
     write_n5(tmp_path / "c.n5" / "em", volume(), {})
-    assert not pipeline._no_chunk_written(arrays.open_input("c.n5/em"))  # cannot tell: data may exist
+    assert not arrays.no_chunk_written(arrays.open_input("c.n5/em"))  # cannot tell: data may exist
 
 
 # -- which zarr format new nodes take ---------------------------------------------------------------

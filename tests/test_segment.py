@@ -530,7 +530,7 @@ def test_contact_edges_count_each_touching_pair(pairs, big):
 
 
 def test_a_block_labelled_again_must_have_its_first_pass_fragments():
-    from voxblock.segment.pipeline import block_segments
+    from voxblock.segment.passes import block_segments
 
     # block 0 owns IDs 1..10, block 1 IDs 11..20; block 1 had fragments 11, 12, 13
     fragments = np.array([1, 2, 11, 12, 13, 21], dtype=np.uint64)

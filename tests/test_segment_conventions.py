@@ -441,6 +441,28 @@ def test_a_pre_created_output_that_does_not_fit_is_refused_before_any_work(
     assert snapshot(tmp_path) == before
 
 
+def test_a_foreign_array_where_an_intermediate_goes_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    """The same ownership check as the output's (outputs.check_output), with the intermediates' rule."""
+    import zarr
+
+    monkeypatch.chdir(tmp_path)
+    raw = write_volume(tmp_path, blobs())
+    output = f"{tmp_path}/v.zarr/seg"
+    zarr.create_array(store=f"{tmp_path}/v.zarr/seg_lut", shape=(2, 3), dtype=np.uint64)
+    args = (
+        "threshold-label",
+        Roi((0, 0, 0), SHAPE),
+        voxblock_rois(Coordinate((BLOCK,) * 3)),
+        Coordinate((1,) * 3),
+    )
+    before = snapshot(tmp_path)
+    with pytest.raises(voxblock.VoxblockError, match="seg_lut already holds data voxblock did not write"):
+        segment(*args, input=raw, output=output)
+    assert snapshot(tmp_path) == before
+    assert segment(*args, input=raw, output=output, overwrite=True)
+    assert zarr.open_array(f"{tmp_path}/v.zarr/seg_lut").attrs["rows"] == ["fragment", "segment"]
+
+
 @pytest.mark.bad_input
 @pytest.mark.parametrize("stitch", ["faces", "context"])
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ and who made it (the provenance recorded in its attributes)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -53,19 +53,75 @@ class OutputSpec:
         )
 
 
-def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: bool) -> str:
-    """'create', 'resume' or 'overwrite' for an output, or a VoxblockError.
+def check_output(
+    spec: OutputSpec | ArrayName,
+    provenance: Mapping[str, Any],
+    overwrite: bool,
+    ours: Callable[[Mapping[str, Any]], bool | None] | None = None,
+    holds: Callable[[Mapping[str, Any]], str] | None = None,
+) -> str:
+    """'create', 'resume' or 'overwrite' for an output, or a VoxblockError: the one check of
+    whether an existing array belongs to us.
 
-    An existing array is reused only if its geometry and dtype match and it
-    was written by the same task (the provenance recorded in its attributes).
-    Anything else is data voxblock did not make for this task: refused unless
-    `overwrite`.
+    An existing array must match the spec's geometry and dtype, even with `overwrite` (a
+    name alone, for a table or a scratch array, has no geometry: only who wrote it is asked).
+    Then `ours(attrs)` says from the array's attributes who wrote it: True, this run (resume);
+    False, someone else; None, no record at all. The default rule is run_blockwise's: the
+    provenance recorded by the same task is ours. Anything not ours is refused unless
+    `overwrite`, or unless it has no record and no chunk written: no data to lose (e.g. a run
+    killed between creating the array and recording who made it, or an array made with
+    prepare_ds). `holds(attrs)` names what it holds in the refusal.
     """
-    path = spec.name.path
-    if not path.exists():
+    ours = ours or _same_task(provenance)
+    holds = holds or _written_by
+    name = spec.name if isinstance(spec, OutputSpec) else spec
+    if not name.path.exists():
         return "create"
+    existing = _check_geometry(spec) if isinstance(spec, OutputSpec) else None
+    if existing is not None:
+        attrs = dict(existing.attrs)
+    else:
+        import zarr
+
+        try:
+            attrs = dict(zarr.open(str(name.path), mode="r").attrs)
+        except Exception:
+            attrs = {}  # unreadable: not known to be ours
+    owner = ours(attrs)
+    if owner:
+        return "resume"
+    if overwrite:
+        return "overwrite"
+    if owner is None and existing is not None and no_chunk_written(existing):
+        return "overwrite"
+    raise VoxblockError(
+        f"output {name} already holds {holds(attrs)}; refusing to overwrite it "
+        "(pass overwrite=True / --overwrite to replace it)"
+    )
+
+
+def _same_task(provenance: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], bool | None]:
+    """run_blockwise's rule: ours if the same task recorded its provenance; None if none is recorded."""
+
+    def ours(attrs: Mapping[str, Any]) -> bool | None:
+        recorded = attrs.get(PROVENANCE_KEY)
+        return None if recorded is None else recorded.get("task") == provenance.get("task")
+
+    return ours
+
+
+def _written_by(attrs: Mapping[str, Any]) -> str:
+    recorded = attrs.get(PROVENANCE_KEY)
+    if recorded:
+        worker, task = recorded.get("worker"), recorded.get("task", "")[:12]
+        return f"data written by another voxblock task ({worker}, {task})"
+    return "data written by something other than voxblock"
+
+
+def _check_geometry(spec: OutputSpec) -> Array:
+    """The existing output, opened; a VoxblockError if it is unreadable or its geometry or dtype differ."""
     try:
-        existing = open_array(path, mode="r")
+        existing = open_array(spec.name.path, mode="r")
     except Exception as error:
         raise VoxblockError(
             f"output {spec.name} exists but is not a readable array ({error}); choose another output name"
@@ -92,24 +148,7 @@ def check_output(spec: OutputSpec, provenance: Mapping[str, Any], overwrite: boo
             + " and ".join(problems)
             + "; remove it or choose another output name"
         )
-    recorded = dict(existing.attrs).get(PROVENANCE_KEY)
-    if recorded is not None and recorded.get("task") == provenance.get("task"):
-        return "resume"
-    if overwrite:
-        return "overwrite"
-    if recorded is None and no_chunk_written(existing):
-        # no data to lose: e.g. a run killed between creating this array and
-        # recording who made it
-        return "overwrite"
-    who = (
-        f"by another voxblock task ({recorded.get('worker')}, {recorded.get('task', '')[:12]})"
-        if recorded
-        else "by something other than voxblock"
-    )
-    raise VoxblockError(
-        f"output {spec.name} already holds data written {who}; refusing to overwrite it "
-        "(pass overwrite=True / --overwrite to replace it)"
-    )
+    return existing
 
 
 def no_chunk_written(array: Array) -> bool:

@@ -17,9 +17,7 @@ are kept in the output container.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,415 +28,23 @@ from funlib.geometry import Coordinate, Roi
 from voxblock import arrays
 from voxblock.compute import Local
 from voxblock.errors import VoxblockError
-from voxblock.files import replace_atomically
-from voxblock.geometry import Blocking, check_blocking_on_grid, check_on_grid, context_shell
+from voxblock.geometry import Blocking, check_on_grid
 from voxblock.nodes import check_output_container
 from voxblock.options import TaskOptions, split_positional
 from voxblock.rundir import default_run_dir
-from voxblock.segment import faces as face_stitching
-from voxblock.segment.edges import EDGE_FIELDS, block_edges, contact_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
-from voxblock.segment.ids import BlockGrid, to_global
-from voxblock.segment.solve import load_lut, segment_lut
-from voxblock.workers import (
-    Preparation,
-    Worker,
-    check_output_layout,
-    crop_to,
-    option,
-    prepare_output,
-    stable_hash,
-    worker_class,
+from voxblock.segment.ids import BlockGrid
+from voxblock.segment.passes import LabelSegments, SegmentBlocks, SolveLut, StitchFaces
+from voxblock.segment.storage import (
+    SEGMENT_KEY,
+    Segmentation,
+    holds_foreign_intermediate,
+    written_by_voxblock,
 )
+from voxblock.workers import Worker, check_output_layout, stable_hash, worker_class
 
 MERGES = ("any", "overlap", "iou")
 STITCHES = ("auto", "context", "faces")
-SEGMENT_KEY = "voxblock_segment"
-
-
-@dataclass
-class Labelling(Worker):
-    """What the passes that run the segment function share: the function, its input, the grid."""
-
-    fit = "overhang"
-    preload = ("cc3d", "fastremap")
-
-    function: str = option("", help="segment function file, threshold-label, or a worker name")
-    parameters: dict = option({}, help="parameters of the segment function")
-    input: str = option("")
-    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
-    region: list = option([], help="[offset, shape] segmented: the function reads zeros outside it")
-
-    def segment_function(self) -> SegmentFunction:
-        return SegmentFunction(self.function, dict(self.parameters), self.region or None).load()
-
-
-@dataclass
-class SegmentBlocks(Labelling):
-    """Pass 1: label each block with context; keep its write ROI; record edges."""
-
-    name = "segment-fragments"
-    read_write_conflict = True
-
-    fragments: str = option("")
-    edge_dir: str = option("")
-
-    def outputs(self) -> list[str]:
-        return [self.fragments]
-
-    def context_inputs(self) -> list[str]:
-        return [self.input]
-
-    def context_outputs(self) -> list[str]:
-        return [self.fragments]  # read back over each block's context: neighbours' fragments
-
-    def prepare(self, preparation: Preparation) -> None:
-        function = self.segment_function()
-        source = arrays.open_input(self.input)
-        blocking = preparation.blocking
-        check_blocking_on_grid(blocking, source.voxel_size, source.offset)
-        _preview(function, source, blocking)
-        prepare_output(
-            preparation,
-            source,
-            arrays.OutputSpec.like(
-                source, self.fragments, BlockGrid.from_dict(self.grid).id_dtype, blocking.written_roi
-            ),
-        )
-        Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
-
-    def setup(self) -> None:
-        self._function = self.segment_function()
-        self._source = arrays.open_input(self.input)
-        self._fragments = arrays.open_output(self.fragments)
-        self._grid = BlockGrid.from_dict(self.grid)
-
-    def process(self, block: Any) -> None:
-        import fastremap
-
-        voxel_size = self._fragments.voxel_size
-        local = check_labels(self._function(self._source, block), block, voxel_size)
-        if local.dtype == bool:
-            local = local.view(np.uint8)
-        if int(local.max(initial=0)) > self._grid.id_range:  # IDs past the block's range: compact them
-            local, _ = fastremap.renumber(np.ascontiguousarray(local), preserve_zero=True)
-        index = self._grid.index(block.write_roi)
-        read_roi, write_roi = block.read_roi, block.write_roi
-        inner = crop_to(local, read_roi, write_roi, voxel_size)
-        ids_dtype = self._fragments.dtype
-        arrays.write(self._fragments, write_roi, self._grid.to_global(inner, write_roi, ids_dtype))
-        # the context: what this block's labels say about fragments neighbours wrote there
-        own, theirs = [], []
-        for box in context_shell(read_roi, write_roi):
-            own.append(
-                self._grid.to_global(crop_to(local, read_roi, box, voxel_size), write_roi, ids_dtype).ravel()
-            )
-            theirs.append(arrays.read(self._fragments, box).ravel())
-        edges = block_edges(np.concatenate(own), np.concatenate(theirs))
-        present = np.flatnonzero(np.bincount(inner.ravel()))
-        ids = self._grid.to_global(present[present > 0], write_roi, ids_dtype)
-        save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
-
-
-def check_labels(labels: Any, block: Any, voxel_size: Coordinate) -> np.ndarray:
-    labels = np.asarray(labels)
-    expected = tuple(block.read_roi.shape / voxel_size)
-    if labels.shape != expected:
-        raise VoxblockError(
-            f"the segment function returned shape {labels.shape}; it must label the block's "
-            f"whole read ROI, shape {expected}"
-        )
-    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-        raise VoxblockError(f"the segment function returned dtype {labels.dtype}; labels must be integers")
-    if np.issubdtype(labels.dtype, np.signedinteger) and labels.min(initial=0) < 0:
-        raise VoxblockError("the segment function returned negative labels")
-    return labels
-
-
-def _preview(function: SegmentFunction, source: Any, blocking: Blocking, own: bool = False) -> None:
-    """Run the function on the first block in the driver: a wrong shape or dtype fails now.
-
-    `own`: the function sees the block's write ROI alone (stitching at faces).
-    """
-    import daisy.v2 as daisy
-
-    first = blocking.first_block()
-    if first is None:
-        raise VoxblockError(f"no block fits in the total ROI {blocking.total_roi}")
-    read, write = first
-    block = daisy.Block(blocking.total_roi, write if own else read, write)
-    try:
-        labels = function(source, block)
-    except VoxblockError:
-        raise
-    except Exception as error:
-        raise VoxblockError(f"the segment function failed on the first block {write}: {error!r}") from error
-    check_labels(labels, block, source.voxel_size)
-
-
-def save_block_edges(path: Path, edges: np.ndarray, fragments: np.ndarray) -> None:
-    """One block's edges (E x 5) and fragment IDs in one flat uint64 .npy: [E, N, edges, ids].
-
-    A plain .npy, not an .npz: a zip archive per block cost more than the edges did.
-    """
-    flat = np.concatenate(
-        [np.array([len(edges), len(fragments)], np.uint64), edges.astype(np.uint64).ravel(), fragments]
-    ).astype(np.uint64, copy=False)
-    replace_atomically(path, lambda file: np.save(file, flat))
-
-
-def load_block_edges(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    flat = np.load(path)
-    num_edges, num_fragments = (int(n) for n in flat[:2])
-    edges = flat[2 : 2 + 5 * num_edges].reshape(num_edges, 5)
-    fragments = flat[2 + 5 * num_edges : 2 + 5 * num_edges + num_fragments]
-    if len(fragments) != num_fragments:
-        raise VoxblockError(f"{path} is truncated: rerun segment_blockwise with fresh=True")
-    return edges, fragments
-
-
-def own_block(block: Any) -> Any:
-    """The block as the segment function sees it when stitching at faces: its write ROI alone."""
-    import daisy.v2 as daisy
-
-    return daisy.Block(block.write_roi, block.write_roi, block.write_roi)
-
-
-def own_labels(function: SegmentFunction, source: Any, block: Any, grid: BlockGrid) -> tuple[np.ndarray, int]:
-    """The function's labels of the block's write ROI alone, checked, as integers; the largest."""
-    own = own_block(block)
-    labels = check_labels(function(source, own), own, source.voxel_size)
-    if labels.dtype == bool:
-        labels = labels.view(np.uint8)
-    largest = int(labels.max(initial=0))
-    if largest > grid.id_range:
-        raise VoxblockError(
-            f"the segment function returned label {largest}; a block holds at most {grid.id_range}"
-        )
-    return labels, largest
-
-
-def block_segments(
-    fragments: np.ndarray, segments: np.ndarray, first: int, count: int, id_range: int
-) -> np.ndarray:
-    """The lookup table of one block whose labels are 1..count and whose IDs start at `first`:
-    index k holds label k's segment (0 for 0). `fragments` is sorted, as the solve writes it.
-
-    A block labelled again must have exactly the fragments it had in pass 1: anything else is a
-    function that is not deterministic or a stale table, and is refused, never mislabelled.
-    """
-    start = int(np.searchsorted(fragments, first))
-    found = fragments[start : start + count]
-    after = int(fragments[start + count]) if start + count < fragments.size else 0
-    expected = found.size == count and (count == 0 or (found[0] == first and found[-1] == first + count - 1))
-    if not expected or first + count <= after < first + id_range:
-        raise VoxblockError(
-            f"the block has {count} labels now but a different set in the first pass: the segment "
-            "function is not deterministic, or the run directory is stale (fresh=True)"
-        )
-    table = np.zeros(count + 1, np.uint64)
-    table[1:] = segments[start : start + count]
-    return table
-
-
-@dataclass
-class StitchFaces(Labelling):
-    """Pass 1 at faces: label each block alone; keep its outer layers; edges to done neighbours."""
-
-    name = "segment-faces"
-    # touching blocks (their read ROIs reach one voxel into each other) never run at once:
-    # of two neighbours the later one finds the other's faces and records their edges
-    read_write_conflict = True
-
-    face_dir: str = option("")
-    edge_dir: str = option("")
-    rank: int = option(1, help="connectivity rank: 1 faces only ... ndim fully connected")
-
-    def prepare(self, preparation: Preparation) -> None:
-        source = arrays.open_input(self.input)
-        check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
-        _preview(self.segment_function(), source, preparation.blocking, own=True)
-        Path(self.face_dir).mkdir(parents=True, exist_ok=True)
-        Path(self.edge_dir).mkdir(parents=True, exist_ok=True)
-
-    def setup(self) -> None:
-        self._function = self.segment_function()
-        self._source = arrays.open_input(self.input)
-        self._grid = BlockGrid.from_dict(self.grid)
-        self._dtype = self._grid.id_dtype
-        self._directions = face_stitching.offsets(self._source.voxel_size.dims, self.rank)
-
-    def process(self, block: Any) -> None:
-        grid, dtype, write_roi = self._grid, self._dtype, block.write_roi
-        labels, largest = own_labels(self._function, self._source, block, grid)
-        index = grid.index(write_roi)
-        # faces are kept with the block's own labels: a reader adds the block's ID offset
-        own_faces = face_stitching.faces(labels)
-        face_dir = Path(self.face_dir)
-        face_stitching.save_faces(face_dir / f"{index}.bin", own_faces, labels.shape, dtype)
-        neighbours = {}
-        for direction in self._directions:
-            other = grid.neighbour(write_roi, direction)
-            their_faces = (
-                None if other is None else face_stitching.load_faces(face_dir / f"{other}.bin", dtype)
-            )
-            if their_faces is not None:
-                layer = face_stitching.facing_layer(their_faces, direction)
-                neighbours[direction] = to_global(layer, other, grid.id_range, dtype)
-        padded = face_stitching.padded_boundary(labels.shape, own_faces, neighbours, dtype)
-        own, theirs = face_stitching.touching_pairs(padded, self.rank)
-        edges = contact_edges(to_global(own, index, grid.id_range, dtype), theirs)
-        # labels are consecutive from 1 (threshold-label): the block's fragments are 1..largest
-        ids = to_global(np.arange(1, largest + 1, dtype=dtype), index, grid.id_range, dtype)
-        save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
-
-
-@dataclass
-class LabelSegments(Labelling):
-    """Pass 3 at faces: label each block again, as in pass 1, and write its segment IDs."""
-
-    name = "segment-labels"
-
-    output: str = option("")
-    lut: str = option("")
-
-    def outputs(self) -> list[str]:
-        return [self.output]
-
-    def prepare(self, preparation: Preparation) -> None:
-        source = arrays.open_input(self.input)
-        prepare_output(
-            preparation,
-            source,
-            arrays.OutputSpec.like(source, self.output, np.uint64, preparation.blocking.target_roi),
-        )
-
-    def setup(self) -> None:
-        self._function = self.segment_function()
-        self._source = arrays.open_input(self.input)
-        self._output = arrays.open_output(self.output)
-        self._grid = BlockGrid.from_dict(self.grid)
-        self._fragments, self._segments = load_lut(self.lut, "segment")
-
-    def process(self, block: Any) -> None:
-        labels, largest = own_labels(self._function, self._source, block, self._grid)
-        first = self._grid.index(block.write_roi) * self._grid.id_range + 1
-        try:
-            table = block_segments(self._fragments, self._segments, first, largest, self._grid.id_range)
-        except VoxblockError as error:
-            raise VoxblockError(f"block {block.write_roi}: {error}") from None
-        segments = table[labels]
-        roi = block.write_roi.intersect(self._output.roi)
-        arrays.write(self._output, roi, crop_to(segments, block.write_roi, roi, self._output.voxel_size))
-
-
-@dataclass
-class SolveLut(Worker):
-    """Pass 2: every block's edges -> one fragment -> segment table (a single block)."""
-
-    name = "segment-solve"
-    fit = "valid"
-
-    edge_dir: str = option("")
-    num_blocks: int = option(0)
-    lut: str = option("")
-    edges: str = option("")
-    merge: str = option("any")
-    merge_threshold: float = option(0.5)
-
-    def prepare(self, preparation: Preparation) -> None:
-        found = len(list(Path(self.edge_dir).glob("*.npy")))
-        if found != self.num_blocks:
-            raise VoxblockError(
-                f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
-                "the fragments pass is not complete"
-            )
-
-    def process(self, block: Any) -> None:
-        all_edges, all_fragments = [], []
-        for path in sorted(Path(self.edge_dir).glob("*.npy")):
-            edges, fragments = load_block_edges(path)
-            all_edges.append(edges)
-            all_fragments.append(fragments)
-        edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 5), np.uint64)
-        fragments = np.concatenate(all_fragments) if all_fragments else np.zeros(0, np.uint64)
-        lut = segment_lut(fragments, select_edges(edges, self.merge, self.merge_threshold))
-        _write_table(self.edges, edges, {"columns": list(EDGE_FIELDS)})
-        _write_table(self.lut, lut, {"rows": ["fragment", "segment"]})
-
-
-def _write_table(name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
-    array_name = arrays.ArrayName.parse(name)
-    chunks = tuple(
-        max(1, min(s, 1 << 20)) if i == data.ndim - 1 else max(1, s) for i, s in enumerate(data.shape)
-    )
-    zarr_format = arrays.container_format(array_name)  # a table in a zarr v2 container is v2 too
-    arrays.make_groups(array_name, zarr_format)
-    table = zarr.create_array(
-        store=str(array_name.path),
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=chunks,
-        overwrite=True,
-        zarr_format=zarr_format,  # type: ignore[arg-type]
-    )
-    if data.size:
-        table[...] = data
-    table.attrs.update(attrs)
-
-
-@dataclass
-class Segmentation:
-    """Names and places of one segment_blockwise run, derived from its output.
-
-    The intermediate arrays sit next to the output, named after it: OUTPUT_fragments,
-    OUTPUT_lut, OUTPUT_edges (`image.zarr/labels/cells/0_lut` for `image.zarr/labels/cells/0`).
-    Inside a label's multiscale group they are not levels: OME-NGFF readers (ome-zarr-py,
-    napari) list only the multiscale's datasets, and ome-zarr-models validates the group.
-    """
-
-    output: arrays.ArrayName
-    run_dir: Path
-    key: str
-    fragments: str = field(init=False)
-    lut: str = field(init=False)
-    edges: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        base = f"{self.output.container}/{self.output.dataset}"
-        self.fragments = f"{base}_fragments"
-        self.lut = f"{base}_lut"
-        self.edges = f"{base}_edges"
-
-    @property
-    def edge_dir(self) -> Path:
-        return self.run_dir / "edges"
-
-    @property
-    def face_dir(self) -> Path:
-        return self.run_dir / "faces"
-
-    def recorded_key(self) -> str | None:
-        try:
-            return json.loads((self.run_dir / "segment.json").read_text()).get("key")
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def record(self, identity: dict[str, Any]) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "segment.json").write_text(
-            json.dumps({"key": self.key, "identity": identity}, indent=2)
-        )
-
-    def intermediates(self) -> list[str]:
-        return [self.fragments, self.lut, self.edges]
-
-    def clear(self) -> None:
-        """Forget every pass: intermediate arrays, edges and the passes' run directories."""
-        for name in self.intermediates():
-            shutil.rmtree(arrays.ArrayName.parse(name).path, ignore_errors=True)
-        for sub in ("edges", "faces", "fragments", "solve", "relabel"):
-            shutil.rmtree(self.run_dir / sub, ignore_errors=True)
 
 
 def segment_blockwise(
@@ -583,10 +189,19 @@ def segment_blockwise(
     # a container that is a file or a user's folder is refused here, before any pass, not after
     for name in (str(output_name), *seg.intermediates()):
         check_output_container(name)
-    _check_segment_output(seg, overwrite, arrays.OutputSpec.like(source, output_name, np.uint64, total_roi))
+    # refused now, not by the last pass: an output of another geometry or dtype (even with
+    # overwrite), or one that holds data this segmentation did not write
+    spec = arrays.OutputSpec.like(source, output_name, np.uint64, total_roi)
+    arrays.check_output(spec, {}, overwrite, ours=seg.owns, holds=seg.holds)
     _check_layout(output_name, blocking, num_workers, source.voxel_size, chunk_shape, shard_shape)
     for name in seg.intermediates():
-        _check_intermediate(name, overwrite)
+        arrays.check_output(
+            arrays.ArrayName.parse(name),
+            {},
+            overwrite,
+            ours=written_by_voxblock,
+            holds=holds_foreign_intermediate,
+        )
     if fresh or seg.recorded_key() != key:
         seg.clear()
     seg.record(identity)
@@ -767,56 +382,3 @@ def _check_layout(
         Coordinate(shard_shape) if shard_shape is not None else None,
         blocking.target_roi,
     )
-
-
-def _check_segment_output(seg: Segmentation, overwrite: bool, spec: arrays.OutputSpec) -> None:
-    """Refuse, before any pass runs, an output the last pass would refuse or must not overwrite.
-
-    As `arrays.check_output` for run_blockwise: an existing array of another geometry or dtype is
-    refused even with overwrite; one with no provenance and no chunk written holds nothing to lose.
-    """
-    path = seg.output.path
-    if not path.exists():
-        return
-    arrays.check_output(spec, {}, overwrite=True)  # geometry and dtype only: raises on a mismatch
-    if overwrite:
-        return
-    try:
-        existing = arrays.open_array(path, mode="r")
-        attrs = dict(existing.attrs)
-    except Exception as error:
-        raise VoxblockError(f"output {seg.output} exists but cannot be read: {error}") from error
-    recorded = attrs.get(SEGMENT_KEY)
-    if recorded == seg.key:
-        return
-    if recorded is None and attrs.get(arrays.PROVENANCE_KEY, {}).get("run_dir", "").startswith(
-        str(seg.run_dir.resolve())
-    ):
-        return  # an earlier, unfinished run of a segmentation into this output
-    if recorded is None and arrays.PROVENANCE_KEY not in attrs and _no_chunk_written(existing):
-        return  # an empty array made for this output (e.g. prepare_ds): no data to lose
-    raise VoxblockError(
-        f"output {seg.output} already holds "
-        + ("a different segmentation" if recorded else "data this segmentation did not write")
-        + "; refusing to overwrite it (pass overwrite=True / --overwrite to replace it)"
-    )
-
-
-def _no_chunk_written(array: Any) -> bool:
-    """No chunk written: True only where that is known (zarr, a dropped time axis); N5: data may exist."""
-    return arrays.no_chunk_written(array)
-
-
-def _check_intermediate(name: str, overwrite: bool) -> None:
-    path = arrays.ArrayName.parse(name).path
-    if not path.exists() or overwrite:
-        return
-    try:
-        attrs = dict(zarr.open(str(path), mode="r").attrs)
-    except Exception:
-        attrs = {}
-    if arrays.PROVENANCE_KEY not in attrs and "rows" not in attrs and "columns" not in attrs:
-        raise VoxblockError(
-            f"{name} exists and was not written by voxblock; segment_blockwise keeps its "
-            "fragments, edges and table there. Move it, or pass overwrite=True"
-        )
