@@ -26,7 +26,7 @@ from voxblock import VoxblockError
 from voxblock_testing.volumes import random_raw, read_array
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER_MODULES = sorted((ROOT / "packages" / "workers" / "src" / "voxblock_workers").glob("*.py")) + sorted(
+WORKER_MODULES = sorted((ROOT / "packages" / "workers" / "src" / "voxblock_workers").rglob("*.py")) + sorted(
     (ROOT / "tests" / "thirdparty").glob("*.py")
 )
 README = ROOT / "packages" / "core" / "README.md"
@@ -59,7 +59,7 @@ def private_imports(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("path", WORKER_MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", WORKER_MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_workers_import_voxblock_only_through_its_public_names(path):
     assert private_imports(path) == [], f"{path} uses voxblock internals"
 

@@ -12,8 +12,10 @@ Everything a worker author needs is here (packages/core/README.md):
 `Array` (the type of `source`, for annotations), `ArrayName` (a
 "CONTAINER/DATASET" name), `crop_to` (a read-ROI result cropped to the write
 ROI), `VoxblockError` (what a check raises), `load_lut` (a fragment -> segment
-lookup table, as the relabel worker reads it) and `smallest_unsigned` (the
-narrowest unsigned dtype for labels up to a value). Worker modules import
+lookup table, as the relabel worker reads it), `smallest_unsigned` (the
+narrowest unsigned dtype for labels up to a value), `contact_edges` (label
+pairs of paired voxels, counted) and `segment_lut` (labels joined along merge
+pairs), the code segment_blockwise merges fragments with. Worker modules import
 voxblock in no other way: the rest is internal and may change.
 """
 
@@ -30,8 +32,9 @@ if TYPE_CHECKING:
     from voxblock.geometry import Blocking
     from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
     from voxblock.segment import segment_blockwise
+    from voxblock.segment.edges import contact_edges
     from voxblock.segment.ids import smallest_unsigned
-    from voxblock.segment.solve import load_lut
+    from voxblock.segment.solve import load_lut, segment_lut
     from voxblock.task import BlockwiseTask
     from voxblock.workers import ArrayWorker, Preparation, Worker, crop_to, option
 
@@ -51,12 +54,14 @@ _WHERE = {
     "TaskReport": "voxblock.run",
     "VoxblockError": "voxblock.errors",
     "Worker": "voxblock.workers",
+    "contact_edges": "voxblock.segment.edges",
     "crop_to": "voxblock.workers",
     "load_lut": "voxblock.segment.solve",
     "option": "voxblock.workers",
     "run_blockwise": "voxblock.run",
     "run_tasks": "voxblock.run",
     "segment_blockwise": "voxblock.segment",
+    "segment_lut": "voxblock.segment.solve",
     "smallest_unsigned": "voxblock.segment.ids",
 }
 
@@ -76,12 +81,14 @@ __all__ = [
     "TaskReport",
     "VoxblockError",
     "Worker",
+    "contact_edges",
     "crop_to",
     "load_lut",
     "option",
     "run_blockwise",
     "run_tasks",
     "segment_blockwise",
+    "segment_lut",
     "smallest_unsigned",
 ]
 
