@@ -49,7 +49,7 @@ def _init(input_path: str, output_path: str, op: str, channel_dims: int, options
     _STATE["output"] = zarr.open_array(output_path, mode="r+")
     if direct:
         from voxblock.chunks import DirectChunks
-        from voxblock.compute import keep_freed_memory
+        from voxblock.job import keep_freed_memory
 
         keep_freed_memory()
         _STATE["input"] = DirectChunks.of(_STATE["input"])

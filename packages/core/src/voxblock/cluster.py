@@ -35,9 +35,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from voxblock.compute import Command, Compute, Local, ServeByCommand, run_quietly, worker_command
+from voxblock.compute import Command, Compute, Local, worker_command
 from voxblock.errors import VoxblockError
 from voxblock.job import Job
+from voxblock.launcher import ServeByCommand, run_quietly
 
 JOB_PREFIX = "voxblock"
 CONFIG_FILE = "voxblock.toml"
