@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from voxblock.chunks import chunk_io
+from voxblock.geometry import roi_slices
 
 if TYPE_CHECKING:
     from funlib.geometry import Roi
@@ -62,9 +63,7 @@ def read_direct(array: Any, roi: Roi, fill_value: float = 0) -> np.ndarray:
     shape = tuple(array.shape[: array.channel_dims]) + tuple(roi.shape / array.voxel_size)
     data = np.full(shape, fill_value, dtype=array.dtype)
     if not inside.empty:
-        begin = (inside.begin - roi.begin) / array.voxel_size
-        end = (inside.end - roi.begin) / array.voxel_size
-        target = (slice(None),) * array.channel_dims + tuple(slice(b, e) for b, e in zip(begin, end))
+        target = (slice(None),) * array.channel_dims + roi_slices(inside, roi.begin, array.voxel_size)
         data[target] = chunk_io(array)[_slices(array, inside)]
     return data
 
@@ -75,17 +74,12 @@ def write_direct(array: Any, roi: Roi, data: np.ndarray) -> None:
     if inside.empty:
         return
     if inside != roi:
-        begin = (inside.begin - roi.begin) / array.voxel_size
-        end = (inside.end - roi.begin) / array.voxel_size
-        data = data[(slice(None),) * (data.ndim - roi.dims) + tuple(slice(b, e) for b, e in zip(begin, end))]
+        data = data[(slice(None),) * (data.ndim - roi.dims) + roi_slices(inside, roi.begin, array.voxel_size)]
     chunk_io(array)[_slices(array, inside)] = data
 
 
 def _slices(array: Any, roi: Roi) -> tuple[slice, ...]:
-    begin = (roi.begin - array.roi.begin) / array.voxel_size
-    end = (roi.end - array.roi.begin) / array.voxel_size
-    spatial = tuple(slice(b, e) for b, e in zip(begin, end))
-    return (slice(None),) * array.channel_dims + spatial
+    return (slice(None),) * array.channel_dims + roi_slices(roi, array.roi.begin, array.voxel_size)
 
 
 def _where(array: Any, roi: Roi) -> str:
