@@ -117,9 +117,17 @@ _NANOMETERS = {
     "meter": 1e9,
     "m": 1e9,
 }
-_OME_UNITS = {"nm": "nanometer", "um": "micrometer", "\u00b5m": "micrometer", "\u03bcm": "micrometer"}
-_OME_UNITS.update({"micron": "micrometer", "pm": "picometer", "mm": "millimeter", "cm": "centimeter"})
-_OME_UNITS["m"] = "meter"
+_OME_UNITS = {
+    "nm": "nanometer",
+    "um": "micrometer",
+    "\u00b5m": "micrometer",
+    "\u03bcm": "micrometer",
+    "micron": "micrometer",
+    "pm": "picometer",
+    "mm": "millimeter",
+    "cm": "centimeter",
+    "m": "meter",
+}
 # on an output that is no OME-NGFF level: the length units of its input's axes (see write_ome_metadata)
 UNITS_KEY = "voxblock_ome_units"
 
