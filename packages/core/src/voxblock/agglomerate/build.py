@@ -335,7 +335,11 @@ def build_rag(
     from voxblock.run import run_tasks
 
     task = rag_task(fragments, affinities, db, block_shape, offsets, num_workers, run_dir, **task_options)
-    report = run_tasks([task], progress=progress)
+    try:
+        report = run_tasks([task], progress=progress)
+    finally:
+        if isinstance(task.pre_check, _BlockDone):
+            task.pre_check.close()  # the driver's connections: no write-ahead log left open
     if not report.succeeded:
         raise VoxblockError(f"rag: the graph was not built, some blocks failed:\n{report.summary()}")
     worker = task.worker
