@@ -311,9 +311,6 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         compute, host = _compute(values, flags.pop("host"))
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None
-    if cls is not None:
-        # the fork server imports the worker's modules while this process opens the arrays
-        compute.warm(cls)
     common = {k: values.pop(k) for k in ("block_size", "context", "roi", "no_progress")}
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     origin: Coordinate | None = None

@@ -110,9 +110,8 @@ class Compute:
     def process_function(self, job: Job) -> Callable[[], None]:
         raise NotImplementedError
 
-    def warm(self, worker: Worker | type[Worker]) -> None:
-        """Called by `run_tasks` before it prepares the tasks (and by the CLI as it starts, with the
-        worker's class): start what workers will need."""
+    def warm(self, worker: Worker) -> None:
+        """Called by `run_tasks` before it prepares the tasks: start what workers will need."""
 
     def cleanup(self, job: Job) -> None:
         """Called by `run_tasks` after the run, however it ended: end what is left of its workers."""
@@ -139,21 +138,20 @@ class Local(Compute):
             return ServeForked(forkserver.address(modules), Path(job.run_dir), modules)
         return ServeHere(job)
 
-    def warm(self, worker: Worker | type[Worker]) -> None:
+    def warm(self, worker: Worker) -> None:
         from voxblock import forkserver
 
         if self.fork_server and forkserver.enabled():
             forkserver.address(worker_modules(worker))
 
 
-def worker_modules(worker: Worker | type[Worker]) -> tuple[str, ...]:
+def worker_modules(worker: Worker) -> tuple[str, ...]:
     """What the fork server imports for this worker: what it declares, and its module if that
     is voxblock's own (a user's module, a script or a test, is imported by the worker alone:
     its import-time code never runs in the server)."""
-    kind = worker if isinstance(worker, type) else type(worker)
-    module = kind.__module__
+    module = type(worker).__module__
     own = (module,) if module.split(".")[0] in ("voxblock", "voxblock_workers") else ()
-    return (*kind.preload, *own)
+    return (*worker.preload, *own)
 
 
 @dataclass(frozen=True)
