@@ -187,3 +187,22 @@ def test_roi_slices_index_an_array_by_world_rois():
     whole = Roi(origin, Coordinate(data.shape) * voxel_size)
     assert data[roi_slices(whole, origin, voxel_size)].shape == data.shape
     assert roi_slices(Roi(origin, (0, 0)), origin, voxel_size) == (slice(0, 0), slice(0, 0))
+
+
+def test_affinity_offsets_are_given_or_the_arrays_and_checked():
+    import numpy as np
+
+    from voxblock.geometry import affinity_offsets
+
+    class Affinities:
+        spatial_dims = 2
+        attrs = {"offsets": [[1, 0], [0, np.int64(1)]]}
+
+    assert affinity_offsets([], Affinities(), "w", "a.zarr/affs") == [[1, 0], [0, 1]]
+    assert affinity_offsets([[0, 2]], Affinities(), "w", "a.zarr/affs") == [[0, 2]]
+    for bad in ([[1, 0, 0]], [[True, 0]], [[0.5, 0]], "x"):
+        with pytest.raises(VoxblockError, match="w: offsets must be a list of 2-D integer offsets"):
+            affinity_offsets(bad, Affinities(), "w", "a.zarr/affs")
+    Affinities.attrs = {}
+    with pytest.raises(VoxblockError, match="no 'offsets' attribute"):
+        affinity_offsets([], Affinities(), "w", "a.zarr/affs")

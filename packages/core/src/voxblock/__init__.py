@@ -10,8 +10,9 @@ Everything a worker author needs is here (packages/core/README.md):
 `global_ids` for labels unique across blocks), `option` (a worker's options),
 `Preparation` and `Blocking` (what the driver knows when it prepares a worker),
 `Array` (the type of `source`, for annotations), `ArrayName` (a
-"CONTAINER/DATASET" name), `crop_to` (a read-ROI result cropped to the write
-ROI), `VoxblockError` (what a check raises), `load_lut` (a fragment -> segment
+"CONTAINER/DATASET" name), `affinity_offsets` (an affinities array's channel
+offsets, checked), `crop_to` (a read-ROI result cropped to the write ROI),
+`VoxblockError` (what a check raises), `load_lut` (a fragment -> segment
 lookup table, as the relabel worker reads it), `smallest_unsigned` (the
 narrowest unsigned dtype for labels up to a value), `contact_edges` (label
 pairs of paired voxels, counted) and `segment_lut` (labels joined along merge
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from voxblock.cluster import Lsf, Slurm
     from voxblock.compute import Command, Compute, Local
     from voxblock.errors import VoxblockError
-    from voxblock.geometry import Blocking
+    from voxblock.geometry import Blocking, affinity_offsets
     from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
     from voxblock.segment import segment_blockwise
     from voxblock.segment.edges import contact_edges
@@ -55,6 +56,7 @@ _WHERE = {
     "VoxblockError": "voxblock.errors",
     "Worker": "voxblock.workers",
     "contact_edges": "voxblock.segment.edges",
+    "affinity_offsets": "voxblock.geometry",
     "crop_to": "voxblock.workers",
     "load_lut": "voxblock.segment.solve",
     "option": "voxblock.workers",
@@ -82,6 +84,7 @@ __all__ = [
     "VoxblockError",
     "Worker",
     "contact_edges",
+    "affinity_offsets",
     "crop_to",
     "load_lut",
     "option",

@@ -7,9 +7,10 @@ against the real scheduler. ROIs are `funlib.geometry.Roi` in world units.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from funlib.geometry import Coordinate, Roi
 
@@ -278,6 +279,28 @@ def roi_slices(roi: Roi, origin: Sequence[int], voxel_size: Sequence[int]) -> tu
     begin = (roi.begin - origin) / voxel_size
     end = (roi.end - origin) / voxel_size
     return tuple(slice(b, e) for b, e in zip(begin, end))
+
+
+def affinity_offsets(offsets: Any, affinities: Any, who: str, name: str) -> list[list[int]]:
+    """The voxel offsets of `affinities`' channels: those given, else its 'offsets' attribute,
+    each an integer vector of its spatial dimensions (refused otherwise, naming `who`)."""
+    if not offsets:
+        offsets = dict(affinities.attrs).get("offsets")
+        if not offsets:
+            raise VoxblockError(
+                f"{who}: no offsets given and affinities {name} have no 'offsets' attribute; "
+                "pass offsets=[[1, 0, 0], [0, 1, 0], [0, 0, 1]] (one per affinity channel)"
+            )
+    ndim = affinities.spatial_dims
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not isinstance(offsets, (list, tuple)) or not all(
+        isinstance(o, (list, tuple)) and len(o) == ndim and all(whole(v) for v in o) for o in offsets
+    ):
+        raise VoxblockError(f"{who}: offsets must be a list of {ndim}-D integer offsets; got {offsets!r}")
+    return [[int(v) for v in o] for o in offsets]
 
 
 def context_shell(read_roi: Roi, write_roi: Roi) -> list[Roi]:

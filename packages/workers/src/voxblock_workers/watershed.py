@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from voxblock import ArrayWorker, VoxblockError, crop_to, option
+from voxblock import ArrayWorker, VoxblockError, affinity_offsets, crop_to, option
 
 if TYPE_CHECKING:
     from voxblock import Array
@@ -45,22 +45,7 @@ class Watershed(ArrayWorker):
     min_size: int = option(0, help="fragments with fewer voxels than this (in the read ROI) become 0")
 
     def _offsets(self, source: Array) -> list[list[int]]:
-        offsets = self.offsets
-        if not offsets:
-            offsets = dict(source.attrs).get("offsets")
-            if not offsets:
-                raise VoxblockError(
-                    f"watershed: no offsets given and input {self.input} has no 'offsets' attribute; "
-                    "pass offsets=[[1, 0, 0], [0, 1, 0], [0, 0, 1]] (one per affinity channel)"
-                )
-        ndim = source.spatial_dims
-        if not isinstance(offsets, (list, tuple)) or not all(
-            isinstance(o, (list, tuple)) and len(o) == ndim and all(_is_int(v) for v in o) for o in offsets
-        ):
-            raise VoxblockError(
-                f"watershed: offsets must be a list of {ndim}-D integer offsets; got {offsets!r}"
-            )
-        return [[int(v) for v in o] for o in offsets]
+        return affinity_offsets(self.offsets, source, "watershed", self.input)
 
     def _bias(self, n: int) -> np.ndarray:
         bias = self.bias

@@ -27,19 +27,13 @@ from typing import TYPE_CHECKING, Any
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
-from voxblock.geometry import check_blocking_on_grid, roi_slices
+from voxblock.geometry import affinity_offsets, check_blocking_on_grid, roi_slices
 from voxblock.workers import Preparation, Worker, option
 
 if TYPE_CHECKING:
     from voxblock.agglomerate.graphdb import GraphDB, GraphSource, GraphSummary
     from voxblock.arrays import Array
     from voxblock.task import BlockwiseTask
-
-
-def _is_int(value: Any) -> bool:
-    import numpy as np
-
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -130,20 +124,7 @@ class RagBlocks(Worker):
         return fragments, affinities
 
     def resolved_offsets(self, affinities: Array) -> list[list[int]]:
-        offsets = self.offsets
-        if not offsets:
-            offsets = dict(affinities.attrs).get("offsets")
-            if not offsets:
-                raise VoxblockError(
-                    f"rag: no offsets given and affinities {self.affinities} have no 'offsets' attribute; "
-                    "pass offsets=[[1, 0, 0], [0, 1, 0], [0, 0, 1]] (one per affinity channel)"
-                )
-        ndim = affinities.spatial_dims
-        if not isinstance(offsets, (list, tuple)) or not all(
-            isinstance(o, (list, tuple)) and len(o) == ndim and all(_is_int(v) for v in o) for o in offsets
-        ):
-            raise VoxblockError(f"rag: offsets must be a list of {ndim}-D integer offsets; got {offsets!r}")
-        return [[int(v) for v in o] for o in offsets]
+        return affinity_offsets(self.offsets, affinities, "rag", self.affinities)
 
     def check_context(self, context: tuple[Coordinate, Coordinate], voxel_size: Coordinate) -> None:
         from voxblock.agglomerate.rag import rag_context
