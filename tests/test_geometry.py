@@ -196,10 +196,13 @@ def test_affinity_offsets_are_given_or_the_arrays_and_checked():
 
     class Affinities:
         spatial_dims = 2
+        shape = (2, 5, 5)
         attrs = {"offsets": [[1, 0], [0, np.int64(1)]]}
 
     assert affinity_offsets([], Affinities(), "w", "a.zarr/affs") == [[1, 0], [0, 1]]
-    assert affinity_offsets([[0, 2]], Affinities(), "w", "a.zarr/affs") == [[0, 2]]
+    assert affinity_offsets([[0, 2], [-1, 0]], Affinities(), "w", "a.zarr/affs") == [[0, 2], [-1, 0]]
+    with pytest.raises(VoxblockError, match=r"w: 1 offsets for 2 affinity channels in a\.zarr/affs"):
+        affinity_offsets([[0, 2]], Affinities(), "w", "a.zarr/affs")
     for bad in ([[1, 0, 0]], [[True, 0]], [[0.5, 0]], "x"):
         with pytest.raises(VoxblockError, match="w: offsets must be a list of 2-D integer offsets"):
             affinity_offsets(bad, Affinities(), "w", "a.zarr/affs")

@@ -282,8 +282,9 @@ def roi_slices(roi: Roi, origin: Sequence[int], voxel_size: Sequence[int]) -> tu
 
 
 def affinity_offsets(offsets: Any, affinities: Any, who: str, name: str) -> list[list[int]]:
-    """The voxel offsets of `affinities`' channels: those given, else its 'offsets' attribute,
-    each an integer vector of its spatial dimensions (refused otherwise, naming `who`)."""
+    """The voxel offsets of `affinities`' channels (channels first): those given, else its
+    'offsets' attribute, one integer vector of its spatial dimensions per channel (refused
+    otherwise, naming `who`)."""
     if not offsets:
         offsets = dict(affinities.attrs).get("offsets")
         if not offsets:
@@ -300,6 +301,10 @@ def affinity_offsets(offsets: Any, affinities: Any, who: str, name: str) -> list
         isinstance(o, (list, tuple)) and len(o) == ndim and all(whole(v) for v in o) for o in offsets
     ):
         raise VoxblockError(f"{who}: offsets must be a list of {ndim}-D integer offsets; got {offsets!r}")
+    if len(offsets) != affinities.shape[0]:
+        raise VoxblockError(
+            f"{who}: {len(offsets)} offsets for {affinities.shape[0]} affinity channels in {name}"
+        )
     return [[int(v) for v in o] for o in offsets]
 
 

@@ -74,10 +74,6 @@ class Watershed(ArrayWorker):
                 "or uint8 (0..255)"
             )
         offsets = self._offsets(source)
-        if len(offsets) != source.shape[0]:
-            raise VoxblockError(
-                f"watershed: {len(offsets)} offsets for {source.shape[0]} affinity channels in {self.input}"
-            )
         self._bias(len(offsets))
         if self.strides and (
             len(self.strides) != len(offsets)

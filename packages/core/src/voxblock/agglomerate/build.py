@@ -114,13 +114,7 @@ class RagBlocks(Worker):
                 f"{affinities.roi}) and fragments {self.fragments} (voxel size {fragments.voxel_size}, "
                 f"ROI {fragments.roi}) must cover the same voxels"
             )
-        offsets = self.resolved_offsets(affinities)
-        if len(offsets) != affinities.shape[0]:
-            raise VoxblockError(
-                f"rag: {len(offsets)} offsets for {affinities.shape[0]} affinity channels in "
-                f"{self.affinities}"
-            )
-        self.offsets = offsets
+        self.offsets = self.resolved_offsets(affinities)
         return fragments, affinities
 
     def resolved_offsets(self, affinities: Array) -> list[list[int]]:
