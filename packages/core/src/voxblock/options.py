@@ -184,7 +184,8 @@ class TaskOptions:
                 "flag": "--shard-size",
                 "type": "voxels",
                 "help": "write a new output sharded (zarr v3): one file per shard instead of per chunk; "
-                "the shard must divide the block size, so that each block owns whole shards",
+                "the shard must divide the block size, so that each block owns whole shards "
+                "[default: unsharded]",
             },
         ),
     )
