@@ -26,6 +26,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from voxblock.agglomerate.pipeline import AgglomerateReport, agglomerate_blockwise
     from voxblock.arrays import Array, ArrayName
     from voxblock.cluster import Lsf, Slurm
     from voxblock.compute import Command, Compute, Local
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from voxblock.workers import ArrayWorker, Preparation, Worker, crop_to, option
 
 _WHERE = {
+    "AgglomerateReport": "voxblock.agglomerate.pipeline",
+    "agglomerate_blockwise": "voxblock.agglomerate.pipeline",
     "Array": "voxblock.arrays",
     "ArrayName": "voxblock.arrays",
     "ArrayWorker": "voxblock.workers",
@@ -68,6 +71,8 @@ _WHERE = {
 }
 
 __all__ = [
+    "AgglomerateReport",
+    "agglomerate_blockwise",
     "Array",
     "ArrayName",
     "ArrayWorker",

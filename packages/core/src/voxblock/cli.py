@@ -52,12 +52,16 @@ ROI_OFFSET_HELP = (
 TASK_FLAGS = {f.name: f for f in dataclasses.fields(TaskOptions) if cli_flag(f) is not None}
 
 
-def _task_options(overrides: dict[str, dict[str, Any]] | None = None) -> list[Any]:
+def _task_options(
+    overrides: dict[str, dict[str, Any]] | None = None, exclude: tuple[str, ...] = ()
+) -> list[Any]:
     """The flags of the task options, declared once in TaskOptions: the flag (--NAME unless its
     metadata names another), help and default (the CLI's where it has one); `overrides` changes
-    them for one command."""
+    them for one command, which has none of `exclude`."""
     params = []
     for name, f in TASK_FLAGS.items():
+        if name in exclude:
+            continue
         cli = {**f.metadata["cli"], **(overrides or {}).get(name, {})}
         flag = cli_flag(f)
         default = cli.get("default", f.default)
@@ -82,7 +86,7 @@ def _task_options(overrides: dict[str, dict[str, Any]] | None = None) -> list[An
 
 def _task_flags(values: dict[str, Any]) -> dict[str, Any]:
     """The values of the task options' flags, popped from `values` (see _task_keywords)."""
-    return {name: values.pop(name) for name in TASK_FLAGS}
+    return {name: values.pop(name) for name in TASK_FLAGS if name in values}
 
 
 def _task_keywords(flags: dict[str, Any], ndim: int, compute: Any, host: str | None) -> dict[str, Any]:
@@ -90,7 +94,7 @@ def _task_keywords(flags: dict[str, Any], ndim: int, compute: Any, host: str | N
     shapes, and the compute and host that the cluster options and config decided."""
     given = dict(flags)
     for name, f in TASK_FLAGS.items():
-        if f.metadata["cli"].get("type") == "voxels":
+        if name in given and f.metadata["cli"].get("type") == "voxels":
             given[name] = tuple(parse_coordinate(given[name], ndim)) if given[name] else None
     return {**given, "compute": compute, "host": host}
 
@@ -189,13 +193,18 @@ def _run_options(function: Any) -> Any:
     return function
 
 
-def _shared_options(function: Any = None, overrides: dict[str, dict[str, Any]] | None = None) -> Any:
-    """What `run` and `segment` share: the task options, --no-progress, then the cluster options."""
+def _shared_options(
+    function: Any = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> Any:
+    """What `run`, `segment` and `agglomerate` share: the task options (but `exclude`),
+    --no-progress, then the cluster options."""
 
     def decorate(function: Any) -> Any:
         function = _cluster_options(function)
         function = click.option("--no-progress", is_flag=True, help="no progress bar")(function)
-        for option in reversed(_task_options(overrides)):
+        for option in reversed(_task_options(overrides, exclude)):
             function = option(function)
         return function
 
@@ -660,6 +669,144 @@ def _segment_functions_help() -> str:
 
 
 segment.help = inspect.cleandoc(segment.help or "") + _segment_functions_help()
+
+
+@main.command("agglomerate")
+@click.option(
+    "--affinities",
+    required=True,
+    metavar="C/D",
+    help="affinities, CONTAINER/DATASET: channels first, one per offset",
+)
+@click.option(
+    "--fragments",
+    required=True,
+    metavar="C/D",
+    help="fragments, CONTAINER/DATASET: made with mutex watershed if missing, else reused",
+)
+@click.option("--output", required=True, metavar="C/D", help="the segmentation, CONTAINER/DATASET (created)")
+@click.option(
+    "--db",
+    required=True,
+    metavar="PATH|URL",
+    help="the region graph: an SQLite file (made if missing) or postgresql://USER:PASSWORD@HOST/DB "
+    "(for workers on many machines); read it with funlib.persistence's graph databases",
+)
+@click.option(
+    "--offsets",
+    metavar="JSON",
+    help="one voxel offset per affinity channel, e.g. '[[1,0,0],[0,1,0],[0,0,1]]' "
+    "[default: the affinities' 'offsets' attribute]",
+)
+@click.option("--block-size", required=True, metavar="Z,Y,X", help="write block in voxels")
+@click.option(
+    "--context",
+    metavar="Z,Y,X",
+    help="voxels each fragments block reads around it [default: the largest offset on each axis]",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["mws", "threshold"]),
+    default="mws",
+    show_default=True,
+    help="mws: mutex watershed on the graph (attract above --threshold, repel below, strongest "
+    "first, as volara's GraphMWS); threshold: join every edge above --threshold",
+)
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="mean affinity of an edge above which its fragments join, in [0, 1]",
+)
+@click.option(
+    "--bias",
+    default="-0.5",
+    show_default=True,
+    metavar="B|JSON",
+    help="fragments: added to the affinities before mutex watershed (one number, or a JSON list per offset)",
+)
+@click.option("--strides", metavar="JSON", help="fragments: mwatershed strides, one list per offset")
+@click.option(
+    "--randomized-strides", is_flag=True, help="fragments: strides as probabilities of keeping an edge"
+)
+@click.option(
+    "--min-size",
+    type=int,
+    default=0,
+    show_default=True,
+    help="fragments: fragments with fewer voxels become 0",
+)
+@click.option("--mask", metavar="C/D", help="fragments: a foreground mask (nonzero = foreground)")
+@_shared_options(exclude=("fit", "run_dir", "fresh"))
+def agglomerate(**values: Any) -> None:
+    """Affinities to one segmentation: fragments, region graph, agglomeration.
+
+    \b
+    1. fragments  mutex watershed per block (the watershed worker), unless --fragments exists
+    2. graph      one node per fragment (position, size), one edge per touching pair with the
+                  mean affinity over every voxel pair between them, counted once across blocks
+    3. solve      --method on the whole graph, into a lookup table
+    4. relabel    the segmentation, written block by block
+    Every pass resumes: run the same command again after a crash. Run it again with another
+    --threshold or --method (and --output) to reuse the fragments and the graph: only the solve
+    and the relabel run again. Pick the threshold with `voxblock evaluate`.
+
+    \b
+    Example:
+      voxblock agglomerate --affinities v.zarr/affs --fragments v.zarr/frags \\
+          --output v.zarr/seg --db rag.sqlite --offsets '[[1,0,0],[0,1,0],[0,0,1]]' \\
+          --block-size 64 --context 8 --threshold 0.5 --method mws --workers 8
+    """
+    from voxblock.agglomerate.pipeline import agglomerate_blockwise
+
+    flags = _task_flags(values)
+    voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
+    origin: Coordinate | None = None
+    try:
+        compute, host = _compute(values, flags.pop("host"))
+        source = arrays.open_input(values["affinities"], role="affinities")
+        voxel_size, origin = source.voxel_size, source.offset
+        ndim = source.voxel_size.dims
+        block = parse_coordinate(values["block_size"], ndim) * voxel_size
+        context = parse_coordinate(values["context"], ndim) * voxel_size if values["context"] else None
+        keywords = _task_keywords(flags, ndim, compute, host)
+        report = agglomerate_blockwise(
+            values["affinities"],
+            values["fragments"],
+            values["output"],
+            values["db"],
+            tuple(block),
+            context=tuple(context) if context is not None else None,
+            offsets=_json_option("--offsets", values["offsets"], list) if values["offsets"] else None,
+            method=values["method"],
+            threshold=values["threshold"],
+            bias=_json_option("--bias", values["bias"], (int, float, list)),
+            strides=_json_option("--strides", values["strides"], list) if values["strides"] else None,
+            randomized_strides=values["randomized_strides"],
+            min_size=values["min_size"],
+            mask=values["mask"],
+            overwrite=keywords.pop("overwrite"),
+            progress=not values["no_progress"],
+            **keywords,
+        )
+    except VoxblockError as error:
+        raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
+    click.echo(report.summary())
+
+
+def _json_option(flag: str, text: str, kind: Any) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise VoxblockError(
+            f"{flag} must be JSON, e.g. '[[1,0,0],[0,1,0],[0,0,1]]'; got {text!r} ({error})"
+        ) from None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise VoxblockError(
+            f"{flag}: got {text!r}, which is not a {getattr(kind, '__name__', 'number or list')}"
+        )
+    return value
 
 
 @main.command("workers")
