@@ -12,7 +12,9 @@ Everything a worker author needs is here (packages/core/README.md):
 `Array` (the type of `source`, for annotations), `ArrayName` (a
 "CONTAINER/DATASET" name), `affinity_offsets` (an affinities array's channel
 offsets, checked), `crop_to` (a read-ROI result cropped to the write ROI),
-`VoxblockError` (what a check raises), `load_lut` (a fragment -> segment
+`VoxblockError` (what a check raises), `open_input` and `read` (another
+array a worker reads, e.g. a mask: opened by name, read block by block with
+its halo), `load_lut` (a fragment -> segment
 lookup table, as the relabel worker reads it), `smallest_unsigned` (the
 narrowest unsigned dtype for labels up to a value), `contact_edges` (label
 pairs of paired voxels, counted) and `segment_lut` (labels joined along merge
@@ -28,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from voxblock.agglomerate.pipeline import AgglomerateReport, agglomerate_blockwise
     from voxblock.arrays import Array, ArrayName
+    from voxblock.blockio import read
     from voxblock.cluster import Lsf, Slurm
     from voxblock.compute import Command, Compute, Local
     from voxblock.errors import VoxblockError
     from voxblock.geometry import Blocking, affinity_offsets
+    from voxblock.metadata import open_input
     from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
     from voxblock.segment import segment_blockwise
     from voxblock.segment.edges import contact_edges
@@ -62,7 +66,9 @@ _WHERE = {
     "affinity_offsets": "voxblock.geometry",
     "crop_to": "voxblock.workers",
     "load_lut": "voxblock.segment.solve",
+    "open_input": "voxblock.metadata",
     "option": "voxblock.workers",
+    "read": "voxblock.blockio",
     "run_blockwise": "voxblock.run",
     "run_tasks": "voxblock.run",
     "segment_blockwise": "voxblock.segment",
@@ -92,7 +98,9 @@ __all__ = [
     "affinity_offsets",
     "crop_to",
     "load_lut",
+    "open_input",
     "option",
+    "read",
     "run_blockwise",
     "run_tasks",
     "segment_blockwise",

@@ -280,6 +280,11 @@ class SegmentFunction:
         if self.kind == "built-in":
             connectivity_rank(source.voxel_size.dims, self.parameters.get("connectivity", 6))
             check_channel(arrays.channel_shape(source), self.parameters.get("channel"))
+        elif self.kind == "worker":
+            # the worker's own checks of its options (watershed's offsets, its mask), in the driver
+            check = getattr(worker_class(self.spec)(**self.parameters), "check_input", None)
+            if callable(check):
+                check(source)
 
     def stitch_rank(self, ndim: int) -> int | None:
         """The connectivity rank if labels are connected components of a per-voxel foreground
