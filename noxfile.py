@@ -8,6 +8,8 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 PACKAGES = ["./packages/core", "./packages/workers", "./packages/testing"]
+# the graph database tests run on a real PostgreSQL server (ci/postgres.sh starts it)
+TEST_PACKAGES = ["./packages/core[postgresql]", *PACKAGES[1:]]
 # The exact CPU build of torch: an open range could pull a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
 # the readers and writers of tests/test_formats.py: N5 (tensorstore), OME-NGFF (ome-zarr-py)
@@ -18,7 +20,7 @@ FORMATS = ["tensorstore>=0.1.60", "ome-zarr>=0.12"]
 def tests(session: nox.Session) -> None:
     """The whole test suite: real daisy server, real worker processes, real zarr."""
     session.install(TORCH)
-    session.install(*PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS)
+    session.install(*TEST_PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS)
     session.run("pytest", "-p", "no:cacheprovider", "--timeout=600", *session.posargs)
 
 
@@ -73,7 +75,7 @@ def faults(session: nox.Session) -> None:
     The CI test run injects the same kinds of fault at a smaller size.
     """
     session.install(TORCH)
-    session.install(*PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS)
+    session.install(*TEST_PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS)
     report = "tests/results/faults.json"
     session.run(
         "pytest",

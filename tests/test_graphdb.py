@@ -1,8 +1,11 @@
 """A RAG stored block by block: what funlib's own class reads back equals the reduction in memory.
 
-Real SQLite files and real worker processes: two processes write different blocks' partials at
-once, one is SIGKILLed inside its block's transaction (nothing of that block stays) and the block is
-rerun. No PostgreSQL server is reachable here, so PostgreSQL is not tested in this increment.
+Real SQLite files, a real PostgreSQL server (ci/postgres.sh, a fresh database per test: the
+`postgres_url` fixture of conftest.py) and real worker processes: two processes write different
+blocks' partials at once, one is SIGKILLed inside its block's transaction (nothing of that block
+stays) and the block is rerun. The tests taking the `store` fixture run on both backends; the
+PostgreSQL-only refusals are in test_graphdb_postgresql.py. funlib keeps PostgreSQL's floats as REAL
+(float32): positions and affinities read back from it are compared to float32 precision.
 """
 
 from __future__ import annotations
@@ -77,9 +80,23 @@ def reduced_in_memory(block_ids: list[int]) -> tuple[dict[int, tuple], dict[tupl
     return nodes, edges
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new graph database: an SQLite file path, or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "rag.db")
+    return request.getfixturevalue("postgres_url")
+
+
+def float_rtol(db: graphdb.GraphDB) -> float:
+    """SQLite keeps float64; funlib's PostgreSQL columns are REAL: one float32 rounding."""
+    return 1e-12 if db.backend == "sqlite" else float(np.finfo(np.float32).eps)
+
+
 def assert_graph_is(db: graphdb.GraphDB, block_ids: list[int]) -> None:
-    """funlib's SQLiteGraphDataBase, reading the whole ROI, gives the in-memory reduction."""
+    """funlib's own class (SQLite's or PostgreSQL's), reading the whole ROI, gives the reduction."""
     nodes, edges = reduced_in_memory(block_ids)
+    rtol = float_rtol(db)
     funlib_db = open_funlib_graph(db, mode="r")
     whole = Roi(SOURCE.offset, tuple(s * v for s, v in zip(SHAPE, SOURCE.voxel_size)))
     graph = funlib_db.read_graph(whole)
@@ -87,11 +104,11 @@ def assert_graph_is(db: graphdb.GraphDB, block_ids: list[int]) -> None:
     assert set(graph.nodes) == set(nodes)
     for i, (size, position) in nodes.items():
         assert graph.nodes[i]["size"] == size
-        np.testing.assert_allclose(graph.nodes[i]["position"], position, rtol=1e-12)
+        np.testing.assert_allclose(graph.nodes[i]["position"], position, rtol=rtol)
     assert {tuple(sorted(e)) for e in graph.edges} == set(edges)
     for (u, v), (count, affinity) in edges.items():
         assert graph.edges[u, v]["count"] == count
-        assert graph.edges[u, v]["affinity"] == pytest.approx(affinity, rel=1e-12)
+        assert graph.edges[u, v]["affinity"] == pytest.approx(affinity, rel=rtol)
 
 
 def write_blocks(path: str, block_ids: list[int], stall_on: int | None, marker: str) -> None:
@@ -112,8 +129,8 @@ def write_blocks(path: str, block_ids: list[int], stall_on: int | None, marker: 
     db.close()
 
 
-def test_two_workers_one_killed_mid_transaction_then_rerun(tmp_path):
-    path = str(tmp_path / "rag.db")
+def test_two_workers_one_killed_mid_transaction_then_rerun(tmp_path, store):
+    path = store
     marker = tmp_path / "stalled"
     open_graph(path, SOURCE).close()  # the driver's check creates the tables before workers start
 
@@ -126,6 +143,11 @@ def test_two_workers_one_killed_mid_transaction_then_rerun(tmp_path):
     while not marker.exists():
         assert time.monotonic() < deadline and killed.is_alive(), "worker never reached block 4's transaction"
         time.sleep(0.05)
+    if store.startswith("postgresql://"):
+        # transactions on different blocks run side by side: the other worker writes all its
+        # blocks while block 4's transaction stays open (SQLite's would wait for the write lock)
+        other.join(60)
+        assert other.exitcode == 0 and killed.is_alive()
     os.kill(killed.pid, signal.SIGKILL)
     killed.join(30)
     other.join(120)
@@ -145,8 +167,8 @@ def test_two_workers_one_killed_mid_transaction_then_rerun(tmp_path):
     db.close()
 
 
-def test_rewriting_a_block_replaces_it(tmp_path):
-    db = open_graph(tmp_path / "rag.db", SOURCE)
+def test_rewriting_a_block_replaces_it(store):
+    db = open_graph(store, SOURCE)
     for block_id in range(3):
         write_block_partials(db, block_id, block_partials(block_id))
     write_block_partials(db, 1, block_partials(7))  # another block's rows under id 1 ...
@@ -168,14 +190,14 @@ def test_rewriting_a_block_replaces_it(tmp_path):
         GraphSource(SOURCE.fragments, SOURCE.offset, (8, 8, 8)),
     ],
 )
-def test_a_database_with_another_graph_is_refused(tmp_path, other):
-    db = open_graph(tmp_path / "rag.db", SOURCE)
+def test_a_database_with_another_graph_is_refused(store, other):
+    db = open_graph(store, SOURCE)
     write_block_partials(db, 0, block_partials(0))
     rows = partial_rows(db, 0)
     db.close()
     with pytest.raises(VoxblockError, match="already holds another graph"):
-        open_graph(tmp_path / "rag.db", other)
-    db = open_graph(tmp_path / "rag.db", SOURCE)
+        open_graph(store, other)
+    db = open_graph(store, SOURCE)
     assert block_done(db, 0) and partial_rows(db, 0) == rows
     db.close()
 

@@ -3,7 +3,9 @@
 The graph funlib's SQLiteGraphDataBase reads back equals `merge_partials` of ONE `rag_partials`
 call over the whole volume (no blocks): exact sizes and counts, float-close means and positions.
 A rerun runs no block; a driver SIGKILLed mid-run and rerun gives the same graph; bad inputs are
-refused before any block with nothing created.
+refused before any block with nothing created. The same volume built into PostgreSQL (a real server,
+the `postgres_url` fixture of conftest.py) gives the SQLite build's graph, its floats rounded to
+float32 (funlib's REAL columns).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -32,6 +35,7 @@ VOXEL_SIZE = (2, 1, 1)
 OFFSET = (4, 0, 3)  # world units
 OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 0], [0, -3, 0], [0, 0, 7]]  # negative, long range
 BLOCK = (8, 8, 10)  # world units: 4 x 8 x 10 voxels
+F32_EPS = float(np.finfo(np.float32).eps)  # funlib's PostgreSQL floats are REAL (float32)
 
 
 @pytest.fixture
@@ -76,10 +80,31 @@ def whole_volume_graph(fragments: str, affinities: str):
     return merge_partials([partials], VOXEL_SIZE, OFFSET)
 
 
-def read_graph(db: Path):
-    """The whole graph through funlib's own class: nodes {id: (size, position)}, edges {(u, v): ...}."""
+def read_graph(db: Path | str):
+    """The whole graph through funlib's own class: nodes {id: (size, position)}, edges {(u, v): ...}.
+
+    `db` is an SQLite file or a postgresql:// URL (PgSQLGraphDatabase, as a user would open it).
+    """
     node_attrs, edge_attrs = graph_attributes(3)
-    funlib_db = SQLiteGraphDataBase(db, "position", mode="r", node_attrs=node_attrs, edge_attrs=edge_attrs)
+    if str(db).startswith("postgresql://"):
+        from funlib.persistence.graphs import PgSQLGraphDatabase
+
+        url = urlsplit(str(db))
+        funlib_db = PgSQLGraphDatabase(
+            "position",
+            db_name=url.path.lstrip("/"),
+            db_host=url.hostname,
+            db_user=url.username,
+            db_password=url.password,
+            db_port=url.port,
+            mode="r",
+            node_attrs=node_attrs,
+            edge_attrs=edge_attrs,
+        )
+    else:
+        funlib_db = SQLiteGraphDataBase(
+            db, "position", mode="r", node_attrs=node_attrs, edge_attrs=edge_attrs
+        )
     graph = funlib_db.read_graph(None)
     funlib_db.close()
     nodes = {int(i): (d["size"], np.asarray(d["position"], float)) for i, d in graph.nodes(data=True)}
@@ -89,7 +114,12 @@ def read_graph(db: Path):
     return nodes, edges
 
 
-def assert_graph_equals_whole_volume(db: Path, fragments: str, affinities: str) -> None:
+def assert_graph_equals_whole_volume(
+    db: Path | str, fragments: str, affinities: str, float32: bool = False
+) -> None:
+    """Exact sizes, counts, ids and pairs; float64-close positions and affinities, or, with
+    `float32`, close to float32 precision (funlib's REAL columns on PostgreSQL)."""
+    position_rtol, affinity_rtol = (F32_EPS, F32_EPS) if float32 else (1e-12, 1e-9)
     expected_nodes, expected_edges = whole_volume_graph(fragments, affinities)
     nodes, edges = read_graph(db)
     assert sorted(nodes) == expected_nodes["id"].tolist()
@@ -97,7 +127,7 @@ def assert_graph_equals_whole_volume(db: Path, fragments: str, affinities: str) 
         expected_nodes["id"].tolist(), expected_nodes["size"].tolist(), expected_nodes["position"]
     ):
         assert nodes[i][0] == size
-        np.testing.assert_allclose(nodes[i][1], position, rtol=1e-12)
+        np.testing.assert_allclose(nodes[i][1], position, rtol=position_rtol)
     expected = {
         (u, v): (c, a)
         for u, v, c, a in zip(
@@ -110,7 +140,7 @@ def assert_graph_equals_whole_volume(db: Path, fragments: str, affinities: str) 
     assert set(edges) == set(expected)
     for edge, (count, affinity) in expected.items():
         assert edges[edge][0] == count
-        assert edges[edge][1] == pytest.approx(affinity, rel=1e-9)
+        assert edges[edge][1] == pytest.approx(affinity, rel=affinity_rtol)
 
 
 def blocks_in(db: Path) -> int:
@@ -140,6 +170,33 @@ def test_the_blockwise_graph_equals_the_whole_volume_graph_and_a_rerun_runs_noth
     assert after[0].keys() == before[0].keys() and after[1] == before[1]
     for i, (size, position) in before[0].items():
         assert after[0][i][0] == size and np.array_equal(after[0][i][1], position)
+
+
+def test_the_graph_built_on_postgresql_is_the_sqlite_build(tmp_path, volume, postgres_url):
+    """The same volume built into SQLite and PostgreSQL, 2 daisy workers each: the same graph.
+
+    funlib keeps PostgreSQL's floats as REAL: positions and affinities are the SQLite build's
+    rounded to float32 (positions exactly: both backends sum integers; affinities within one float32
+    step: the sums of float64 affinities may add up in another order).
+    """
+    fragments, affinities = volume
+    expected = build_rag(fragments, affinities, tmp_path / "rag.db", BLOCK, num_workers=2)
+    summary = build_rag(fragments, affinities, postgres_url, BLOCK, num_workers=2, run_dir=tmp_path / "pg")
+    assert summary == expected and summary.blocks == 3 * 4 * 4
+    sqlite_nodes, sqlite_edges = read_graph(tmp_path / "rag.db")
+    nodes, edges = read_graph(postgres_url)
+    assert nodes.keys() == sqlite_nodes.keys() and edges.keys() == sqlite_edges.keys()
+    for i, (size, position) in sqlite_nodes.items():
+        assert nodes[i][0] == size
+        np.testing.assert_array_equal(nodes[i][1].astype(np.float32), position.astype(np.float32))
+    for edge, (count, affinity) in sqlite_edges.items():
+        assert edges[edge][0] == count
+        assert np.float32(edges[edge][1]) == pytest.approx(np.float32(affinity), rel=F32_EPS, abs=0)
+    assert_graph_equals_whole_volume(postgres_url, fragments, affinities, float32=True)
+
+    task = rag_task(fragments, affinities, postgres_url, BLOCK, num_workers=2, run_dir=tmp_path / "pg")
+    report = run_tasks([task], progress=False).tasks[0]  # the database says every block is done
+    assert report.succeeded and report.processed == 0 and report.skipped == summary.blocks
 
 
 DRIVER = """

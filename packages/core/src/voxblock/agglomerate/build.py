@@ -303,7 +303,8 @@ def build_rag(
     `block_shape` is the write block in world units; each block reads the context
     `rag_context(offsets)` voxels around it (fit "overhang": border blocks keep their size and
     read zeros past the volume). `run_dir` (daisy's tracking, logs) defaults to `<db>.voxblock`
-    for an SQLite file. Other keywords are task options (`max_retries`, `compute`, ...). A rerun
+    for an SQLite file, to voxblock's default (`voxblock_runs/rag-<key>` in the working directory)
+    for a PostgreSQL URL. Other keywords are task options (`max_retries`, `compute`, ...). A rerun
     skips the blocks in the database; a failed run raises VoxblockError and finalizes nothing.
     """
     from voxblock.agglomerate.graphdb import finalize, open_graph

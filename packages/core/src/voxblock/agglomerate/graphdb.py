@@ -20,6 +20,12 @@ does, and this module relies on:
 - Meta: position attribute, directed, total ROI, table and endpoint names, node and edge attribute
   types, ndims: nothing says which volume a graph came from. SQLite keeps it in a JSON file next to
   the database (`<stem>-meta.json`), PostgreSQL in a `metadata` table.
+- Opening on PostgreSQL: PgSQLGraphDatabase connects to the `postgres` database and runs
+  `CREATE DATABASE <name>` with the name unquoted whenever it opens a graph, even one that exists
+  (PostgreSQL checks the CREATEDB privilege first), and passes on host, port, user, password and
+  name only. So `open_graph` refuses a role without CREATEDB, a name that is not a plain lowercase
+  identifier and URL parameters (`?sslmode=...`: use libpq's PG* environment variables), before any
+  block: such a run could write every block but neither finalize nor read the graph.
 
 So the block-by-block sums live in voxblock's own tables in the same database: `voxblock_graph`
 (where the graph comes from: fragments array, offset, voxel size; a database whose record differs,
@@ -42,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -135,13 +142,47 @@ def _connect_sqlite(path: Path, timeout_s: float) -> sqlite3.Connection:
 
 
 def _connect_postgresql(url: str, timeout_s: float) -> Any:
-    import psycopg2
-
+    _check_postgresql_url(url)
     try:
-        return psycopg2.connect(url, connect_timeout=int(min(timeout_s, 30)))
+        import psycopg2
+    except ImportError:
+        raise VoxblockError(
+            f"graph database {_without_password(url)}: PostgreSQL needs psycopg2 "
+            "(pip install 'voxblock[postgresql]')"
+        ) from None
+    try:
+        return psycopg2.connect(url, connect_timeout=max(1, int(min(timeout_s, 30))))
     except psycopg2.Error as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VoxblockError(f"graph database {_without_password(url)} cannot be reached: {message}") from None
+        shown = _without_password(url)
+        password = urlsplit(url).password or ""
+        for secret in {password, unquote(password)} - {""}:
+            if secret not in shown:  # libpq quotes a token it can't parse (a bad %-escape): masked
+                message = message.replace(secret, "***")
+        raise VoxblockError(f"graph database {shown} cannot be reached: {message}") from None
+
+
+def _check_postgresql_url(url: str) -> None:
+    """What funlib's PgSQLGraphDatabase (finalize, readers) can open: refused here, before any block.
+
+    funlib connects with host, port, user, password and database name only (URL parameters such as
+    `?sslmode=` would reach voxblock's connections but not funlib's), and writes the name into
+    `CREATE DATABASE <name>` unquoted (a name needing quotes is an SQL error, or another database).
+    """
+    parts = urlsplit(url)
+    shown = _without_password(url)
+    if parts.query:
+        raise VoxblockError(
+            f"graph database {shown}: URL parameters ({parts.query}) are not passed on to funlib's "
+            "PgSQLGraphDatabase, which finalizes and reads the graph; set them as libpq environment "
+            "variables (PGSSLMODE, ...) instead"
+        )
+    name = unquote(parts.path.lstrip("/"))
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise VoxblockError(
+            f"graph database {shown}: the database name must be lowercase letters, digits and "
+            f"underscores ({name!r} is not), as funlib's PgSQLGraphDatabase writes it into SQL unquoted"
+        )
 
 
 def _without_password(url: str) -> str:
@@ -155,6 +196,8 @@ def _claim(db: GraphDB) -> None:
     """Create voxblock's tables and source record, or check the ones there, under the write lock."""
     try:
         with _transaction(db, exclusive=True) as cursor:
+            if db.backend == "postgresql":
+                _check_createdb(db, cursor)
             tables = _tables(db, cursor)
             if "voxblock_graph" not in tables:
                 foreign = sorted(tables & set(FUNLIB_TABLES))
@@ -178,6 +221,20 @@ def _claim(db: GraphDB) -> None:
             f"graph database {_without_password(db.url)} already holds another graph: it records "
             f"{recorded[0] if recorded else 'no source'}, this run is {db.source.record()}; "
             f"choose another database"
+        )
+
+
+def _check_createdb(db: GraphDB, cursor: Any) -> None:
+    """funlib's PgSQLGraphDatabase runs CREATE DATABASE whenever it opens a graph, even one that
+    exists, and PostgreSQL checks the privilege first: a role without CREATEDB could write every
+    block but neither finalize nor read the graph."""
+    cursor.execute("SELECT rolcreatedb OR rolsuper, current_user FROM pg_roles WHERE rolname = current_user")
+    row = cursor.fetchone()
+    if row is not None and not row[0]:
+        raise VoxblockError(
+            f"graph database {_without_password(db.url)}: the role {row[1]} may not create databases, "
+            "and funlib's PgSQLGraphDatabase, which finalizes and reads the graph, runs CREATE DATABASE "
+            f"whenever it opens one; ALTER ROLE {row[1]} CREATEDB, or connect as a role that may"
         )
 
 
@@ -401,8 +458,8 @@ def _create_funlib_graph(db: GraphDB) -> Any:
 def _postgresql_arguments(url: str) -> dict[str, Any]:
     parts = urlsplit(url)
     return {
-        "db_name": parts.path.lstrip("/"),
-        "db_host": parts.hostname or "localhost",
+        "db_name": unquote(parts.path.lstrip("/")),
+        "db_host": parts.hostname,  # none: libpq's default (a local socket), as voxblock's connections
         "db_user": unquote(parts.username) if parts.username else None,
         "db_password": unquote(parts.password) if parts.password else None,
         "db_port": parts.port,
