@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from voxblock.metadata import Array
 
 IGNORE_GT = (0,)  # ground-truth labels not counted by default: 0, unlabelled
-MAX_VOXELS = 1 << 24  # voxels read at once (per array): about 128 MiB of uint64 each
+MAX_VOXELS = 1 << 21  # voxels read at once per array (16 MiB of uint64): larger slabs were no faster
 
 
 class Table(NamedTuple):
