@@ -35,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import floor  # noqa: E402
+import measure  # noqa: E402
 import volumes  # noqa: E402
 
 MIB = 1 << 20
@@ -549,6 +550,182 @@ class Bench:
             f"{v.seconds:.2f} s vs {m.seconds:.2f} s",
         )
 
+    def agglomerate(self, volara: dict[str, Any] | None) -> None:
+        """affinities -> fragments -> region graph -> segmentation: agglomerate_blockwise, the same
+        chain in memory over the whole volume, and volara's chain; wall time, memory, VOI."""
+        import fastremap
+        import mwatershed
+        import zarr
+
+        import voxblock
+        from voxblock.agglomerate.rag import rag_partials
+        from voxblock.agglomerate.solve import mws_lut
+        from voxblock.rundir import RUN_DIR_SUFFIX
+
+        size = 256 if self.mode == "full" else 128
+        case = f"agglomerate {size}^3"
+        blocks = self.blocks_of(size)
+        affs = volumes.ensure(self.workdir, "agg-affs", size)
+        truth_name = volumes.ensure(self.workdir, "agg-truth", size)
+        offsets, bias, threshold = volumes.AGG_OFFSETS, volumes.AGG_BIAS, volumes.AGG_THRESHOLD
+        context = volumes.AGG_CONTEXT
+
+        def in_memory() -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+            """Read; mutex watershed over the whole volume (same bias and offsets); its region
+            graph (voxblock's exact kernel on one block: the volume, zeros past it); graph mutex
+            watershed (same threshold); relabel; write."""
+            output, _ = self.fresh("agg-memory")
+            t0 = time.perf_counter()
+            data = zarr.open_array(affs, mode="r")[...]
+            t1 = time.perf_counter()
+            fragments = mwatershed.agglom(data.astype(np.float64) + bias, offsets)
+            t2 = time.perf_counter()
+            pad = max(max(o) for o in offsets)
+            partials = rag_partials(
+                np.pad(fragments, [(0, pad)] * 3),
+                np.pad(data, [(0, 0)] + [(0, pad)] * 3),
+                offsets,
+                (slice(0, size),) * 3,
+                (0, 0, 0),
+            )
+            t3 = time.perf_counter()
+            lut = mws_lut(
+                partials["ids"],
+                partials["u"],
+                partials["v"],
+                partials["affinity_sum"] / partials["count"],
+                threshold,
+            )
+            t4 = time.perf_counter()
+            segmentation = fastremap.remap(
+                fragments, dict(zip(lut[0].tolist(), lut[1].tolist())), preserve_missing_labels=True
+            )
+            target = volumes._prepare(Path(output), segmentation.shape, (volumes.CHUNK,) * 3, np.uint64)
+            target._source_data[...] = segmentation
+            t5 = time.perf_counter()
+            steps = {"read": t1 - t0, "mws": t2 - t1, "graph": t3 - t2, "solve": t4 - t3, "relabel": t5 - t4}
+            return {**steps, "total": t5 - t0}, fragments, segmentation
+
+        truth = zarr.open_array(truth_name, mode="r")[...]
+        memory, fragments, segmentation = in_memory()
+        memory_scores = measure.scores(truth, segmentation)
+        memory_fragment_scores = measure.scores(truth, fragments)
+        del fragments, segmentation
+        m = self.add(
+            case,
+            "in memory (read, mws, graph, graph mws, write)",
+            memory["total"],
+            blocks,
+            size**3,
+            note=", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "total")
+            + f"; {_quality(memory_scores)}; fragments "
+            f"{memory_fragment_scores['segments']} (VOI {memory_fragment_scores['voi']:.3f})",
+        )
+
+        fragments_name = f"{self.out}/agg-fragments"
+        output = f"{self.out}/agg-segmentation"
+        db = self.workdir / "voxblock-agg.db"
+
+        def vox() -> tuple[float, Any, measure.MemoryPoller]:
+            for name in ("agg-fragments", "agg-segmentation"):
+                shutil.rmtree(self.out / name, ignore_errors=True)
+            shutil.rmtree(Path(f"{self.out}{RUN_DIR_SUFFIX}") / "agg-segmentation", ignore_errors=True)
+            shutil.rmtree(Path(f"{self.out}{RUN_DIR_SUFFIX}") / "agg-fragments", ignore_errors=True)
+            shutil.rmtree(self.runs / "agg-fragments", ignore_errors=True)
+            for suffix in ("", "-wal", "-shm"):
+                Path(f"{db}{suffix}").unlink(missing_ok=True)
+            db.with_name(f"{db.stem}-meta.json").unlink(missing_ok=True)  # funlib's, beside the file
+            shutil.rmtree(Path(f"{db}.voxblock"), ignore_errors=True)
+            with measure.MemoryPoller(skip=("voxblock.forkserver",)) as poller:
+                started = time.perf_counter()
+                report = voxblock.agglomerate_blockwise(
+                    affs,
+                    fragments_name,
+                    output,
+                    db,
+                    (self.block,) * 3,
+                    context=(context,) * 3,
+                    offsets=offsets,
+                    method="mws",
+                    threshold=threshold,
+                    num_workers=self.workers,
+                    bias=bias,
+                    progress=False,
+                    max_retries=0,
+                )
+                seconds = time.perf_counter() - started
+            return seconds, report, poller
+
+        runs = [vox() for _ in range(self.repeats)]
+        seconds, report, poller = min(runs, key=lambda run: run[0])
+        rss = poller.record()
+        quality = measure.scores(truth, zarr.open_array(output, mode="r")[...])
+        fragment_scores = measure.scores(truth, zarr.open_array(fragments_name, mode="r")[...])
+        v = self.add(
+            case,
+            "voxblock agglomerate_blockwise (mws)",
+            seconds,
+            blocks,
+            size**3,
+            note=", ".join(f"{k} {s:.2f}" for k, s in report.seconds.items())
+            + f"; {_quality(quality)}; {report.graph.nodes} fragments (VOI {fragment_scores['voi']:.3f}),"
+            f" {report.graph.edges} edges, {report.segments} segments; peak RSS driver "
+            f"{rss['driver_mib']:.0f} MiB (from {rss['driver_start_mib']:.0f}), "
+            f"worker {rss['worker_mib']:.0f} MiB (runs: {', '.join(f'{r[0]:.2f}' for r in runs)})",
+        )
+        self.memory["agglomerate"] = {
+            "size": size,
+            "voxblock": {
+                "seconds": seconds,
+                "passes": report.seconds,
+                "memory": rss,
+                "scores": quality,
+                "fragments_scores": fragment_scores,
+            },
+            "in_memory": {
+                "seconds": memory,
+                "scores": memory_scores,
+                "fragments_scores": memory_fragment_scores,
+            },
+        }
+        print(
+            f"  {case}: voxblock / in memory = {v.seconds / m.seconds:.2f}x "
+            f"({v.seconds:.2f} s vs {m.seconds:.2f} s; "
+            f"VOI {quality['voi']:.3f} vs {memory_scores['voi']:.3f})"
+        )
+        theirs = (volara or {}).get("agglomerate")
+        if theirs and theirs.get("size") == size:
+            passes = ", ".join(f"{k} {s:.2f}" for k, s in theirs["passes"].items())
+            q = theirs["scores"]
+            w = self.add(
+                case,
+                "volara 1.0.5 chain (daisy 1, own venv)",
+                theirs["seconds"],
+                blocks,
+                size**3,
+                note=f"{passes}; {_quality(q)}; {theirs['fragments']} fragments; peak RSS driver "
+                f"{theirs['memory']['driver_mib']:.0f} MiB, worker {theirs['memory']['worker_mib']:.0f} MiB",
+            )
+            self.memory["agglomerate"]["volara"] = theirs
+            speedup = w.seconds / v.seconds
+            print(f"  {case}: volara / voxblock = {speedup:.2f}x")
+            self.target(
+                f"agglomerate {size}^3 speed-up over volara at <= its VOI",
+                speedup,
+                ">= 5x",
+                speedup >= 5 and quality["voi"] <= q["voi"] + 1e-9,
+                f"{w.seconds:.2f} s vs {v.seconds:.2f} s; "
+                f"VOI (split + merge) {quality['voi']:.3f} vs {q['voi']:.3f}",
+            )
+        else:
+            self.target(
+                f"agglomerate {size}^3 speed-up over volara at <= its VOI",
+                float("nan"),
+                ">= 5x",
+                False,
+                "volara not measured at this size",
+            )
+
     def predict(self) -> None:
         import torch
         from funlib.geometry import Roi
@@ -843,6 +1020,13 @@ def _fmt(t: Target) -> str:
 # -- things the worker processes need (pickled by value from __main__) ------------------------------
 
 
+def _quality(scores: dict[str, float]) -> str:
+    return (
+        f"VOI {scores['voi']:.3f} (split {scores['voi_split']:.3f}, merge {scores['voi_merge']:.3f}), "
+        f"ARAND {scores['arand']:.3f}"
+    )
+
+
 def _files(folder: Path) -> int:
     return sum(1 for path in folder.rglob("*") if path.is_file() and path.name != "zarr.json")
 
@@ -944,10 +1128,19 @@ def load_volara(results: Path, mode: str, size: int) -> dict[str, float] | None:
     if record.get("size") != size:
         print(f"{path} is for {record.get('size')}^3, not {size}^3: volara not compared")
         return None
-    return {name: task["seconds"] for name, task in record["tasks"].items()}
+    return {name: task["seconds"] for name, task in record["tasks"].items() if name != "agglomerate"}
 
 
-CASES = ("noop", "ops", "shards", "segment", "watershed", "predict", "memory", "sweep")
+def load_volara_record(results: Path, mode: str) -> dict[str, Any] | None:
+    """volara's whole record of `mode` (its agglomeration chain carries its own size)."""
+    path = results / f"volara-{mode}.json"
+    if not path.exists():
+        print(f"no {path}: run `nox -s bench_volara` for volara's timings")
+        return None
+    return json.loads(path.read_text()).get("tasks", {})
+
+
+CASES = ("noop", "ops", "shards", "segment", "watershed", "agglomerate", "predict", "memory", "sweep")
 
 
 def main() -> None:
@@ -978,7 +1171,7 @@ def main() -> None:
     )
     # voxblock imports its modules on first use; import the driver's side now, as the bare daisy
     # rows have `import daisy` done before they are timed (a one-off cost per process, not per run)
-    for module in ("voxblock.run", "voxblock.segment.pipeline"):
+    for module in ("voxblock.run", "voxblock.segment.pipeline", "voxblock.agglomerate.pipeline"):
         importlib.import_module(module)
 
     started = time.perf_counter()
@@ -992,6 +1185,8 @@ def main() -> None:
         bench.segment()
     if "watershed" in only:
         bench.watershed()
+    if "agglomerate" in only:
+        bench.agglomerate(load_volara_record(args.results, bench.mode))
     if "predict" in only:
         bench.predict()
     if "memory" in only:

@@ -1,8 +1,10 @@
 """The synthetic volumes every benchmark reads: one generator, used by both virtualenvs.
 
-Only numpy, zarr and funlib.persistence are imported, so volara's own
-virtualenv (daisy 1) and voxblock's (daisy 2) write and read the very same
-arrays: same codec (zarr's default), same 64^3 chunks, same data (seeded).
+Only numpy, zarr and funlib.persistence are imported (and scipy and
+scikit-image by the agglomeration volumes, both in both virtualenvs), so
+volara's own virtualenv (daisy 1) and voxblock's (daisy 2) write and read the
+very same arrays: same codec (zarr's default), same 64^3 chunks, same data
+(seeded).
 A volume is written once per work directory and reused (a marker file
 records that it is complete).
 """
@@ -20,6 +22,14 @@ THRESHOLD = 0.5
 CHANNELS = 3  # argmax input
 CELL = 8  # fragment size (voxels) of the relabel input
 WS_OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [4, 0, 0], [0, 4, 0], [0, 0, 4]]
+
+# the agglomeration case: affinities -> fragments -> region graph -> segmentation
+AGG_OFFSETS = WS_OFFSETS
+AGG_BIAS = -0.6  # mutex watershed bias of the fragments: over-segments (split VOI ~1.2 whole-volume)
+AGG_THRESHOLD = 0.5  # graph mutex watershed: mean edge affinity above attracts, below repels
+AGG_CONTEXT = 4  # voxels around each fragments block: the longest offset
+AGG_CELL_VOXELS = 12_000  # ground truth: one cell per this many voxels (1k-30k voxels each)
+AGG_NOISE = 0.25  # std of the smooth noise (sigma 2 voxels) added to every affinity channel
 
 
 def _prepare(path: Path, shape: tuple[int, ...], chunks: tuple[int, ...], dtype, channel_dims: int = 0):
@@ -117,12 +127,78 @@ def write_affinities(path: Path, size: int) -> None:
     array._source_data.attrs["offsets"] = WS_OFFSETS
 
 
+def agglomeration_truth(size: int, seed: int = 5) -> np.ndarray:
+    """uint64 ground-truth cells that fill the volume and touch: a Voronoi tessellation of random
+    seeds (one per AGG_CELL_VOXELS voxels) seen through a smooth random warp (wiggly faces), each
+    cell one 6-connected piece (pieces under 500 voxels go to their nearest neighbour), IDs 1..n."""
+    from scipy import ndimage
+    from skimage.measure import label
+
+    rng = np.random.default_rng(seed)
+    shape = (size,) * 3
+    count = max(2, size**3 // AGG_CELL_VOXELS)
+    seeds = np.zeros(shape, np.uint32)
+    seeds[tuple(rng.integers(0, size, size=(count, 3)).T)] = np.arange(1, count + 1, dtype=np.uint32)
+    nearest = ndimage.distance_transform_edt(seeds == 0, return_distances=False, return_indices=True)
+    voronoi = seeds[tuple(nearest)]
+    del nearest
+    warped_at = []
+    for axis in range(3):
+        shift = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 8)
+        shift *= 4.0 / shift.std()  # about 4 voxels
+        ramp = np.arange(size, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        warped_at.append(np.clip(np.rint(ramp + shift), 0, size - 1).astype(np.intp))
+    cells = voronoi[tuple(warped_at)]
+    del warped_at, voronoi
+    pieces = label(cells, background=-1, connectivity=1).astype(np.uint32)
+    small = np.bincount(pieces.ravel())[pieces] < 500
+    nearest = ndimage.distance_transform_edt(small, return_distances=False, return_indices=True)
+    pieces = pieces[tuple(nearest)]
+    del nearest
+    _, truth = np.unique(pieces, return_inverse=True)
+    return (truth.reshape(shape) + 1).astype(np.uint64)
+
+
+def agglomeration_affinities(truth: np.ndarray, seed: int = 6) -> np.ndarray:
+    """float32 affinities of `truth` for AGG_OFFSETS (0.925 inside a cell, 0.075 across a face
+    and past the volume) plus smooth noise (AGG_NOISE, sigma 2, independent per channel), clipped
+    to [0, 1]: mutex watershed with AGG_BIAS over-segments the cells and merges few of them."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    affs = np.empty((len(AGG_OFFSETS), *truth.shape), dtype=np.float32)
+    for channel, offset in enumerate(AGG_OFFSETS):
+        same = np.zeros(truth.shape, dtype=bool)
+        here = tuple(slice(0, s - o) for o, s in zip(offset, truth.shape))
+        there = tuple(slice(o, s) for o, s in zip(offset, truth.shape))
+        same[here] = truth[here] == truth[there]
+        noise = ndimage.gaussian_filter(rng.standard_normal(truth.shape, dtype=np.float32), 2)
+        noise *= AGG_NOISE / noise.std()
+        affs[channel] = np.clip(0.85 * same + 0.075 + noise, 0.0, 1.0)
+    return affs
+
+
+def write_agglomeration_truth(path: Path, size: int) -> None:
+    array = _prepare(path, (size,) * 3, (CHUNK,) * 3, np.uint64)
+    array._source_data[...] = agglomeration_truth(size)
+
+
+def write_agglomeration_affinities(path: Path, size: int) -> None:
+    affs = agglomeration_affinities(agglomeration_truth(size))
+    array = _prepare(path, affs.shape, (len(AGG_OFFSETS),) + (CHUNK,) * 3, np.float32, channel_dims=1)
+    array._source_data[...] = affs
+    # voxblock reads 'offsets', volara 'neighborhood'
+    array._source_data.attrs.update({"offsets": AGG_OFFSETS, "neighborhood": AGG_OFFSETS})
+
+
 WRITERS = {
     "pred": lambda p, s: write_predictions(p, s),
     "pred32": lambda p, s: write_predictions(p, s, chunk=32),
     "probs": lambda p, s: write_predictions(p, s, channels=CHANNELS),
     "frags": write_fragments,
     "affs": write_affinities,
+    "agg-truth": write_agglomeration_truth,
+    "agg-affs": write_agglomeration_affinities,
 }
 
 
