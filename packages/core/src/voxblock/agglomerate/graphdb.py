@@ -316,6 +316,7 @@ def write_block_partials(db: GraphDB, block_id: int, partials: Partials) -> None
     with _transaction(db) as cursor:
         for table in ("voxblock_nodes", "voxblock_edges", "voxblock_blocks"):
             cursor.execute(f"DELETE FROM {table} WHERE block = {_p(db)}", (block_id,))
+        cursor.execute("DELETE FROM voxblock_graph WHERE key = 'finalized'")  # funlib's tables are stale
         _insert_rows(db, cursor, "voxblock_nodes", ["block", "id", "size", *sums], node_rows)
         _insert_rows(db, cursor, "voxblock_edges", ["block", "u", "v", "affinity_sum", "count"], edge_rows)
         _insert_rows(db, cursor, "voxblock_blocks", ["block"], [(block_id,)])
@@ -420,9 +421,118 @@ def finalize(db: GraphDB) -> GraphSummary:
             "FROM voxblock_edges GROUP BY u, v"
         )
         summary = GraphSummary(*(_count(cursor, table) for table in ("nodes", "edges", "voxblock_blocks")))
+        cursor.execute("DELETE FROM voxblock_graph WHERE key = 'finalized'")
+        cursor.execute(
+            f"INSERT INTO voxblock_graph (key, value) VALUES ('finalized', {_p(db)})",
+            (json.dumps(asdict(summary)),),
+        )
     if db.backend == "sqlite":
         db.connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return summary
+
+
+def finalized(db: GraphDB) -> GraphSummary | None:
+    """What the last `finalize` wrote, if no block has been written since (else None)."""
+    cursor = db.connection.cursor()
+    cursor.execute("SELECT value FROM voxblock_graph WHERE key = 'finalized'")
+    row = cursor.fetchone()
+    if db.backend == "postgresql":
+        db.connection.rollback()
+    return GraphSummary(**json.loads(row[0])) if row else None
+
+
+def check_graph(url_or_path: str | Path, source: GraphSource, build: Mapping[str, Any]) -> None:
+    """Refuse, reading only (nothing created), a database `open_graph` would refuse, or one built
+    from other affinities, offsets or blocks (`build`, the rag pass's record): before any pass."""
+    url = str(url_or_path)
+    if url.startswith(("postgresql://", "postgres://")):
+        db = GraphDB(url, "postgresql", _connect_postgresql(url, 30.0), source)
+    else:
+        path = Path(url)
+        if not path.parent.is_dir():
+            raise VoxblockError(f"graph database {path}: folder {path.parent} does not exist")
+        if path.exists() and not path.is_file():
+            raise VoxblockError(f"graph database {path} is not a file")
+        if not path.exists():
+            meta_file = path.parent / f"{path.stem}-meta.json"
+            if meta_file.exists():
+                raise VoxblockError(
+                    f"graph database {path}: {meta_file} is funlib's record of another graph; "
+                    "choose another database"
+                )
+            return
+        db = GraphDB(url, "sqlite", _connect_sqlite(path, 30.0), source)
+    try:
+        cursor = db.connection.cursor()
+        if db.backend == "postgresql":
+            _check_createdb(db, cursor)
+        tables = _tables(db, cursor)
+        records: dict[str, str] = {}
+        if "voxblock_graph" in tables:
+            cursor.execute("SELECT key, value FROM voxblock_graph WHERE key IN ('source', 'build')")
+            records = dict(cursor.fetchall())
+    except _database_errors(db) as e:
+        raise VoxblockError(f"graph database {_without_password(url)} cannot be used: {e}") from None
+    finally:
+        db.close()
+    shown = _without_password(url)
+    if "voxblock_graph" not in tables:
+        meta_file = _funlib_meta_file(db)
+        foreign = sorted(tables & set(FUNLIB_TABLES))
+        if foreign or (meta_file is not None and meta_file.exists()):
+            raise VoxblockError(
+                f"graph database {shown} already holds a graph voxblock did not write "
+                f"(tables {foreign or 'nodes/edges meta file'}): choose another database"
+            )
+        return
+    recorded = records.get("source")
+    if recorded is None or json.loads(recorded) != json.loads(source.record()):
+        raise VoxblockError(
+            f"graph database {shown} already holds another graph: it records {recorded or 'no source'}, "
+            f"this run is {source.record()}; choose another database"
+        )
+    built = records.get("build")
+    if built is not None and json.loads(built) != json.loads(json.dumps(dict(build))):
+        raise VoxblockError(
+            f"graph database {shown} already holds another graph: it was built from {built}, this run is "
+            f"{json.dumps(dict(build), sort_keys=True)}; choose another database"
+        )
+
+
+def read_graph_arrays(url_or_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Node ids (sorted), and edges (u, v, mean affinity), of the finalized graph: for a solve.
+
+    Refuses a database with no finalized voxblock graph, or one written to since it was finalized.
+    """
+    url = str(url_or_path)
+    postgresql = url.startswith(("postgresql://", "postgres://"))
+    if not postgresql and not Path(url).is_file():
+        raise VoxblockError(f"graph database {url} does not exist: build the region graph first")
+    connection = _connect_postgresql(url, 30.0) if postgresql else _connect_sqlite(Path(url), 30.0)
+    db = GraphDB(url, "postgresql" if postgresql else "sqlite", connection, GraphSource("", (), ()))
+    try:
+        cursor = connection.cursor()
+        tables = _tables(db, cursor)
+        done = None
+        if "voxblock_graph" in tables:
+            cursor.execute("SELECT value FROM voxblock_graph WHERE key = 'finalized'")
+            done = cursor.fetchone()
+        if done is None or not {"nodes", "edges"} <= tables:
+            raise VoxblockError(
+                f"graph database {_without_password(url)} holds no finalized voxblock region graph "
+                "(or blocks were written since it was finalized): build it first (voxblock agglomerate)"
+            )
+        cursor.execute("SELECT id FROM nodes ORDER BY id")
+        nodes = np.array([row[0] for row in cursor.fetchall()], dtype=np.uint64)
+        cursor.execute("SELECT u, v, affinity FROM edges")
+        rows = cursor.fetchall()
+    finally:
+        connection.close()
+    if not rows:
+        empty = np.zeros(0, dtype=np.uint64)
+        return nodes, empty, empty.copy(), np.zeros(0, dtype=np.float64)
+    u, v, affinity = (np.array(column) for column in zip(*rows))
+    return nodes, u.astype(np.uint64), v.astype(np.uint64), affinity.astype(np.float64)
 
 
 def _count(cursor: Any, table: str) -> int:

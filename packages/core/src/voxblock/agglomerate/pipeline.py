@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,7 +97,7 @@ def agglomerate_blockwise(
     Raises VoxblockError for bad inputs (before any work) and for blocks that kept failing.
     """
     from voxblock.agglomerate.build import RagBlocks, _BlockDone, rag_task
-    from voxblock.agglomerate.graphdb import finalize, open_graph
+    from voxblock.agglomerate.graphdb import check_graph, finalize, finalized, open_graph
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
     from voxblock.workers import worker_class
@@ -166,7 +165,7 @@ def agglomerate_blockwise(
         "write_shape": list(block),
         "grid_origin": list(volume.begin),
     }
-    _check_graph_db(db, source_record, build_record)
+    check_graph(db, source_record, build_record)  # reads only: nothing created
     _check_output(output_name, source, overwrite, run_root)
 
     # -- pass 1: fragments
@@ -194,7 +193,8 @@ def agglomerate_blockwise(
     assert isinstance(worker, RagBlocks)
     graph = open_graph(db, source_record)
     try:
-        summary = finalize(graph)
+        # the reduction reads every partial: done again only if a block was written since
+        summary = finalized(graph) or finalize(graph)
     finally:
         graph.close()
     seconds["graph"] = time.perf_counter() - start
@@ -350,61 +350,6 @@ def _without_password(url: str) -> str:
     from voxblock.agglomerate.graphdb import _without_password
 
     return _without_password(url)
-
-
-def _check_graph_db(db: str | Path, source: GraphSource, build: dict[str, Any]) -> None:
-    """Reachable, and empty or holding this graph: read only, nothing created."""
-    from voxblock.agglomerate import graphdb
-
-    url = str(db)
-    if _is_sqlite(db):
-        path = Path(url)
-        if not path.parent.is_dir():
-            raise VoxblockError(f"graph database {path}: folder {path.parent} does not exist")
-        if path.exists() and not path.is_file():
-            raise VoxblockError(f"graph database {path} is not a file")
-        if not path.exists():
-            return
-        connection = graphdb._connect_sqlite(path, 30.0)
-        backend = "sqlite"
-    else:
-        connection = graphdb._connect_postgresql(url, 30.0)
-        backend = "postgresql"
-    try:
-        cursor = connection.cursor()
-        if backend == "sqlite":
-            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        else:
-            cursor.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
-            )
-        tables = {row[0] for row in cursor.fetchall()}
-        recorded = built = None
-        if "voxblock_graph" in tables:
-            cursor.execute("SELECT key, value FROM voxblock_graph WHERE key IN ('source', 'build')")
-            rows = dict(cursor.fetchall())
-            recorded, built = rows.get("source"), rows.get("build")
-    except Exception as error:
-        raise VoxblockError(f"graph database {_without_password(url)} cannot be used: {error}") from None
-    finally:
-        connection.close()
-    if "voxblock_graph" not in tables:
-        if tables & set(graphdb.FUNLIB_TABLES):
-            raise VoxblockError(
-                f"graph database {_without_password(url)} already holds a graph voxblock did not write: "
-                "choose another database"
-            )
-        return
-    if recorded is None or json.loads(recorded) != json.loads(source.record()):
-        raise VoxblockError(
-            f"graph database {_without_password(url)} already holds another graph (of {recorded}); "
-            f"this run's is of {source.record()}: choose another database"
-        )
-    if built is not None and json.loads(built) != json.loads(json.dumps(build, sort_keys=True)):
-        raise VoxblockError(
-            f"graph database {_without_password(url)} already holds another graph: it was built from "
-            f"{built}, this run is {json.dumps(build, sort_keys=True)}; choose another database"
-        )
 
 
 def _check_output(name: arrays.ArrayName, source: Any, overwrite: bool, run_root: Path) -> None:

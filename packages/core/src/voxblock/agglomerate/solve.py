@@ -81,46 +81,10 @@ def solve(
     return (mws_lut if method == "mws" else threshold_lut)(nodes, u, v, affinity, threshold)
 
 
-def read_graph_arrays(db: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Node ids, and edges (u, v, affinity), of the finalized graph in `db`; refuses anything else."""
-    from voxblock.agglomerate import graphdb
-
-    url = str(db)
-    postgresql = url.startswith(("postgresql://", "postgres://"))
-    if not postgresql and not Path(url).is_file():
-        raise VoxblockError(f"graph database {url} does not exist: build the region graph first")
-    connection = (
-        graphdb._connect_postgresql(url, 30.0) if postgresql else graphdb._connect_sqlite(Path(url), 30.0)
-    )
-    try:
-        cursor = connection.cursor()
-        if postgresql:
-            cursor.execute(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
-            )
-        else:
-            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        tables = {row[0] for row in cursor.fetchall()}
-        if not {"voxblock_graph", "nodes", "edges"} <= tables:
-            raise VoxblockError(
-                f"graph database {graphdb._without_password(url)} holds no finalized voxblock region "
-                "graph: build it first (voxblock agglomerate, or build_rag)"
-            )
-        cursor.execute("SELECT id FROM nodes ORDER BY id")
-        nodes = np.array([row[0] for row in cursor.fetchall()], dtype=np.uint64)
-        cursor.execute("SELECT u, v, affinity FROM edges")
-        rows = cursor.fetchall()
-    finally:
-        connection.close()
-    if not rows:
-        empty = np.zeros(0, dtype=np.uint64)
-        return nodes, empty, empty.copy(), np.zeros(0, dtype=np.float64)
-    u, v, affinity = (np.array(column) for column in zip(*rows))
-    return nodes, u.astype(np.uint64), v.astype(np.uint64), affinity.astype(np.float64)
-
-
 def graph_lut(db: str | Path, method: str, threshold: float) -> np.ndarray:
     """The LUT of the finalized region graph in `db` (an SQLite file or a postgresql:// URL)."""
+    from voxblock.agglomerate.graphdb import read_graph_arrays
+
     method = check_method(method)
     threshold = check_threshold(threshold)
     nodes, u, v, affinity = read_graph_arrays(db)
