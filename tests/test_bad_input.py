@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -239,3 +240,182 @@ def test_a_second_run_on_an_output_being_written_is_refused(volume):
             driver.wait()
     assert not lock.exists()
     np.testing.assert_array_equal(read_array(paths["out"]), read_array(paths["raw"]))
+
+
+# -- agglomerate_blockwise and `voxblock agglomerate` ---------------------------------------------
+
+AGG_SHAPE = (16, 32, 32)
+AGG_OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]
+AGG_BLOCK = (8, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def agglomerated(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """Affinities, one finished agglomeration (fragments, graph, segmentation) and arrays a bad run
+    must refuse. Shared by the module's tests: each checks that its bad run changed nothing."""
+    from voxblock_testing.volumes import affinities_from_labels, labels_data
+
+    root = tmp_path_factory.mktemp("agglomerate")
+    labels = labels_data(AGG_SHAPE, num_labels=8, cell=(4, 8, 8), seed=3)
+    affs = affinities_from_labels(labels, AGG_OFFSETS)
+    container = root / "v.zarr"
+    chunks = {"chunk_shape": AGG_BLOCK}
+    p = {
+        "affs": write_array(str(container / "affs"), affs, channel_dims=1, **chunks),
+        "affs_no_channels": write_array(str(container / "affs_no_channels"), affs[0], **chunks),
+        "affs_voxel2": write_array(
+            str(container / "affs_voxel2"), affs, voxel_size=(2, 2, 2), channel_dims=1, **chunks
+        ),
+        "frags_int32": write_array(str(container / "frags_int32"), labels.astype(np.int32), **chunks),
+        "frags_float": write_array(str(container / "frags_float"), labels.astype(np.float32), **chunks),
+        "frags_given": write_array(str(container / "frags_given"), labels.astype(np.uint64), **chunks),
+        "foreign": write_array(str(container / "foreign"), labels.astype(np.uint64), **chunks),
+        "frags": str(container / "frags"),
+        "seg": str(container / "seg"),
+        "new": str(container / "new"),
+        "new_frags": str(container / "new_frags"),
+        "db": str(root / "rag.sqlite"),
+        "new_db": str(root / "new.sqlite"),
+    }
+    report = voxblock.agglomerate_blockwise(
+        p["affs"], p["frags"], p["seg"], p["db"], AGG_BLOCK, offsets=AGG_OFFSETS, progress=False
+    )
+    assert report.fragments == "made" and report.segments > 1
+    return root, p
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as listener:  # a port nobody listens on once this socket is closed
+        listener.bind(("127.0.0.1", 0))
+        return listener.getsockname()[1]
+
+
+# name: (arguments changed from a good run, what the error says); every run writes `new` from
+# `affs` into `new_db` with `new_frags` unless the case says otherwise
+AGG_CASES: dict[str, tuple[Callable[[dict[str, str]], dict[str, Any]], str]] = {
+    "affinities without a channel axis": (
+        lambda p: {"affinities": p["affs_no_channels"]},
+        "must have one channel axis",
+    ),
+    "fewer offsets than channels": (
+        lambda p: {"offsets": AGG_OFFSETS[:2]},
+        "2 offsets for 3 affinity channels",
+    ),
+    "more offsets than channels": (
+        lambda p: {"offsets": [*AGG_OFFSETS, [2, 0, 0]]},
+        "4 offsets for 3 affinity channels",
+    ),
+    "int32 fragments": (
+        lambda p: {"fragments": p["frags_int32"]},
+        "dtype int32; fragments must be unsigned integers",
+    ),
+    "float fragments": (
+        lambda p: {"fragments": p["frags_float"]},
+        "dtype float32; fragments must be unsigned integers",
+    ),
+    "database in a folder that does not exist": (
+        lambda p: {"db": p["new_db"].replace("new.sqlite", "no-such-folder/rag.sqlite")},
+        "no-such-folder does not exist",
+    ),
+    "database path that is a folder": (
+        lambda p: {"db": str(Path(p["new_db"]).parent / "v.zarr")},
+        "is not a file",
+    ),
+    "PostgreSQL database on a closed port": (
+        lambda p: {"db": f"postgresql://voxblock:secret@127.0.0.1:{_closed_port()}/voxblock"},
+        "cannot be reached",
+    ),
+    "database holding the graph of other fragments": (
+        lambda p: {"fragments": p["frags_given"], "db": p["db"]},
+        "already holds another graph",
+    ),
+    "threshold above 1": (lambda p: {"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
+    "threshold below 0": (lambda p: {"threshold": -0.1}, r"threshold must be in \[0, 1\]"),
+    "threshold NaN": (lambda p: {"threshold": float("nan")}, r"threshold must be in \[0, 1\]"),
+    "unknown method": (lambda p: {"method": "kruskal"}, "kruskal"),
+    "block shape off the voxel size": (
+        lambda p: {"affinities": p["affs_voxel2"], "block_shape": (15, 16, 16)},
+        r"must be a multiple of the voxel size \(2, 2, 2\)",
+    ),
+    "fragments made by voxblock with another bias": (
+        lambda p: {"fragments": p["frags"], "bias": -0.3},
+        r"made by an earlier voxblock run with other settings \(bias",
+    ),
+    "output holding data agglomerate did not write": (
+        lambda p: {"output": p["foreign"]},
+        "data agglomerate did not write",
+    ),
+}
+
+
+def agglomerate_arguments(p: dict[str, str], case: str) -> dict[str, Any]:
+    return {
+        "affinities": p["affs"],
+        "fragments": p["new_frags"],
+        "output": p["new"],
+        "db": p["new_db"],
+        "block_shape": AGG_BLOCK,
+        "offsets": AGG_OFFSETS,
+        **AGG_CASES[case][0](p),
+    }
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", list(AGG_CASES))
+def test_agglomerate_bad_input_is_refused_before_anything_runs(case, agglomerated, monkeypatch):
+    root, p = agglomerated
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+    with pytest.raises(voxblock.VoxblockError, match=AGG_CASES[case][1]):
+        voxblock.agglomerate_blockwise(**agglomerate_arguments(p, case), progress=False)
+    assert snapshot(root) == before
+
+
+def cli_arguments(arguments: dict[str, Any]) -> list[str]:
+    """`voxblock agglomerate` flags for agglomerate_blockwise's arguments (block shape in voxels)."""
+    voxel_size = 2 if arguments["affinities"].endswith("affs_voxel2") else 1
+    flags = ["agglomerate", "--no-progress", "--workers", "2"]
+    for key, value in arguments.items():
+        if key == "block_shape":
+            flags += ["--block-size", ",".join(str(v // voxel_size) for v in value)]
+        elif key in ("offsets", "bias"):
+            flags += [f"--{key}", json.dumps(value)]
+        else:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+# the CLI takes the block size in voxels: it cannot be off the voxel size
+CLI_CASES = [case for case in AGG_CASES if case != "block shape off the voxel size"]
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("case", CLI_CASES)
+def test_voxblock_agglomerate_refuses_bad_input_before_anything_runs(case, agglomerated, monkeypatch):
+    from click.testing import CliRunner
+
+    from voxblock.cli import main
+
+    root, p = agglomerated
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+    result = CliRunner().invoke(main, cli_arguments(agglomerate_arguments(p, case)))
+    assert result.exit_code != 0, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    message = AGG_CASES[case][1] if case != "unknown method" else "'kruskal' is not one of"
+    assert re.search(message, " ".join(result.output.split())), result.output
+    assert snapshot(root) == before
+
+
+def test_agglomerate_replaces_an_output_it_did_not_write_with_overwrite(agglomerated, tmp_path):
+    _, p = agglomerated
+    output = write_array(
+        str(tmp_path / "o.zarr/seg"), np.full(AGG_SHAPE, 9, np.uint64), chunk_shape=AGG_BLOCK
+    )
+    report = voxblock.agglomerate_blockwise(
+        p["affs"], p["frags"], output, p["db"], AGG_BLOCK, offsets=AGG_OFFSETS, overwrite=True, progress=False
+    )
+    assert report.fragments == "resumed"
+    np.testing.assert_array_equal(read_array(output), read_array(p["seg"]))

@@ -8,6 +8,7 @@ VOXBLOCK_FAULTS_REPORT set, writes for the README. `VOXBLOCK_FAULTS=full`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -405,3 +406,463 @@ def test_a_corrupt_input_chunk_fails_only_its_block_and_names_it(tmp_path, sourc
     assert "in.zarr/raw" in failed[0].error and "chunks 1-1, 2-2, 3-3" in failed[0].error
     assert failed[0].attempts == 2
     assert lost == 0
+
+
+# -- agglomerate_blockwise: faults in each of its passes -------------------------------------------
+#
+# The standard workers (watershed, rag, relabel) have no fault hook, so faults come from outside:
+# a `ChunkGate` puts a named pipe where one input chunk was, and every process that opens the
+# chunk blocks in the middle of its block until the test answers it: SIGKILL (a worker killed
+# mid-block, provably: it is inside its block's read), bytes that are no chunk (the block raises,
+# as on a corrupt chunk) or the real bytes. The reader's pass is told by its standard error, the
+# log file in that pass's run directory.
+
+AGG_SHAPE = (96, 128, 128) if FULL else (48, 64, 64)
+AGG_BLOCK = (16, 32, 32)
+AGG_OFFSETS = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [4, 0, 0], [0, 4, 0], [0, 0, 4]]
+AGG_BLOCKS = [
+    Roi((z, y, x), AGG_BLOCK)
+    for z in range(0, AGG_SHAPE[0], AGG_BLOCK[0])
+    for y in range(0, AGG_SHAPE[1], AGG_BLOCK[1])
+    for x in range(0, AGG_SHAPE[2], AGG_BLOCK[2])
+]
+AGG_SEEDS = range(4) if FULL else range(2)
+
+
+def make_agglomerate_inputs(root: Path) -> dict[str, str]:
+    """Noisy affinities of labels (chunks = blocks), and where a run of them puts what."""
+    from voxblock_testing.volumes import affinities_from_labels, labels_data, write_array
+
+    labels = labels_data(AGG_SHAPE, num_labels=40, cell=(12, 16, 16), seed=1)
+    noise = np.random.default_rng(0).normal(0.1, 0.15, (len(AGG_OFFSETS), *AGG_SHAPE))
+    affs = np.clip(affinities_from_labels(labels, AGG_OFFSETS) * 0.8 + noise, 0, 1).astype(np.float32)
+    write_array(f"{root}/v.zarr/affs", affs, voxel_size=(1, 1, 1), chunk_shape=AGG_BLOCK, channel_dims=1)
+    return {
+        "affs": f"{root}/v.zarr/affs",
+        "frags": f"{root}/v.zarr/frags",
+        "seg": f"{root}/v.zarr/seg",
+        "db": f"{root}/rag.sqlite",
+    }
+
+
+def agglomerate(paths: dict[str, str], **options) -> voxblock.AgglomerateReport:
+    return voxblock.agglomerate_blockwise(
+        paths["affs"],
+        paths["frags"],
+        paths["seg"],
+        paths["db"],
+        AGG_BLOCK,
+        offsets=AGG_OFFSETS,
+        progress=False,
+        **options,
+    )
+
+
+def graph_tables(db: str) -> tuple[list[tuple], list[tuple]]:
+    """funlib's nodes and edges tables, ordered."""
+    import sqlite3
+
+    connection = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        nodes = connection.execute("SELECT * FROM nodes ORDER BY id").fetchall()
+        edges = connection.execute("SELECT * FROM edges ORDER BY u, v").fetchall()
+    finally:
+        connection.close()
+    return nodes, edges
+
+
+@pytest.fixture(scope="module")
+def agglomerated(tmp_path_factory) -> dict[str, object]:
+    """An uninterrupted run: what every run with faults must end with."""
+    root = tmp_path_factory.mktemp("agglomerate_reference")
+    paths = make_agglomerate_inputs(root)
+    report = agglomerate(paths)
+    assert report.fragments == "made" and report.graph.blocks == len(AGG_BLOCKS)
+    nodes, edges = graph_tables(paths["db"])
+    return {
+        "paths": paths,
+        "fragments": read_array(paths["frags"]),
+        "segmentation": read_array(paths["seg"]),
+        "nodes": nodes,
+        "edges": edges,
+    }
+
+
+def lost_blocks(result: np.ndarray, expected: np.ndarray) -> int:
+    return sum(not np.array_equal(result[_slices(b)], expected[_slices(b)]) for b in AGG_BLOCKS)
+
+
+def check_same_as_uninterrupted(paths: dict[str, str], reference: dict[str, object]) -> int:
+    """Fragments, graph and segmentation identical to the uninterrupted run's: the blocks lost."""
+    segmentation = read_array(paths["seg"])
+    lost = lost_blocks(segmentation, reference["segmentation"])
+    np.testing.assert_array_equal(read_array(paths["frags"]), reference["fragments"])
+    np.testing.assert_array_equal(segmentation, reference["segmentation"])
+    nodes, edges = graph_tables(paths["db"])
+    assert nodes == reference["nodes"]
+    assert edges == reference["edges"]
+    return lost
+
+
+def pass_run_dirs(root: Path) -> dict[str, Path]:
+    return {
+        "relabel": root / "v.zarr.voxblock" / "seg" / "relabel",
+        "fragments": root / "v.zarr.voxblock" / "frags",
+        "graph": root / "rag.sqlite.voxblock",
+    }
+
+
+def pass_report(root: Path, name: str) -> dict:
+    import json
+
+    return json.loads((pass_run_dirs(root)[name] / "report.json").read_text())
+
+
+class ChunkGate:
+    """A named pipe in place of one chunk file. Each process that opens it is held inside its block
+    until `answer(pass, n)` (the n-th reader of that pass, 0-based) says what it gets: "kill"
+    (SIGKILL, mid-block), "garbage" (bytes that are no chunk: the block raises) or "serve" (the
+    chunk). As soon as a reader holds the pipe the real file is put back, so that later readers
+    read it undisturbed; the pipe comes back while `armed(counts)` (answers given so far, by pass).
+    Readers that opened the pipe together can't share its bytes: each gets "kill" rather than
+    "serve". `close` puts the file back for good."""
+
+    def __init__(self, root: Path, chunk: Path, answer, armed=lambda counts: True) -> None:
+        self.root, self.chunk, self.answer, self.armed = root, chunk, answer, armed
+        self.data = chunk.read_bytes()
+        self.counts: dict[str, int] = {}
+        self.given: dict[str, list[str]] = {}
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._inode = self._install()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _install(self) -> int:
+        fifo = self.chunk.with_name(self.chunk.name + ".fifo")
+        os.mkfifo(fifo)
+        inode = os.stat(fifo).st_ino
+        os.replace(fifo, self.chunk)  # a reader gets the file or the pipe, never nothing
+        return inode
+
+    def _restore(self) -> None:
+        restored = self.chunk.with_name(self.chunk.name + ".restored")
+        restored.write_bytes(self.data)
+        os.replace(restored, self.chunk)
+
+    def readers(self) -> list[int]:
+        """The processes (below this one) holding the pipe open for reading."""
+        found: list[int] = []
+        for _ in range(5):  # until two looks agree: a woken reader's open may still be returning
+            time.sleep(0.01)
+            pids = []
+            for pid in descendants(os.getpid()):
+                try:
+                    if any(os.stat(fd).st_ino == self._inode for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                        pids.append(pid)
+                except OSError:
+                    continue
+            if pids and pids == found:
+                break
+            found = pids
+        return found
+
+    def pass_of(self, pid: int) -> str:
+        try:
+            log = os.readlink(f"/proc/{pid}/fd/2")
+        except OSError:
+            return "?"
+        for name, run_dir in pass_run_dirs(self.root).items():
+            if log.startswith(f"{run_dir}/"):
+                return name
+        return "?"
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                fd = os.open(self.chunk, os.O_WRONLY)  # blocks until a reader opens the pipe
+            except OSError as error:
+                self.errors.append(error)
+                return
+            try:
+                if self._stop.is_set():
+                    continue
+                self._restore()
+                readers = self.readers()
+                actions = []
+                for pid in readers:
+                    name = self.pass_of(pid)
+                    n = self.counts.get(name, 0)
+                    self.counts[name] = n + 1
+                    action = self.answer(name, n) if name != "?" else "serve"
+                    if action == "serve" and len(readers) > 1:
+                        action = "kill"
+                    self.given.setdefault(name, []).append(action)
+                    actions.append((pid, action))
+                for pid, action in actions:
+                    if action == "kill":
+                        os.kill(pid, signal.SIGKILL)
+                if any(action == "garbage" for _, action in actions):
+                    os.write(fd, b"this is not a zstd frame" * 10)
+                elif any(action == "serve" for _, action in actions):
+                    view = memoryview(self.data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                if not self.armed(self.counts) or self._stop.is_set():
+                    return  # the real file stays
+                self._inode = self._install()
+            except BrokenPipeError:
+                pass
+            except BaseException as error:  # reported by close()
+                self.errors.append(error)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(OSError):  # ends a pending open, if the pipe is still there
+            os.close(os.open(self.chunk, os.O_RDONLY | os.O_NONBLOCK))
+        self._thread.join(timeout=10)
+        self._restore()
+        assert not self._thread.is_alive(), "the chunk gate did not stop"
+        assert not self.errors, self.errors
+
+
+def affinities_chunk(paths: dict[str, str]) -> Path:
+    """An inner chunk of the affinities: read by many fragments and graph blocks."""
+    return Path(paths["affs"]) / "c" / "0" / "1" / "1" / "1"
+
+
+def last_affinities_chunk(paths: dict[str, str]) -> Path:
+    """The last chunk of the affinities: read by the last blocks of a pass."""
+    last = [s // b - 1 for s, b in zip(AGG_SHAPE, AGG_BLOCK)]
+    return Path(paths["affs"]).joinpath("c", "0", *map(str, last))
+
+
+def fragments_chunk(paths: dict[str, str]) -> Path:
+    return Path(paths["frags"]) / "c" / "1" / "1" / "0"
+
+
+def wait_for(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+def gate_later(root: Path, after: str, *args, **kwargs) -> tuple[threading.Thread, list[ChunkGate]]:
+    """A ChunkGate installed once the pass `after` has ended (its report written), from a thread."""
+    gates: list[ChunkGate] = []
+
+    def install() -> None:
+        wait_for(pass_run_dirs(root)[after] / "report.json")
+        gates.append(ChunkGate(root, *args, **kwargs))
+
+    thread = threading.Thread(target=install, daemon=True)
+    thread.start()
+    return thread, gates
+
+
+@pytest.mark.parametrize("phase", ["fragments", "graph"])
+def test_agglomerate_worker_killed_mid_block(tmp_path, agglomerated, fault_tally, phase):
+    """Workers SIGKILLed inside a block of the fragments or the graph pass: the block is retried
+    and the fragments, graph and segmentation are the uninterrupted run's, bit for bit."""
+    paths = make_agglomerate_inputs(tmp_path)
+    kills = 4 if FULL else 2
+    gate_options = {
+        "answer": lambda name, n: "kill" if name == phase else "serve",
+        "armed": lambda counts: counts.get(phase, 0) < kills,
+    }
+    if phase == "fragments":
+        thread, gates = None, [ChunkGate(tmp_path, affinities_chunk(paths), **gate_options)]
+    else:  # the graph pass reads the affinities after the fragments pass
+        thread, gates = gate_later(tmp_path, "fragments", last_affinities_chunk(paths), **gate_options)
+    try:
+        agglomerate(paths, max_retries=kills + 1)
+    finally:
+        if thread is not None:
+            thread.join(timeout=60)
+        for gate in gates:
+            gate.close()
+    given = gates[0].given if gates else {}
+    killed = sum(actions.count("kill") for actions in given.values())
+    report = pass_report(tmp_path, phase)
+    lost = check_same_as_uninterrupted(paths, agglomerated)
+    fault_tally.add(
+        f"agglomerate: worker killed mid-block ({phase} pass)", injected=killed, survived=True, lost=lost
+    )
+    assert set(given) == {phase} and given[phase].count("kill") >= kills, given
+    assert report["worker_restarts"] >= kills and report["retried_blocks"] >= 1, report
+    assert report["failed_blocks"] == []
+
+
+def test_agglomerate_relabel_block_raising_on_its_first_attempts(tmp_path, agglomerated, fault_tally):
+    """A relabel block that raises on its first attempts (its fragments chunk unreadable) is retried."""
+    paths = make_agglomerate_inputs(tmp_path)
+    failures = 3 if FULL else 2
+    thread, gates = gate_later(
+        tmp_path,
+        "graph",  # only the relabel pass reads the fragments then
+        fragments_chunk(paths),
+        answer=lambda name, n: "garbage" if name == "relabel" else "serve",
+        armed=lambda counts: counts.get("relabel", 0) < failures,
+    )
+    try:
+        agglomerate(paths, max_retries=failures)
+    finally:
+        thread.join(timeout=60)
+        for gate in gates:
+            gate.close()
+    given = gates[0].given if gates else {}
+    report = pass_report(tmp_path, "relabel")
+    lost = check_same_as_uninterrupted(paths, agglomerated)
+    fault_tally.add(
+        "agglomerate: relabel block raising on its first attempts",
+        injected=given.get("relabel", []).count("garbage"),
+        survived=True,
+        lost=lost,
+    )
+    assert given == {"relabel": ["garbage"] * failures}, given
+    assert report["retried_blocks"] == 1 and report["failed_blocks"] == [], report
+
+
+FAILED_PASS = {
+    "fragments": "agglomerate: fragments failed",
+    "graph": "agglomerate: the region graph was not built",
+    "relabel": "agglomerate: the relabel pass failed",
+}
+
+
+@pytest.mark.parametrize("phase", ["fragments", "graph", "relabel"])
+def test_agglomerate_block_that_keeps_failing_is_reported_then_rerun(
+    tmp_path, agglomerated, fault_tally, phase
+):
+    """A block failing every attempt: VoxblockError naming the pass, the block's ROI and its error;
+    once the chunk is readable again, a rerun ends with the uninterrupted run's result."""
+    paths = make_agglomerate_inputs(tmp_path)
+
+    def answer(name: str, n: int) -> str:
+        return "garbage" if name == phase else "serve"
+
+    if phase == "fragments":
+        thread, gates = None, [ChunkGate(tmp_path, affinities_chunk(paths), answer)]
+    elif phase == "graph":
+        thread, gates = gate_later(tmp_path, "fragments", last_affinities_chunk(paths), answer)
+    else:
+        thread, gates = gate_later(tmp_path, "graph", fragments_chunk(paths), answer)
+    try:
+        with pytest.raises(voxblock.VoxblockError) as raised:
+            agglomerate(paths, max_retries=1)
+    finally:
+        if thread is not None:
+            thread.join(timeout=60)
+        for gate in gates:
+            gate.close()
+    message = str(raised.value)
+    failed = pass_report(tmp_path, phase)["failed_blocks"]
+    assert message.startswith(FAILED_PASS[phase]), message
+    assert failed and all(f["attempts"] == 2 for f in failed), failed
+    array = "frags" if phase == "relabel" else "affs"
+    for block in failed:
+        assert (
+            str(tuple(block["write_roi"]["offset"])) in message
+            or str(block["write_roi"]["offset"]) in message
+        )
+        assert f"v.zarr/{array}" in block["error"], block["error"]
+    assert f"v.zarr/{array}" in message, message
+    if phase == "relabel":  # relabel blocks read no context: only the block of that chunk
+        assert len(failed) == 1
+    report = agglomerate(paths)
+    lost = check_same_as_uninterrupted(paths, agglomerated)
+    fault_tally.add(
+        f"agglomerate: block failing every attempt ({phase} pass), reported then rerun",
+        injected=len(failed),
+        survived=True,
+        lost=lost,
+    )
+    assert report.fragments == "resumed"  # the fragments pass of the failed run made them, or some
+
+
+AGG_DRIVER = """
+import json, sys, voxblock
+affs, frags, seg, db, block, offsets = sys.argv[1:7]
+voxblock.agglomerate_blockwise(affs, frags, seg, db, tuple(json.loads(block)), offsets=json.loads(offsets),
+                               progress=False)
+"""
+
+
+def start_agglomerate(paths: dict[str, str]) -> subprocess.Popen:
+    import json
+
+    arguments = [paths[k] for k in ("affs", "frags", "seg", "db")]
+    return start(AGG_DRIVER, *arguments, json.dumps(AGG_BLOCK), json.dumps(AGG_OFFSETS))
+
+
+def running_pass(root: Path) -> str:
+    """Which pass holds its lock now (none: between passes, in the solve, or before the first)."""
+    locks = [name for name, run_dir in pass_run_dirs(root).items() if (run_dir / "lock").exists()]
+    return locks[0] if locks else "between passes"
+
+
+def kill_driver(process: subprocess.Popen) -> None:
+    kill_group(process)
+    time.sleep(0.2)
+    assert not group_members(process.pid), "processes outlived the killed run"
+
+
+def finish(process: subprocess.Popen) -> None:
+    assert process.wait(timeout=300) == 0, process.stderr.read().decode()[-3000:]
+
+
+# when the driver is killed: once this file exists (a pass has begun, or the graph pass has ended:
+# the driver is finalizing the graph and solving), and that much later
+KILL_AT = {
+    "fragments": ("fragments", "lock", 0.3),
+    "graph": ("graph", "lock", 0.2),
+    "solve": ("graph", "report.json", 0.0),
+    "relabel": ("relabel", "lock", 0.1),
+}
+
+
+@pytest.mark.parametrize("phase", list(KILL_AT))
+def test_agglomerate_driver_killed_in_each_pass(tmp_path, agglomerated, fault_tally, phase):
+    paths = make_agglomerate_inputs(tmp_path)
+    pass_name, marker, delay = KILL_AT[phase]
+    process = start_agglomerate(paths)
+    path = pass_run_dirs(tmp_path)[pass_name] / marker
+    deadline = time.monotonic() + 120
+    while not path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    time.sleep(delay)
+    injected = process.poll() is None
+    solved = any((tmp_path / "v.zarr.voxblock" / "seg" / "luts").glob("*.npz"))
+    if injected:
+        kill_driver(process)
+    finish(start_agglomerate(paths))
+    lost = check_same_as_uninterrupted(paths, agglomerated)
+    fault_tally.add(
+        "agglomerate: driver killed (SIGKILL) in one of its passes, rerun", int(injected), True, lost
+    )
+    assert injected, f"the run ended before it could be killed in its {phase} pass"
+    if phase == "solve":
+        assert not solved, "the solve was over when the driver was killed"
+
+
+@pytest.mark.parametrize("seed", AGG_SEEDS)
+def test_agglomerate_driver_killed_at_random_moments_and_rerun(tmp_path, agglomerated, fault_tally, seed):
+    paths = make_agglomerate_inputs(tmp_path)
+    rng = random.Random(seed)
+    kills: list[str] = []
+    for _ in range(5 if FULL else 3):
+        process = start_agglomerate(paths)
+        time.sleep(rng.uniform(0.3, 4.5))
+        if process.poll() is not None:
+            break
+        where = running_pass(tmp_path)
+        kill_driver(process)
+        kills.append(where)
+    if process.poll() is None or process.returncode != 0 or kills:
+        finish(start_agglomerate(paths))
+    lost = check_same_as_uninterrupted(paths, agglomerated)
+    fault_tally.add("agglomerate: driver killed (SIGKILL) at random moments, rerun", len(kills), True, lost)
+    assert kills, "every run ended before it was killed"
