@@ -528,9 +528,11 @@ def main() -> None:
       voxblock workers                the workers installed
       voxblock run WORKER --help      one worker's options
       voxblock segment --help         one consistent segmentation, blockwise
+      voxblock agglomerate --help     affinities -> fragments -> region graph -> segments
+      voxblock evaluate --help        VOI and adapted Rand error against a ground truth
     \b
     Workers run here, or on a cluster: --cluster slurm|lsf with --cpus,
-    --memory... on run and segment, or once for all in voxblock.toml:
+    --memory... on run, segment and agglomerate, or once for all in voxblock.toml:
       [cluster]
       kind = "slurm"
       cpus = 2
