@@ -481,6 +481,7 @@ def agglomerated(tmp_path_factory) -> dict[str, object]:
     nodes, edges = graph_tables(paths["db"])
     return {
         "paths": paths,
+        "seconds": sum(report.seconds.values()),
         "fragments": read_array(paths["frags"]),
         "segmentation": read_array(paths["seg"]),
         "nodes": nodes,
@@ -853,9 +854,11 @@ def test_agglomerate_driver_killed_at_random_moments_and_rerun(tmp_path, agglome
     paths = make_agglomerate_inputs(tmp_path)
     rng = random.Random(seed)
     kills: list[str] = []
+    # a driver starts in about a second, then runs as long as the uninterrupted run
+    longest = 1.0 + float(agglomerated["seconds"])
     for _ in range(5 if FULL else 3):
         process = start_agglomerate(paths)
-        time.sleep(rng.uniform(0.3, 4.5))
+        time.sleep(rng.uniform(0.3, longest))
         if process.poll() is not None:
             break
         where = running_pass(tmp_path)
@@ -865,4 +868,5 @@ def test_agglomerate_driver_killed_at_random_moments_and_rerun(tmp_path, agglome
         finish(start_agglomerate(paths))
     lost = check_same_as_uninterrupted(paths, agglomerated)
     fault_tally.add("agglomerate: driver killed (SIGKILL) at random moments, rerun", len(kills), True, lost)
+    print("driver killed in:", kills)
     assert kills, "every run ended before it was killed"
