@@ -1015,5 +1015,73 @@ def evaluate_command(
         Path(json_path).write_text(json.dumps(document, indent=2) + "\n")
 
 
+@main.command("status")
+@click.argument("target", required=False, metavar="TARGET")
+@click.option(
+    "--watch",
+    "watch",
+    is_flag=False,
+    flag_value="2",
+    default=None,
+    metavar="[SECONDS]",
+    help="refresh in place every SECONDS (2) until the run ends, or Ctrl-C",
+)
+@click.option("--json", "as_json", is_flag=True, help="print a JSON snapshot (with --watch: one a line)")
+def status_command(target: str | None, watch: str | None, as_json: bool) -> None:
+    """Where a run stands, from its run directory alone (also while it runs, from another shell
+    or node): per task, blocks done / failed / total, rate and ETA, failed blocks (ROI, last
+    error), workers alive, and whether it is running, finished, failed or stopped (killed).
+
+    TARGET: an output array (CONTAINER/DATASET), a run directory, or a directory holding several
+    (every pass of segment or agglomerate: volume.zarr.voxblock).
+
+    \b
+    Example: voxblock status v.zarr/seg --watch
+    """
+    import time
+
+    from voxblock.status import read_status, render
+
+    interval = None
+    if watch is not None:
+        try:
+            interval = float(watch)
+        except ValueError:
+            if target is not None:
+                raise click.BadParameter(f"expected seconds; got {watch!r}", param_hint="--watch") from None
+            target, interval = watch, 2.0  # `status --watch TARGET`: the target, not seconds
+        if interval <= 0:
+            raise click.BadParameter("must be positive", param_hint="--watch")
+    if target is None:
+        raise click.UsageError("give TARGET: an output array, a run directory or a directory of them")
+    in_place = interval is not None and not as_json and sys.stdout.isatty()
+    idle_since = None
+    try:
+        while True:
+            try:
+                snapshot = read_status(target)
+            except VoxblockError as error:
+                raise click.ClickException(str(error)) from None
+            if as_json:
+                click.echo(json.dumps(snapshot.to_json(), indent=None if interval else 2))
+            elif in_place:
+                heading = f"voxblock status {target}  {time.strftime('%H:%M:%S')}  (Ctrl-C to stop)"
+                click.echo("\x1b[H\x1b[J" + heading + "\n" + render(snapshot))
+            else:
+                click.echo(render(snapshot) + ("\n" if interval else ""))
+            if interval is None:
+                return
+            # between two passes no task runs for a moment: end once none has run for a while
+            if snapshot.running:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= max(3.0, interval):
+                return
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
+
+
 if __name__ == "__main__":
     main()

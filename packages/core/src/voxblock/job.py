@@ -95,17 +95,36 @@ def serve_blocks(job: Job) -> None:
     keep_freed_memory()
     run_dir = RunDirectory(Path(job.run_dir))
     client = daisy.Client()
+    _beat(run_dir, "setting up", 0)
     job.setup()
     ready = time.monotonic()
     blocks, last = _serve(client, job, run_dir)
     run_dir.record_worker(
-        {"setup_seconds": ready - started, "blocks": blocks, "serving_seconds": max(0.0, last - ready)}
+        {
+            "state": "ended",
+            "setup_seconds": ready - started,
+            "blocks": blocks,
+            "serving_seconds": max(0.0, last - ready),
+        }
     )
+
+
+# a serving worker says so (`voxblock status`) at most this often: after a block, never in one
+HEARTBEAT_SECONDS = 5.0
+
+
+def _beat(run_dir: RunDirectory, state: str, blocks: int) -> None:
+    try:
+        run_dir.record_worker({"state": state, "blocks": blocks})
+    except OSError:
+        pass  # what status shows must never fail a worker
 
 
 def _serve(client: Any, job: Job, run_dir: RunDirectory) -> tuple[int, float]:
     """Serve blocks until none are left: (blocks done, when the last one ended)."""
     blocks, last = 0, time.monotonic()
+    _beat(run_dir, "serving", 0)
+    next_beat = last + HEARTBEAT_SECONDS
     while True:
         current = None
         try:
@@ -116,6 +135,9 @@ def _serve(client: Any, job: Job, run_dir: RunDirectory) -> tuple[int, float]:
                 process_block(job, block, run_dir)
             blocks += 1
             last = time.monotonic()
+            if last >= next_beat:
+                next_beat = last + HEARTBEAT_SECONDS
+                _beat(run_dir, "serving", blocks)
         except Exception:
             if current is None:
                 raise

@@ -235,7 +235,8 @@ def _run_pipeline(
             )
         else:
             callbacks.start()
-            states = daisy.Server().run_blockwise(pipeline, progress=progress, host=host, summary=False)
+            observer = _progress_recorder(ordered, ids, progress)
+            states = daisy.Server().run_blockwise(pipeline, progress=observer, host=host, summary=False)
     finally:
         callbacks.stop()
         daisy_logging.set_log_basedir(previous_log_dir)
@@ -246,6 +247,19 @@ def _run_pipeline(
         for t in ordered
     ]
     return reports, callbacks.errors
+
+
+def _progress_recorder(ordered: Sequence[BlockwiseTask], ids: dict[int, str], progress: bool) -> Any:
+    """daisy's progress observer: each task's counts into its run directory for `voxblock status`
+    (voxblock.status.ProgressRecorder), and daisy's progress bars when `progress`."""
+    from voxblock.status import ProgressRecorder
+
+    inner = None
+    if progress:
+        from daisy._progress import _TqdmObserver
+
+        inner = _TqdmObserver(task_order=[ids[id(t)] for t in ordered])
+    return ProgressRecorder({ids[id(t)]: (t.run_dir, t.max_retries) for t in ordered}, inner=inner)
 
 
 def _done_report(task: BlockwiseTask, task_id: str) -> TaskReport:
@@ -329,6 +343,7 @@ def _task_report(
 
 def _worker_timings(records: list[dict[str, Any]]) -> dict[str, float]:
     """Set-up and serving rate over the worker processes of one run (see `compute.serve_blocks`)."""
+    records = [r for r in records if "serving_seconds" in r]  # those that ended normally
     if not records:
         return {}
     serving = max(r.get("serving_seconds", 0.0) for r in records)

@@ -8,6 +8,9 @@
     <run_dir>/halo/          chunk face slabs for reads with context (voxblock.halo)
     <run_dir>/init/          daisy 1's init-callback gate (voxblock.compat)
     <run_dir>/workers/       one JSON per worker process of the last run: start-up and block times
+                             (written at its start, every few seconds while it serves, at its end)
+    <run_dir>/progress.json  the driver's counts while it runs, replaced at most once a second
+                             (voxblock.status: `voxblock status`)
     <run_dir>/report.json    the summary of the last run
 
 By default it sits beside the output container (`volume.zarr.voxblock/
@@ -90,6 +93,7 @@ class RunDirectory:
         for directory in (self.tracking, self.failures_dir, self.init_dir, self.halo_dir):
             shutil.rmtree(directory, ignore_errors=True)
         (self.path / "report.json").unlink(missing_ok=True)
+        (self.path / "progress.json").unlink(missing_ok=True)
 
     # -- lock -----------------------------------------------------------------
 
@@ -140,6 +144,16 @@ class RunDirectory:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def lock_holder(self) -> dict[str, Any] | None:
+        """Who holds the lock (host, pid, started, what), or None."""
+        return self._lock_holder()
+
+    # -- progress (voxblock.status) -------------------------------------------
+
+    def write_progress(self, record: dict[str, Any]) -> None:
+        """Driver side: the scheduler's counts for this task, replacing the last ones."""
+        _write_atomic(self.path / "progress.json", json.dumps(record))
+
     def _tracking(self) -> tuple[Any, Any] | None:
         """daisy's per-block (done, failure count) arrays, or None before anything ran."""
         import numpy as np
@@ -150,6 +164,11 @@ class RunDirectory:
             return np.asarray(store["done"][...]), np.asarray(store["failures"][...])
         except Exception:
             return None
+
+    def tracking_arrays(self) -> tuple[Any, Any] | None:
+        """(done markers, failure counts) per block on the block grid; None if unreadable.
+        Safe during a run: daisy sizes both at the start and sets bytes in place."""
+        return self._tracking()
 
     def tracking_readable(self) -> bool:
         """False if daisy's tracking store exists but cannot be read (a torn write)."""
@@ -204,9 +223,10 @@ class RunDirectory:
     # -- worker timings -------------------------------------------------------
 
     def record_worker(self, timings: dict[str, Any]) -> None:
-        """Worker side, when its loop ends: how long set-up took and how long it served blocks."""
+        """Worker side: its state (at its start, every few seconds while it serves blocks) and,
+        when its loop ends, how long set-up took and how long it served blocks."""
         self.workers_dir.mkdir(parents=True, exist_ok=True)
-        record = {**timings, "host": socket.gethostname(), "pid": os.getpid()}
+        record = {**timings, "host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         _write_atomic(self.workers_dir / f"{socket.gethostname()}-{os.getpid()}.json", json.dumps(record))
 
     def worker_records(self) -> list[dict[str, Any]]:
