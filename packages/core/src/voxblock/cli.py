@@ -1083,5 +1083,98 @@ def status_command(target: str | None, watch: str | None, as_json: bool) -> None
         return
 
 
+# -- voxblock downsample -----------------------------------------------------------------------
+
+
+@main.command("downsample")
+@click.argument("input_", metavar="INPUT")
+@click.option("--levels", type=int, default=1, show_default=True, help="levels to add above INPUT")
+@click.option(
+    "--factors",
+    default="auto",
+    show_default=True,
+    metavar="Z,Y,X|JSON",
+    help="window per axis, for every level (1,2,2), or a JSON list per level "
+    "('[[1,2,2],[1,2,2],[2,2,2]]'); auto: 2 on the axes under twice the finest voxel size, else 1 "
+    "(towards isotropic voxels)",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["auto", "mean", "mode"]),
+    default="auto",
+    show_default=True,
+    help="mean (intensities; integers rounded half to even, as np.rint) or mode (labels: the most "
+    "frequent in each window, ties to the smallest); auto: mode for uint32/uint64 (any 32/64-bit "
+    "integer, bool), mean for uint8/uint16 (8/16-bit integers) and floats",
+)
+@click.option(
+    "--output",
+    metavar="GROUP",
+    help="write a new OME-NGFF image here (CONTAINER/GROUP, e.g. v.zarr/raw_pyramid): s0 a copy of "
+    "INPUT, then s1... [default: INPUT must be a level of an OME-NGFF image; the levels go beside it]",
+)
+@click.option(
+    "--block-size",
+    metavar="Z,Y,X",
+    help="each level's write block in its own voxels, also its chunk [default: INPUT's chunk]",
+)
+@_shared_options(exclude=("fit", "run_dir", "halo"))
+def downsample_command(
+    input_: str,
+    levels: int,
+    factors: str,
+    mode: str,
+    output: str | None,
+    block_size: str | None,
+    **values: Any,
+) -> None:
+    """Add a multiscale pyramid to INPUT, blockwise: OME-NGFF 0.4 (zarr v2) or 0.5 (zarr v3).
+
+    Level k+1 is level k reduced over windows of --factors voxels; its shape is the floor of
+    level k's over the factors (voxels past the last whole window are not used), its voxel
+    size level k's times the factors, its translation level k's (the corner of voxel 0 stays:
+    offset = translation, as voxblock and funlib read OME-NGFF). INPUT a level of an OME-NGFF
+    image (image.zarr/s0): s1, s2... are written beside it and listed in the image's
+    multiscales. Any other input needs --output. Each level is one task (level k+1 reads level
+    k); run the same command again to resume.
+
+    \b
+    Example:
+      voxblock downsample v.zarr/raw/s0 --levels 4 --factors 1,2,2 --workers 8
+      voxblock downsample v.zarr/cells/s0 --levels 3 --mode mode
+      voxblock downsample v.zarr/raw --output v.zarr/raw_pyramid --levels 3
+    """
+    try:
+        from voxblock_workers.downsample import downsample_blockwise
+    except ImportError:
+        raise click.ClickException(
+            "voxblock downsample needs voxblock-workers: pip install voxblock-workers"
+        ) from None
+
+    flags = _task_flags(values)
+    voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
+    origin: Coordinate | None = None
+    try:
+        compute, host = _compute(values, flags.pop("host"))
+        source = arrays.open_input(input_)
+        voxel_size, origin = source.voxel_size, source.offset
+        ndim = source.voxel_size.dims
+        pyramid = downsample_blockwise(
+            input_,
+            levels=levels,
+            factors=factors,
+            mode=mode,
+            output=output,
+            block_size=tuple(parse_coordinate(block_size, ndim)) if block_size else None,
+            progress=not values["no_progress"],
+            **_task_keywords(flags, ndim, compute, host),
+        )
+    except VoxblockError as error:
+        raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
+    shown = ", ".join("x".join(map(str, f)) for f in pyramid.factors)
+    click.echo(f"levels ({pyramid.mode}, factors {shown}): " + " ".join(pyramid.levels))
+    sys.exit(0 if pyramid.succeeded else 1)
+
+
 if __name__ == "__main__":
     main()

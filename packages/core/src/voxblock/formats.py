@@ -522,8 +522,9 @@ def _representable(types: Sequence[str]) -> bool:
     return 2 <= spatial <= 3 and len(types) - spatial <= 1 and all(t == "space" for t in types[-spatial:])
 
 
-def check_output_name(container: Path, dataset: str) -> None:
-    """Before an output is created: refuse N5, and a level whose image group holds another image."""
+def check_output_name(container: Path, dataset: str, new_level: bool = False) -> None:
+    """Before an output is created: refuse N5, and a level whose image group holds another image
+    (unless `new_level`: the output is meant as a new level of that image, a pyramid level)."""
     if container.suffix == ".n5":
         raise VoxblockError(
             f"output {container}/{dataset}: voxblock does not write N5; name an output in a .zarr "
@@ -531,7 +532,7 @@ def check_output_name(container: Path, dataset: str) -> None:
             "neuroglancer and napari read"
         )
     parts = dataset.split("/")
-    if len(parts) < 1 or not LEVEL.match(parts[-1]):
+    if len(parts) < 1 or not LEVEL.match(parts[-1]) or new_level:
         return
     found = group_attrs(container.joinpath(*parts[:-1]))
     multiscales = multiscales_of(found[0]) if found else None
@@ -587,6 +588,8 @@ def write_ome_metadata(container: Path, dataset: str, array: Any, units: Sequenc
     multiscale["name"] = parts[-2] if len(parts) > 1 else container.stem
     if same_axes and [a.get("unit") for a in axes] == [a.get("unit") for a in multiscale["axes"]]:
         multiscale["datasets"] = others + multiscale["datasets"]
+        if others:  # a level added to an image (a pyramid): the image keeps its name, type, metadata
+            multiscale.update({k: previous[0][k] for k in ("name", "type", "metadata") if k in previous[0]})
     label = len(parts) >= 3 and parts[-3] == "labels"
     if zarr_format == 3:
         _name_dimensions(container.joinpath(*parts), [a["name"] for a in multiscale["axes"]])

@@ -35,21 +35,32 @@ class OutputSpec:
     units: tuple[str, ...] | None = None
     chunk_shape: Coordinate | None = None  # spatial voxels; default: the write block
     ome_units: tuple[str, ...] | None = None  # the input's units, for OME-NGFF metadata (voxblock.formats)
+    # the output may be a new level of an existing OME-NGFF image (a pyramid level: downsample)
+    new_level: bool = False
 
     @classmethod
     def like(
-        cls, source: Array, name: str | ArrayName, dtype: Any, roi: Roi, channels: tuple[int, ...] = ()
+        cls,
+        source: Array,
+        name: str | ArrayName,
+        dtype: Any,
+        roi: Roi,
+        channels: tuple[int, ...] = (),
+        voxel_size: Coordinate | None = None,
+        new_level: bool = False,
     ) -> OutputSpec:
-        """An output on `source`'s voxel grid, with its spatial axis names and units."""
+        """An output on `source`'s voxel grid (or one of `voxel_size` from the same origin: a coarser
+        pyramid level), with its spatial axis names and units."""
         return cls(
             name=ArrayName.parse(name),
             dtype=np.dtype(dtype),
             roi=roi,
-            voxel_size=source.voxel_size,
+            voxel_size=Coordinate(voxel_size) if voxel_size is not None else source.voxel_size,
             channels=tuple(channels),
             axis_names=tuple(source.axis_names[source.channel_dims :]),
             units=tuple(source.units),
             ome_units=getattr(source, "ome_units", None),
+            new_level=new_level,
         )
 
 
@@ -170,7 +181,8 @@ def create_output(spec: OutputSpec, provenance: Mapping[str, Any], layout: Layou
         axis_names = channel_names + axis_names
     from voxblock import formats
 
-    formats.check_output_name(spec.name.container, spec.name.dataset)  # N5; a level of another image
+    # N5; a level of another image (unless the output is meant as one: a pyramid level)
+    formats.check_output_name(spec.name.container, spec.name.dataset, new_level=spec.new_level)
     zarr_format = container_format(spec.name)
     try:
         make_groups(spec.name, zarr_format)

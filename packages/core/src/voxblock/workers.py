@@ -162,6 +162,9 @@ class ArrayWorker(Worker):
     block_ids: ClassVar[bool] = False
     # what the driver knew (blocking, num_workers, ...): set by prepare(), shipped to every process
     preparation: ClassVar[Preparation | None] = None
+    # True for a worker whose output is a new level of its input's OME-NGFF image (downsample): the
+    # output may be named as a level beside the input, which is otherwise refused
+    new_level: ClassVar[bool] = False
 
     def check_input(self, source: Array) -> None:
         """Raise VoxblockError if this worker cannot use `source` (dtype, channels, options)."""
@@ -177,6 +180,11 @@ class ArrayWorker(Worker):
 
     def output_channels(self, source: Array) -> tuple[int, ...]:
         return ()
+
+    def output_voxel_size(self, source: Array) -> Coordinate:
+        """The output's voxel size: the input's, or a multiple of it (a coarser level from the same
+        origin, whose blocks must then write whole output voxels; `compute` returns them)."""
+        return source.voxel_size
 
     def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
         raise NotImplementedError
@@ -200,13 +208,21 @@ class ArrayWorker(Worker):
         check_blocking_on_grid(preparation.blocking, source.voxel_size, source.offset)
         self.check_input(source)
         self.check_blocking(preparation.blocking, source)
+        voxel_size = Coordinate(self.output_voxel_size(source))
+        if voxel_size != source.voxel_size:
+            if any(o % i for o, i in zip(voxel_size, source.voxel_size)):
+                raise VoxblockError(
+                    f"worker {self.name!r}: output voxel size {tuple(voxel_size)} is not a multiple of "
+                    f"the input's {tuple(source.voxel_size)}"
+                )
+            check_blocking_on_grid(preparation.blocking, voxel_size, source.offset)
         self.preparation = preparation
         if self.block_ids:
             from voxblock.segment.ids import BlockGrid
 
             # a block keeps at most one label per voxel of its write ROI
             voxels = 1
-            for size in preparation.blocking.write_roi.shape / source.voxel_size:
+            for size in preparation.blocking.write_roi.shape / voxel_size:
                 voxels *= int(size)
             self._block_grid = BlockGrid.of(preparation.blocking, voxels)
         prepare_output(
@@ -218,6 +234,8 @@ class ArrayWorker(Worker):
                 self.output_dtype(source),
                 preparation.blocking.written_roi,
                 tuple(self.output_channels(source)),
+                voxel_size,
+                new_level=self.new_level,
             ),
         )
 
