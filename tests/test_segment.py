@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 import voxblock
+from voxblock.packfile import PackIndex
 from voxblock.segment.edges import block_edges, select_edges
 from voxblock.segment.ids import block_index, check_id_space, smallest_id_dtype, to_global
 from voxblock.segment.solve import segment_lut
@@ -151,9 +152,13 @@ def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity,
         assert len(np.unique(fragments)) >= len(np.unique(result))
         # fragment IDs of a volume this size fit in uint32; segment IDs are uint64 all the same
         assert fragments.dtype == np.uint32
-    else:  # nothing per voxel but the segmentation: one small file of outer layers per block
+    else:  # nothing per voxel but the segmentation: the outer layers of all 80 blocks, in packs
         assert not (tmp_path / "v.zarr" / "seg_fragments").exists()
-        assert len(list((run_dir / "faces").iterdir())) == 80
+        faces = PackIndex(run_dir / "faces", "faces")
+        faces.refresh()
+        assert len(faces) == 80
+        # two files per worker process, not one per block
+        assert 2 <= len(list((run_dir / "faces").iterdir())) <= 4
     assert result.dtype == np.uint64
 
     # a rerun resumes every pass and leaves the result as it is
@@ -491,19 +496,19 @@ def test_touching_pairs_are_every_block_to_shell_contact(shape, rank, seed):
     assert found == expected
 
 
-def test_faces_round_trip_through_their_file(tmp_path):
+def test_faces_round_trip_through_their_pack(tmp_path):
     from voxblock.segment import faces as stitching
 
     labels = np.arange(3 * 4 * 5, dtype=np.uint32).reshape(3, 4, 5)
-    stitching.save_faces(tmp_path / "0.bin", stitching.faces(labels), labels.shape, np.dtype(np.uint32))
-    loaded = stitching.load_faces(tmp_path / "0.bin", np.dtype(np.uint32))
-    assert loaded is not None
-    for got, want in zip(loaded, stitching.faces(labels)):
+    store = stitching.BlockFaces(tmp_path, np.dtype(np.uint32))
+    store.save(0, stitching.faces(labels), labels.shape)
+    # another process's view: its own index, refreshed when a block is missing
+    found = stitching.BlockFaces(tmp_path, np.dtype(np.uint32)).look_up([0, 1])
+    assert list(found) == [0]  # block 1 saved nothing: not done yet, or off the grid
+    for got, want in zip(found[0], stitching.faces(labels)):
         np.testing.assert_array_equal(got, want)
-    assert stitching.load_faces(tmp_path / "1.bin", np.dtype(np.uint32)) is None
-    (tmp_path / "2.bin").write_bytes(np.array([3, 3, 4, 5, 1, 2], np.uint32).tobytes())
     with pytest.raises(ValueError, match="holds 6 values"):
-        stitching.load_faces(tmp_path / "2.bin", np.dtype(np.uint32))
+        stitching.decode_faces(np.array([3, 3, 4, 5, 1, 2], np.uint32).tobytes(), np.dtype(np.uint32))
 
 
 @settings(max_examples=150, deadline=None)

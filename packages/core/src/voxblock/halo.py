@@ -12,20 +12,28 @@ twice in all, not 27 times: a read that has to decode a neighbouring chunk
 of an input keeps its slabs (`from_reads`), and a write of a whole chunk of
 an output that blocks read back with context (segment fragments) keeps its
 slabs. A slab is an optimisation only: where none exists the chunk is read
-from zarr, so a missing halo costs time, never correctness. A chunk's slab
-file is removed before the chunk is rewritten and saved after.
+from zarr, so a missing halo costs time, never correctness.
+
+A chunk's slabs are one record of a pack (`voxblock.packfile`), keyed by the chunk's grid
+index: every worker process appends the slabs it keeps to its own pack, so a halo is two
+files per worker process, not one per chunk. Before a chunk is rewritten its writer
+appends a tombstone for it (if any record of it is known), and its new slabs after the
+write, each stamped past the newest record of the chunk it knows of: the newest record wins,
+so a tombstone hides the slabs of the chunk's old data and the slabs kept after it hide the
+tombstone. A reader refreshes its index of every pack (only the entries added since)
+once per read that wants a slab, so it sees what a block that ran before it kept, as it
+saw the files that block left; a record that fails its checksum is read as no slab.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
 import os
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +41,13 @@ from funlib.geometry import Coordinate, Roi
 
 from voxblock.blockio import write_direct
 from voxblock.chunks import Box, box_slices, chunk_io, chunks_in, intersect, unit_of
-from voxblock.files import replace_atomically
 from voxblock.metadata import ZarrArray
 from voxblock.names import ArrayName
+from voxblock.packfile import CorruptRecord, Entry, PackIndex, PackWriter
+
+KIND = "slabs"
+# chunk payloads a process keeps in memory: a block's next neighbour reads most of the same slabs
+CACHE_BYTES = 64 << 20
 
 # a halo is worth it when the read ROI touches this many times the chunks the
 # write ROI does, and its slabs stay below this fraction of the array's bytes
@@ -52,8 +64,13 @@ class Halo:
     # keep the slabs of chunks that reads decode (inputs: never rewritten during the run)
     from_reads: bool = False
 
-    def path(self, index: tuple[int, ...]) -> str:
-        return os.path.join(self.directory, "_".join(map(str, index)) + ".bin")
+    def store(self) -> _SlabStore:
+        """This process's view of the halo's packs (one per directory and process)."""
+        key = (self.directory, os.getpid())
+        found = _STORES.get(key)
+        if found is None:
+            found = _STORES[key] = _SlabStore(self.directory)
+        return found
 
     # a read strategy (voxblock.blockio.BlockIO): an array whose `block_io` is this halo reads
     # and writes its blocks here
@@ -168,6 +185,63 @@ def plan_thickness(
     return thickness
 
 
+# -- the packs ---------------------------------------------------------------------------------
+
+
+def chunk_key(index: tuple[int, ...]) -> int:
+    """A chunk's grid index as one pack key: its coordinates in equal bit fields."""
+    bits = 62 // max(1, len(index))
+    key = 0
+    for i in index:
+        if not 0 <= i < 1 << bits:
+            raise ValueError(f"chunk index {index} is past what a halo can key")
+        key = (key << bits) | i
+    return key
+
+
+class _SlabStore:
+    """A halo's packs as one process sees them: its writer, an index of every pack, a cache."""
+
+    def __init__(self, directory: str) -> None:
+        self.writer = PackWriter(directory, KIND)
+        self.index = PackIndex(directory, KIND)
+        self.stamps: dict[int, int] = {}  # the stamp of this process's last record of a chunk
+        self.cache: OrderedDict[tuple[str, int, int], bytes] = OrderedDict()
+        self.cached_bytes = 0
+        self.fresh = False  # refreshed during the current read
+
+    def newest(self, key: int) -> Entry | None:
+        return self.index.newest(key)
+
+    def append(self, key: int, payload: bytes = b"", tombstone: bool = False) -> None:
+        known = self.index.newest(key)
+        after = max(self.stamps.get(key, -1), -1 if known is None else known.stamp)
+        self.stamps[key] = self.writer.append(key, payload, after=after, tombstone=tombstone)
+
+    def payload(self, key: int) -> bytes | None:
+        entry = self.index.newest(key)
+        if entry is None or entry.tombstone or self.stamps.get(key, -1) > entry.stamp:
+            return None  # none, forgotten, or this process has written the chunk since the refresh
+        where = (entry.pack, entry.offset, entry.stamp)
+        found = self.cache.get(where)
+        if found is not None:
+            self.cache.move_to_end(where)
+            return found
+        try:
+            found = self.index.load(entry)
+        except (CorruptRecord, OSError):
+            return None
+        self.cache[where] = found
+        self.cached_bytes += len(found)
+        while self.cached_bytes > CACHE_BYTES and len(self.cache) > 1:
+            _, dropped = self.cache.popitem(last=False)
+            self.cached_bytes -= len(dropped)
+        return found
+
+
+_STORES: dict[tuple[str, int], _SlabStore] = {}
+
+
 # -- I/O --------------------------------------------------------------------------------------
 
 
@@ -216,21 +290,21 @@ def _file_layout(
 
 
 def load_slab(array: Any, halo: Halo, index: tuple[int, ...], chunk: Box, k: int) -> np.ndarray | None:
-    """Face slab `k` of one chunk, or None where none is kept (or its file is not whole)."""
+    """Face slab `k` of one chunk, or None where none is kept (or its record is not whole)."""
     extent = tuple(e - b for b, e in zip(*chunk))
     shapes, starts = _file_layout(extent, halo.thickness, tuple(array.shape[: array.channel_dims]))
     dtype = array.dtype
-    itemsize = dtype.itemsize
-    try:
-        with open(halo.path(index), "rb") as file:
-            if os.fstat(file.fileno()).st_size != starts[-1] * itemsize:
-                return None
-            file.seek(starts[k] * itemsize)
-            flat = np.fromfile(file, dtype=dtype, count=starts[k + 1] - starts[k])
-    except (FileNotFoundError, ValueError):
+    store = halo.store()
+    key = chunk_key(index)
+    if not store.fresh:  # once per read: what blocks that ran before this one kept
+        store.index.refresh()
+        store.fresh = True
+    payload = store.payload(key)
+    if payload is None or len(payload) != starts[-1] * dtype.itemsize:
         return None
-    if flat.size != starts[k + 1] - starts[k]:
-        return None
+    flat = np.frombuffer(
+        payload, dtype=dtype, count=starts[k + 1] - starts[k], offset=starts[k] * dtype.itemsize
+    )
     return flat.reshape(shapes[k])
 
 
@@ -242,7 +316,7 @@ def save_slabs(
         np.ascontiguousarray(data[_slices(slab, data_begin, array.channel_dims)]).ravel()
         for slab in slab_boxes(chunk, halo.thickness)
     ]
-    replace_atomically(halo.path(index), np.concatenate(parts).astype(array.dtype, copy=False).tofile)
+    halo.store().append(chunk_key(index), np.concatenate(parts).astype(array.dtype, copy=False).tobytes())
 
 
 @dataclass(frozen=True)
@@ -303,6 +377,7 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
     shape = tuple(min(s - b, w) for s, b, w in zip(grid.shape, base, window))
     core, rest = _read_plan(relative, shape, grid.chunk, halo.thickness)
     source = chunk_io(array)
+    halo.store().fresh = False
     at, origin = relative[0], (0,) * len(base)
     if core is not None:
         data[_slices(core, at, channel_dims)] = source[_slices(_shifted(core, base), origin, channel_dims)]
@@ -320,7 +395,6 @@ def read(array: Any, roi: Roi, fill_value: float, halo: Halo) -> np.ndarray:
             # decode the whole chunk (zarr would anyway) and keep its slabs for the next blocks
             whole_chunk = source[_slices(chunk, origin, channel_dims)]
             data[target] = whole_chunk[_slices(part.piece, part.chunk[0], channel_dims)]
-            Path(halo.directory).mkdir(parents=True, exist_ok=True)
             save_slabs(array, halo, index, chunk, whole_chunk, chunk[0])
         else:
             data[target] = source[_slices(_shifted(part.piece, base), origin, channel_dims)]
@@ -349,18 +423,22 @@ def _stored(source: Any, index: tuple[int, ...], channel_dims: int) -> bool | No
 
 
 def forget(array: Any, halo: Halo, roi: Roi) -> None:
-    """Remove the slabs of every chunk `roi` touches: they are about to be rewritten."""
+    """Hide the slabs of every chunk `roi` touches (a tombstone each): they are about to be
+    rewritten."""
     grid = _Grid.of(array)
+    store = halo.store()
+    store.index.refresh()
     for index, _ in chunks_in(grid.shape, grid.chunk, grid.box(roi)):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(halo.path(index))
+        key = chunk_key(index)
+        known = store.newest(key)
+        if (known is not None and not known.tombstone) or key in store.stamps:
+            store.append(key, tombstone=True)
 
 
 def keep(array: Any, halo: Halo, roi: Roi, data: np.ndarray) -> None:
     """After `data` was written to `roi`: keep the slabs of every chunk it covers whole."""
     grid = _Grid.of(array)
     box = grid.box(roi)
-    Path(halo.directory).mkdir(parents=True, exist_ok=True)
     for index, chunk in chunks_in(grid.shape, grid.chunk, box):
         if contains(box, chunk):
             save_slabs(array, halo, index, chunk, data, box[0])

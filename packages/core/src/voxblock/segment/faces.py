@@ -10,18 +10,31 @@ pass instead of being stored: the volume is read twice and written once, as
 segments. Blockwise connected components at scale are done this way (e.g.
 igneous); the context method remains for functions that need context.
 
-Geometry here is pure; a block's faces travel between workers as one small
-raw file (`save_faces` / `load_faces`), written atomically.
+Geometry here is pure; a block's faces travel between workers as one record of a pack
+(`voxblock.packfile`, `BlockFaces`): each worker appends the faces of its blocks to its own
+pack, so the face directory holds two files per worker process, not one per block.
+
+Pass 1 runs with read_write_conflict: while a block runs, no neighbour does, so each neighbour
+has either saved its faces (its record is whole and in its pack's index: it was appended
+before the neighbour's process returned) or has not run (or was killed before its record was
+whole: no record, as if it had not run; it records the edges when it runs again). A block
+looks its neighbours up in an index of every pack's newest record per block, read
+incrementally, refreshed once per block and only when a neighbour is missing from it. A
+block's faces are a function of its input alone, so where a retried block left two records
+either is right; the newest is read. A record that its index calls whole but whose checksum
+fails is an error, never "not done": treating a done neighbour as absent would lose its edges.
 """
 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
+import os
 
 import numpy as np
 
-from voxblock.files import replace_atomically
+from voxblock.packfile import PackIndex, PackWriter
+
+KIND = "faces"
 
 
 def offsets(ndim: int, rank: int) -> list[tuple[int, ...]]:
@@ -111,28 +124,50 @@ def touching_pairs(padded: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(own_parts), np.concatenate(their_parts)
 
 
-def save_faces(path: Path, block_faces: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> None:
-    """One block's faces in one raw file: [ndim, *shape, faces...] of `dtype`, renamed into place."""
+def encode_faces(block_faces: list[np.ndarray], shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """One block's faces as one record: [ndim, *shape, faces...] of `dtype`."""
     flat = np.concatenate([np.array([len(shape), *shape], dtype), *(f.ravel() for f in block_faces)])
-    replace_atomically(path, flat.astype(dtype, copy=False).tofile)
+    return flat.astype(dtype, copy=False).tobytes()
 
 
-def load_faces(path: Path, dtype: np.dtype) -> list[np.ndarray] | None:
-    """A block's faces, or None if it has not saved them (not done yet, or off the grid)."""
-    try:
-        flat = np.fromfile(path, dtype=dtype)
-    except FileNotFoundError:
-        return None
+def decode_faces(payload: bytes, dtype: np.dtype, where: str = "a face record") -> list[np.ndarray]:
+    flat = np.frombuffer(payload, dtype=dtype)
     ndim = int(flat[0]) if flat.size else 0
     shape = tuple(int(s) for s in flat[1 : 1 + ndim])
     face_shapes = [shape[:axis] + shape[axis + 1 :] for axis in range(ndim) for _ in range(2)]
     sizes = [int(np.prod(face_shape)) for face_shape in face_shapes]
     if not ndim or len(shape) != ndim or flat.size != 1 + ndim + sum(sizes):
         raise ValueError(
-            f"{path} holds {flat.size} values, not the faces of one block: rerun with fresh=True"
+            f"{where} holds {flat.size} values, not the faces of one block: rerun with fresh=True"
         )
     result, at = [], 1 + ndim
     for face_shape, size in zip(face_shapes, sizes):
         result.append(flat[at : at + size].reshape(face_shape))
         at += size
     return result
+
+
+class BlockFaces:
+    """The faces of pass 1's blocks in one directory: this process appends, every process reads."""
+
+    def __init__(self, directory: str | os.PathLike[str], dtype: np.dtype) -> None:
+        self.directory = directory
+        self.dtype = np.dtype(dtype)
+        self._writer = PackWriter(directory, KIND)
+        self._index = PackIndex(directory, KIND)
+
+    def save(self, block: int, block_faces: list[np.ndarray], shape: tuple[int, ...]) -> None:
+        self._writer.append(block, encode_faces(block_faces, shape, self.dtype))
+
+    def look_up(self, blocks: list[int]) -> dict[int, list[np.ndarray]]:
+        """The faces of those of `blocks` that saved theirs (at most one refresh of the index)."""
+        if any(self._index.newest(b) is None for b in blocks):
+            self._index.refresh()
+        found = {}
+        for block in blocks:
+            payload = self._index.get(block)
+            if payload is not None:
+                found[block] = decode_faces(
+                    payload, self.dtype, f"the face record of block {block} in {self.directory}"
+                )
+        return found

@@ -23,7 +23,7 @@ from voxblock.segment.edges import EDGE_FIELDS, block_edges, contact_edges, sele
 from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.ids import BlockGrid, to_global
 from voxblock.segment.solve import load_lut, segment_lut
-from voxblock.segment.storage import load_block_edges, save_block_edges, write_table
+from voxblock.segment.storage import EdgeWriter, blocks_with_edges, load_edges, write_table
 from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output
 
 
@@ -83,6 +83,7 @@ class SegmentBlocks(Labelling):
         self._source = arrays.open_input(self.input)
         self._fragments = arrays.open_output(self.fragments)
         self._grid = BlockGrid.from_dict(self.grid)
+        self._edges = EdgeWriter(self.edge_dir)
 
     def process(self, block: Any) -> None:
         import fastremap
@@ -108,7 +109,7 @@ class SegmentBlocks(Labelling):
         edges = block_edges(np.concatenate(own), np.concatenate(theirs))
         present = np.flatnonzero(np.bincount(inner.ravel()))
         ids = self._grid.to_global(present[present > 0], write_roi, ids_dtype)
-        save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
+        self._edges.save(index, edges, ids)
 
 
 def check_labels(labels: Any, block: Any, voxel_size: Coordinate) -> np.ndarray:
@@ -217,6 +218,8 @@ class StitchFaces(Labelling):
         self._grid = BlockGrid.from_dict(self.grid)
         self._dtype = self._grid.id_dtype
         self._directions = face_stitching.offsets(self._source.voxel_size.dims, self.rank)
+        self._faces = face_stitching.BlockFaces(self.face_dir, self._dtype)
+        self._edges = EdgeWriter(self.edge_dir)
 
     def process(self, block: Any) -> None:
         grid, dtype, write_roi = self._grid, self._dtype, block.write_roi
@@ -224,23 +227,20 @@ class StitchFaces(Labelling):
         index = grid.index(write_roi)
         # faces are kept with the block's own labels: a reader adds the block's ID offset
         own_faces = face_stitching.faces(labels)
-        face_dir = Path(self.face_dir)
-        face_stitching.save_faces(face_dir / f"{index}.bin", own_faces, labels.shape, dtype)
+        self._faces.save(index, own_faces, labels.shape)
+        others = {d: grid.neighbour(write_roi, d) for d in self._directions}
+        done = self._faces.look_up([other for other in others.values() if other is not None])
         neighbours = {}
-        for direction in self._directions:
-            other = grid.neighbour(write_roi, direction)
-            their_faces = (
-                None if other is None else face_stitching.load_faces(face_dir / f"{other}.bin", dtype)
-            )
-            if their_faces is not None:
-                layer = face_stitching.facing_layer(their_faces, direction)
+        for direction, other in others.items():
+            if other in done:
+                layer = face_stitching.facing_layer(done[other], direction)
                 neighbours[direction] = to_global(layer, other, grid.id_range, dtype)
         padded = face_stitching.padded_boundary(labels.shape, own_faces, neighbours, dtype)
         own, theirs = face_stitching.touching_pairs(padded, self.rank)
         edges = contact_edges(to_global(own, index, grid.id_range, dtype), theirs)
         # labels are consecutive from 1 (threshold-label): the block's fragments are 1..largest
         ids = to_global(np.arange(1, largest + 1, dtype=dtype), index, grid.id_range, dtype)
-        save_block_edges(Path(self.edge_dir) / f"{index}.npy", edges, ids)
+        self._edges.save(index, edges, ids)
 
 
 @dataclass
@@ -297,7 +297,7 @@ class SolveLut(Worker):
     merge_threshold: float = option(0.5)
 
     def prepare(self, preparation: Preparation) -> None:
-        found = len(list(Path(self.edge_dir).glob("*.npy")))
+        found = blocks_with_edges(self.edge_dir)
         if found != self.num_blocks:
             raise VoxblockError(
                 f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
@@ -305,13 +305,12 @@ class SolveLut(Worker):
             )
 
     def process(self, block: Any) -> None:
-        all_edges, all_fragments = [], []
-        for path in sorted(Path(self.edge_dir).glob("*.npy")):
-            edges, fragments = load_block_edges(path)
-            all_edges.append(edges)
-            all_fragments.append(fragments)
-        edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 5), np.uint64)
-        fragments = np.concatenate(all_fragments) if all_fragments else np.zeros(0, np.uint64)
+        edges, fragments, found = load_edges(self.edge_dir)
+        if found != self.num_blocks:
+            raise VoxblockError(
+                f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
+                "the fragments pass is not complete"
+            )
         lut = segment_lut(fragments, select_edges(edges, self.merge, self.merge_threshold))
         write_table(self.edges, edges, {"columns": list(EDGE_FIELDS)})
         write_table(self.lut, lut, {"rows": ["fragment", "segment"]})

@@ -12,7 +12,10 @@ per-voxel foreground, such as threshold-label; see `segment.faces`): pass 1
 labels each block alone and keeps only its outermost layers, pass 3 labels
 each block again and writes its segments, so no fragments are stored. Each
 pass is a resumable task with its own run directory; edges and the table
-are kept in the output container.
+are kept in the output container. What pass 1 hands to the others (each
+block's edges and, at faces, its outer layers) is appended to pack files,
+a pair per worker process (`voxblock.packfile`, `segment.storage`), so
+the run directory's files grow with the workers, not the blocks.
 """
 
 from __future__ import annotations
@@ -175,7 +178,7 @@ def segment_blockwise(
         "fit": fit,
         "stitch": method,
         # how pass 1 stores its results: a run directory of another layout starts afresh
-        "edge_files": "npy",
+        "edge_files": "packs",  # per worker process (voxblock.packfile); was "npy": one per block
         "fragments": "smallest unsigned dtype",
         "outside the total ROI": "zeros",  # a crop is labelled as if it were the whole volume
     }

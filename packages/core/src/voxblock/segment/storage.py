@@ -1,6 +1,24 @@
 """What a segmentation keeps on disk: its run directory, the intermediate arrays beside its
-output, one edge file per block, the tables the solve writes, and the rules by which an
+output, every block's edges, the tables the solve writes, and the rules by which an
 existing output or intermediate is known to be its own (for `outputs.check_output`).
+
+Pass 1 keeps each block's edges and fragment IDs as one record of a pack (`voxblock.packfile`):
+each worker process appends to its own `edges-*.bin`, so the edge directory holds two files
+per worker process, not one per block. The solve reads every pack's index, takes the newest
+whole record of each block and reads each pack once.
+
+Which record of a retried block counts: the newest, and any would do. A record is whole
+before its block's process returns, so a block may leave a record from an attempt that
+failed afterwards (killed, or its post-check failed) besides that of the attempt that
+completed. A block's fragment IDs are a function of its input (the segment function is
+deterministic: the faces method's last pass refuses one that is not), and so are its
+neighbours' fragments. Its edges are not: they depend on which neighbours had run when it
+did (with context, also their overlap sizes). But each attempt's record is exactly what the
+block would have recorded had it completed then, and every neighbour that ran between two
+attempts saw the block's fragments (faces) from the first and recorded the edges between
+them itself. So the record of any one attempt, with the others' records, finds every edge
+once a run completes; one record per block is used (not the union of attempts), so that no
+pair is counted twice when merges are thresholded on overlap sizes.
 """
 
 from __future__ import annotations
@@ -17,7 +35,7 @@ import zarr
 
 from voxblock import arrays
 from voxblock.errors import VoxblockError
-from voxblock.files import replace_atomically
+from voxblock.packfile import PackIndex, PackWriter
 
 SEGMENT_KEY = "voxblock_segment"  # the output's attribute: the key of the segmentation it holds
 
@@ -96,25 +114,59 @@ class Segmentation:
             shutil.rmtree(self.run_dir / sub, ignore_errors=True)
 
 
-def save_block_edges(path: Path, edges: np.ndarray, fragments: np.ndarray) -> None:
-    """One block's edges (E x 5) and fragment IDs in one flat uint64 .npy: [E, N, edges, ids].
+EDGES = "edges"  # the kind of pack the edges are kept in
 
-    A plain .npy, not an .npz: a zip archive per block cost more than the edges did.
-    """
+
+def edge_record(edges: np.ndarray, fragments: np.ndarray) -> bytes:
+    """One block's edges (E x 5) and fragment IDs as one flat uint64 record: [E, N, edges, ids]."""
     flat = np.concatenate(
         [np.array([len(edges), len(fragments)], np.uint64), edges.astype(np.uint64).ravel(), fragments]
     ).astype(np.uint64, copy=False)
-    replace_atomically(path, lambda file: np.save(file, flat))
+    return flat.tobytes()
 
 
-def load_block_edges(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    flat = np.load(path)
-    num_edges, num_fragments = (int(n) for n in flat[:2])
-    edges = flat[2 : 2 + 5 * num_edges].reshape(num_edges, 5)
+def read_edge_record(payload: bytes, where: str = "an edge record") -> tuple[np.ndarray, np.ndarray]:
+    flat = np.frombuffer(payload, np.uint64)
+    num_edges, num_fragments = (int(n) for n in flat[:2]) if flat.size >= 2 else (0, -1)
+    edges = flat[2 : 2 + 5 * num_edges].reshape(-1, 5)
     fragments = flat[2 + 5 * num_edges : 2 + 5 * num_edges + num_fragments]
-    if len(fragments) != num_fragments:
-        raise VoxblockError(f"{path} is truncated: rerun segment_blockwise with fresh=True")
+    if (
+        len(edges) != num_edges
+        or len(fragments) != num_fragments
+        or flat.size != 2 + 5 * num_edges + num_fragments
+    ):
+        raise VoxblockError(f"{where} is not the edges of one block: rerun segment_blockwise with fresh=True")
     return edges, fragments
+
+
+class EdgeWriter:
+    """Appends the edges of this process's blocks to its own pack in the edge directory."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self._writer = PackWriter(directory, EDGES)
+
+    def save(self, block: int, edges: np.ndarray, fragments: np.ndarray) -> None:
+        self._writer.append(block, edge_record(edges, fragments))
+
+
+def blocks_with_edges(directory: str | Path) -> int:
+    index = PackIndex(directory, EDGES)
+    index.refresh()
+    return len(index)
+
+
+def load_edges(directory: str | Path) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every block's edges and fragment IDs (one record per block: its newest), and the blocks."""
+    index = PackIndex(directory, EDGES)
+    index.refresh()
+    all_edges, all_fragments = [], []
+    for block, payload in index.items():
+        edges, fragments = read_edge_record(payload, f"the edge record of block {block} in {directory}")
+        all_edges.append(edges)
+        all_fragments.append(fragments)
+    edges = np.concatenate(all_edges) if all_edges else np.zeros((0, 5), np.uint64)
+    fragments = np.concatenate(all_fragments) if all_fragments else np.zeros(0, np.uint64)
+    return edges, fragments, len(all_edges)
 
 
 def write_table(name: str, data: np.ndarray, attrs: dict[str, Any]) -> None:
