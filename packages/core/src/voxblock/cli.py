@@ -530,6 +530,8 @@ def main() -> None:
       voxblock segment --help         one consistent segmentation, blockwise
       voxblock agglomerate --help     affinities -> fragments -> region graph -> segments
       voxblock evaluate --help        VOI and adapted Rand error against a ground truth
+      voxblock downsample --help      a multiscale pyramid (OME-NGFF), blockwise
+      voxblock status OUTPUT          where a run stands: blocks done, rate, ETA, failures
     \b
     Workers run here, or on a cluster: --cluster slurm|lsf with --cpus,
     --memory... on run, segment and agglomerate, or once for all in voxblock.toml:

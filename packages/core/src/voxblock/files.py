@@ -1,11 +1,13 @@
 """Files written whole or not at all.
 
-Everything voxblock writes beside the arrays (chunk files, halo slabs, block
-faces and edges, the run directory's records, the pickled worker) goes
-through a temporary file in the same folder that is renamed over the target:
-a reader sees the old file or the whole new one, and a worker killed
-mid-write leaves at most a hidden `.NAME.PID.THREAD.partial`, which no
-reader's pattern matches.
+Whole files voxblock writes beside the arrays (chunk files, the run
+directory's records, the pickled worker, lookup tables) go through a
+temporary file in the same folder that is renamed over the target: a reader
+sees the old file or the whole new one, and a worker killed mid-write leaves
+at most a hidden `.NAME.PID.THREAD.partial`, which no reader's pattern
+matches. Records written block by block (halo slabs, block faces and edges)
+are appended to per-worker pack files instead (voxblock.packfile), so their
+number of files does not grow with the blocks.
 """
 
 from __future__ import annotations

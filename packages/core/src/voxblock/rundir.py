@@ -5,7 +5,8 @@
     <run_dir>/tracking/      daisy's done markers and failure counts
     <run_dir>/failures/      one JSON line per failed block attempt
     <run_dir>/logs/          one .out/.err pair per worker process
-    <run_dir>/halo/          chunk face slabs for reads with context (voxblock.halo)
+    <run_dir>/halo/          chunk face slabs for reads with context (voxblock.halo), in
+                             per-worker pack files (voxblock.packfile)
     <run_dir>/init/          daisy 1's init-callback gate (voxblock.compat)
     <run_dir>/workers/       one JSON per worker process of the last run: start-up and block times
                              (written at its start, every few seconds while it serves, at its end)
