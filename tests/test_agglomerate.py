@@ -288,3 +288,26 @@ def test_postgresql_graph_gives_the_sqlite_result(volume, tmp_path: Path, postgr
     assert variation_of_information(sqlite_seg, postgresql_seg) == pytest.approx((0, 0), abs=1e-12)
     recorded = zarr.open(f"{tmp_path}/postgresql.zarr/seg", mode="r").attrs["voxblock_agglomerate"]["db"]
     assert ":***@" in recorded and ":voxblock@" not in recorded  # no password kept with the output
+
+
+def test_a_mask_keeps_every_segment_inside_it(volume, tmp_path: Path) -> None:
+    directory, truth = volume
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[:, 4:-4, 6:] = 1  # a slab of tissue: the rest is background
+    write_array(
+        f"{tmp_path}/m.zarr/mask", mask, voxel_size=(4, 2, 2), offset=(8, 0, 4), chunk_shape=(8, 16, 16)
+    )
+    report = agglomerate_blockwise(
+        f"{directory}/v.zarr/affs",
+        f"{tmp_path}/m.zarr/frags",
+        f"{tmp_path}/m.zarr/seg",
+        tmp_path / "rag.sqlite",
+        (32, 32, 32),
+        mask=f"{tmp_path}/m.zarr/mask",
+        progress=False,
+    )
+    segmentation = zarr.open(f"{tmp_path}/m.zarr/seg", mode="r")[...]
+    assert not segmentation[mask == 0].any() and segmentation[mask > 0].all()
+    inside = mask > 0
+    split, merge = variation_of_information(truth[inside], segmentation[inside])
+    assert split + merge < 0.1 and report.segments == len(np.unique(segmentation[inside]))
