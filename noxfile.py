@@ -21,6 +21,7 @@ def tests(session: nox.Session) -> None:
     """The whole test suite: real daisy server, real worker processes, real zarr."""
     session.install(TORCH)
     session.install(*TEST_PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS)
+    session.install("neuroglancer>=2.40", "selenium>=4")  # voxblock view (tests/test_view.py; ci/chromium.sh)
     session.run("pytest", "-p", "no:cacheprovider", "--timeout=600", *session.posargs)
 
 
@@ -66,6 +67,23 @@ def bench_volara(session: nox.Session) -> None:
     """
     session.install("volara==1.0.5", "psutil>=5.9")
     session.run("python", "benchmarks/volara_bench.py", *(session.posargs or ["--quick"]))
+
+
+@nox.session
+def scale(session: nox.Session) -> None:
+    """Scale from 10^3 to 10^6 blocks: `nox -s scale` (full, for the README) or `-- --quick`.
+
+    benchmarks/scale.py: no-op blocks against bare daisy 2, the segment solve against fragments
+    and a sharded output; a table, a plot and a paper extrapolation to a 10^15-voxel volume in
+    benchmarks/results/scale-MODE.*. The full run writes the README's "scale" section.
+    """
+    args = list(session.posargs)
+    if not any(a in BENCH_MODES for a in args):
+        args.insert(0, "--full")
+    session.install(*PACKAGES, "matplotlib>=3.8", "psutil>=5.9")
+    session.run("python", "benchmarks/scale.py", *args)
+    if "--full" in args and not any(a.startswith(("--blocks", "--fragments", "--output-size")) for a in args):
+        session.run("python", "tools/readme_section.py", "scale", "benchmarks/results/scale-full.json")
 
 
 @nox.session

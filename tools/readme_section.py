@@ -1,7 +1,8 @@
 """Replace a generated section of README.md: `python tools/readme_section.py NAME FILE`.
 
 The section sits between `<!-- NAME:start -->` and `<!-- NAME:end -->`; FILE
-is markdown, or a JSON file whose "table" entry is the markdown. Figures in
+is markdown, or a JSON file whose "sections" entry maps NAME to the markdown
+(benchmarks/scale.py: "scale"), else whose "table" entry is the markdown. Figures in
 the README are written by the runs that measured them, never by hand.
 """
 
@@ -26,7 +27,10 @@ def main() -> None:
         raise SystemExit("usage: python tools/readme_section.py NAME FILE")
     name, source = sys.argv[1], Path(sys.argv[2])
     text = source.read_text()
-    body = json.loads(text)["table"] if source.suffix == ".json" else text
+    body = text
+    if source.suffix == ".json":
+        record = json.loads(text)
+        body = record.get("sections", {}).get(name) or record["table"]
     readme = Path(__file__).resolve().parent.parent / "README.md"
     readme.write_text(replace_section(readme.read_text(), name, body))
     print(f"README.md: section {name} updated from {source}")
