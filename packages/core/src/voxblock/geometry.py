@@ -238,6 +238,11 @@ class Blocking:
         end = Coordinate(max(b[3] for b in axis) for axis in axes)
         return Roi(begin, end - begin).intersect(self.target_roi)
 
+    def clip(self, read_roi: Roi, write_roi: Roi) -> tuple[Roi, Roi]:
+        """A block of this tiling as `fit="shrink"` hands it out: the read ROI clipped to the
+        total ROI, the write ROI to the target region (what daisy's shrink does)."""
+        return read_roi.intersect(self.total_roi), write_roi.intersect(self.target_roi)
+
     def chunk_misalignment(self, array_roi: Roi, unit_world: Coordinate) -> str | None:
         """Why two blocks could write into one write unit (chunk or shard) of an array, or None.
 
@@ -260,6 +265,45 @@ class Blocking:
                         f"{tuple(array_roi.begin)}"
                     )
         return None
+
+
+def daisy_links_unread_blocks(down: Blocking, up: Blocking) -> bool:
+    """Whether daisy 2 would link blocks of `up` to shrunk blocks of `down` that do not read them.
+
+    daisy 2.0's `DependencyGraph.downstream(up_block)` asks the downstream task's graph for the
+    blocks whose read ROIs meet the upstream block's write ROI (`get_subgraph_blocks(write_roi,
+    read_roi=True)`): it grows that write ROI by the downstream context, intersects it with the
+    downstream's total write ROI, and rounds the result out to whole write blocks. Where the
+    intersection is empty because the upstream block lies past the end of that total write ROI,
+    but starts inside the last (partial) write block of it, the rounding still yields that
+    block: a shrunk downstream block that reads nothing of the upstream block is listed as its
+    downstream, while `upstream()` (from the shrunk read ROI) leaves the upstream block out. The
+    scheduler then readies such a block once more when the extra upstream block completes: it is
+    handed out twice (the second time "already done" by its done marker), the task's count of
+    completed blocks reaches its total early, and as many other blocks are never handed out. A
+    run ends "done" with holes.
+
+    That happens only with `down.fit == "shrink"` (an overhanging block really reads there; a
+    valid fit keeps no partial block), on an axis where the downstream's target region is not a
+    whole number of write blocks and an upstream block's write ROI, less the downstream's
+    context below, starts in [target end, end of the last whole write block). True is
+    conservative: daisy also needs the upstream block to meet that block on the other axes.
+    """
+    if down.fit != "shrink":
+        return False
+    target = down.target_roi
+    if target.empty or up.total_roi.dims != target.dims:
+        return False
+    below, _ = down.context
+    for axis in range(target.dims):
+        stride = down.write_roi.shape[axis]
+        begin, end = target.begin[axis], target.end[axis]
+        rounded = begin + -(-(end - begin) // stride) * stride
+        if rounded == end:
+            continue
+        if any(end <= write_b - below[axis] < rounded for _, _, write_b, _ in up._axis_blocks(axis)):
+            return True
+    return False
 
 
 def _block(per_axis: Sequence[tuple[int, int, int, int]]) -> tuple[Roi, Roi]:

@@ -24,6 +24,7 @@ from voxblock.files import replace_atomically
 from voxblock.rundir import RunDirectory
 
 if TYPE_CHECKING:
+    from voxblock.geometry import Blocking
     from voxblock.halo import Halo
     from voxblock.workers import Worker
 
@@ -45,6 +46,9 @@ class Job:
     name: str = ""
     # voxblock.halo.Halo by array name: context read from thin slabs, not whole chunks
     halos: dict[str, Halo] = field(default_factory=dict)
+    # a shrink task that daisy runs as overhang (`BlockwiseTask.daisy_fit`): blocks are
+    # clipped here to what fit="shrink" hands out
+    shrink: Blocking | None = None
 
     def save(self) -> Path:
         path = Path(self.run_dir) / WORKER_FILE
@@ -66,10 +70,39 @@ class Job:
             use_halos(vars(self.worker).values(), self.halos)
 
 
+def shrunk_block(block: Any, blocking: Blocking | None) -> Any:
+    """`block` as fit="shrink" of `blocking` hands it out (itself where nothing is clipped)."""
+    if blocking is None:
+        return block
+    read_roi, write_roi = blocking.clip(block.read_roi, block.write_roi)
+    if read_roi == block.read_roi and write_roi == block.write_roi:
+        return block
+    import daisy.v2 as daisy
+
+    clipped = daisy.Block(
+        blocking.total_roi, read_roi, write_roi, task_id=block.task_id, block_id=block.block_id[1]
+    )
+    clipped.status = block.status
+    return clipped
+
+
+@dataclass(frozen=True)
+class ShrunkCheck:
+    """A pre-check (run by daisy's server) that sees blocks clipped as fit="shrink" clips them."""
+
+    check: Callable[[Any], bool]
+    blocking: Blocking
+
+    def __call__(self, block: Any) -> bool:
+        return self.check(shrunk_block(block, self.blocking))
+
+
 def process_block(job: Job, block: Any, run_dir: RunDirectory) -> None:
     """One block: the worker's `process`, then the task's post-check. A failure is recorded
     (ROI, error) before it is raised: after the last attempt the run may end as soon as daisy
     hears of it."""
+    given = block
+    block = shrunk_block(block, job.shrink)
     try:
         job.worker.process(block)
         if job.post_check is not None and not job.post_check(block):
@@ -80,6 +113,8 @@ def process_block(job: Job, block: Any, run_dir: RunDirectory) -> None:
     except Exception as error:
         run_dir.record_failure(block, error)
         raise
+    if block is not given and block.status != given.status:
+        given.status = block.status  # a worker may fail a block by its status, without raising
 
 
 def serve_blocks(job: Job) -> None:

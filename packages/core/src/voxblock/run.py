@@ -39,6 +39,9 @@ class TaskReport:
     timeouts: int = 0
     retried_blocks: int = 0
     abandoned: str | None = None
+    # blocks with no done marker that neither failed nor were orphaned: daisy ended the task
+    # without handing them out (voxblock's check after the run, against daisy faults)
+    never_run: int = 0
     last_worker_error: str | None = None
     seconds: float = 0.0
     # from the worker processes that ended normally: the longest set-up (imports, model
@@ -52,6 +55,7 @@ class TaskReport:
             self.processed + self.skipped == self.total_blocks
             and not self.failed_blocks
             and self.abandoned is None
+            and self.never_run == 0
         )
 
 
@@ -89,6 +93,11 @@ class RunReport:
                 lines.append(f"  ... and {len(t.failed_blocks) - 20} more in {t.run_dir}/report.json")
             if t.abandoned:
                 lines.append(f"  task abandoned: {t.abandoned}")
+            if t.never_run:
+                lines.append(
+                    f"  {t.never_run} blocks have no done marker though daisy ended the task "
+                    "(never run, or cut off): their output may be missing; run again to do them"
+                )
             if not t.succeeded:
                 lines.append(f"  worker logs: {t.run_dir}/logs")
         return "\n".join(lines)
@@ -299,6 +308,9 @@ def _task_report(
     failed = []
     for block in daisy_task.failed_blocks():
         block_id = int(block.block_id[1])
+        read_roi, write_roi = block.read_roi, block.write_roi
+        if task.daisy_fit != task.blocking.fit:  # as the worker saw it (shrunk)
+            read_roi, write_roi = task.blocking.clip(read_roi, write_roi)
         # this run's attempts only (a resumed run keeps earlier runs' records)
         attempts = [a for a in task.run_dir.failures(block_id) if a.get("time", 0.0) >= started_at]
         error = (
@@ -313,8 +325,8 @@ def _task_report(
         failed.append(
             FailedBlock(
                 block_id=block_id,
-                read_roi=roi_record(block.read_roi),
-                write_roi=roi_record(block.write_roi),
+                read_roi=roi_record(read_roi),
+                write_roi=roi_record(write_roi),
                 # daisy fails a block after max_retries + 1 failed attempts; attempts that
                 # died with their worker (SIGKILL, timeout) leave no record
                 attempts=max(len(attempts), task.max_retries + 1),
@@ -323,6 +335,12 @@ def _task_report(
         )
     if state is None:
         return TaskReport(task_id, str(task.run_dir.path), task.num_blocks, 0, 0, failed)
+    never_run = 0
+    if not state.abandoned:
+        # daisy's counts are not enough: a block it hands out twice counts twice (the second
+        # time "already done"), and the task ends with as many blocks never handed out
+        done = task.run_dir.done_blocks()
+        never_run = max(0, task.num_blocks - done - len(failed) - int(state.orphaned_count))
     return TaskReport(
         task_id=task_id,
         run_dir=str(task.run_dir.path),
@@ -335,6 +353,7 @@ def _task_report(
         timeouts=int(state.timeout_reclaim_count),
         retried_blocks=task.run_dir.retried_blocks(),
         abandoned=state.abandon_reason if state.abandoned else None,
+        never_run=never_run,
         last_worker_error=state.last_worker_error,
         seconds=seconds,
         **_worker_timings(task.run_dir.worker_records()),

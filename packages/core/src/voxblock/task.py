@@ -22,8 +22,9 @@ from voxblock import arrays
 from voxblock.compat import AfterInit, WorkerFile, make_worker
 from voxblock.compute import Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
-from voxblock.geometry import Blocking, check_fit
+from voxblock.geometry import Blocking, check_fit, daisy_links_unread_blocks
 from voxblock.halo import Halo, plan_thickness
+from voxblock.job import ShrunkCheck
 from voxblock.nodes import check_output_container
 from voxblock.options import split_check, split_keywords, split_positional
 from voxblock.rundir import RunDirectory, default_run_dir
@@ -97,6 +98,7 @@ class BlockwiseTask:
         self.max_retries = options.max_retries
         self.timeout = options.timeout
         self.upstream_tasks = upstream
+        self.daisy_fit = self._daisy_fit()
         self.max_worker_restarts = options.worker_restarts()
         self.fresh = options.fresh
         self.overwrite = options.overwrite
@@ -124,7 +126,31 @@ class BlockwiseTask:
             "read_roi": _roi(self.blocking.read_roi),
             "write_roi": _roi(self.blocking.write_roi),
             "fit": self.blocking.fit,
+            # a shrink task daisy runs as overhang keeps a tracking store of another layout
+            **({"daisy_fit": self.daisy_fit} if self.daisy_fit != self.blocking.fit else {}),
         }
+
+    def _daisy_fit(self) -> str:
+        """The fit daisy schedules this task with: its own, except "overhang" for a shrink task
+        with upstream tasks that daisy 2 would mis-schedule (`daisy_links_unread_blocks`: some
+        border blocks handed out twice, as many never, the run "done" with holes). Its blocks are
+        then clipped to what shrink hands out before the worker sees them (`Job.shrink`); a
+        worker file, which serves daisy's blocks itself, is refused."""
+        fit = self.blocking.fit
+        if fit != "shrink" or not any(
+            daisy_links_unread_blocks(self.blocking, up.blocking) for up in self.upstream_tasks
+        ):
+            return fit
+        if type(self.worker).spawn_function is not Worker.spawn_function:
+            raise VoxblockError(
+                f"worker {self.worker.worker_name!r} with fit='shrink' and these upstream_tasks: "
+                f"daisy 2 would hand some border blocks of the region {self.blocking.target_roi} out "
+                "twice and never run others (upstream blocks past its end are linked to shrunk "
+                "blocks that do not read them), and the run would end 'done' with holes; this "
+                "worker serves daisy's blocks itself, so voxblock cannot clip them. Use "
+                "fit='overhang', or a total ROI whose region is a whole number of write blocks"
+            )
+        return "overhang"
 
     @property
     def num_blocks(self) -> int:
@@ -243,6 +269,7 @@ class BlockwiseTask:
             post_check=self.post_check,
             name=run_name(task_id),
             halos=self.halos(),
+            shrink=self.blocking if self.daisy_fit != self.blocking.fit else None,
         )
         self.job = job
         if serial:
@@ -251,6 +278,9 @@ class BlockwiseTask:
             function = self.worker.spawn_function(self.compute.process_function(job))
         if self.init_callback_fn is not None and not serial:
             function = AfterInit(function, self.run_dir.path)
+        check = self.pre_check
+        if check is not None and job.shrink is not None:
+            check = ShrunkCheck(check, job.shrink)
         with warnings.catch_warnings():
             # daisy warns that a check_function costs a call per block; here it is
             # the user's explicit choice, and done markers are on regardless.
@@ -261,9 +291,9 @@ class BlockwiseTask:
                 self.blocking.read_roi,
                 self.blocking.write_roi,
                 process_function=function,
-                check_function=self.pre_check,
+                check_function=check,
                 read_write_conflict=self.read_write_conflict,
-                fit=self.blocking.fit,
+                fit=self.daisy_fit,
                 max_workers=self.num_workers,
                 max_retries=self.max_retries,
                 timeout=self.timeout,
