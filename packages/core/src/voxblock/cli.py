@@ -1178,5 +1178,81 @@ def downsample_command(
     sys.exit(0 if pyramid.succeeded else 1)
 
 
+# -- voxblock view -------------------------------------------------------------------------------
+
+
+@main.command("view")
+@click.argument("arrays", nargs=-1, required=True, metavar="ARRAY...")
+@click.option(
+    "--run-dir",
+    "run_dirs",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    help="show the done (green) and failed (red) blocks of this run directory (or of every "
+    "pass under it: volume.zarr.voxblock); repeatable",
+)
+@click.option("--blocks", is_flag=True, help="show the blocks of the run that wrote the first ARRAY")
+@click.option("--port", type=int, default=0, show_default="any free port", help="the viewer's port")
+@click.option("--bind", default="127.0.0.1", show_default=True, help="the address to listen on")
+@click.option(
+    "--screenshot",
+    "screenshot_png",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="save what the viewer shows as PNG (headless Chromium) and exit",
+)
+def view_command(
+    arrays: tuple[str, ...],
+    run_dirs: tuple[str, ...],
+    blocks: bool,
+    port: int,
+    bind: str,
+    screenshot_png: str | None,
+) -> None:
+    """Look at arrays in neuroglancer: zarr v2/v3 (sharded too), OME-NGFF images (all levels as
+    one layer), N5. Label arrays (uint32/uint64) are segmentation layers, the others images.
+    Voxel sizes and offsets are voxblock's (nm). Serves until Ctrl-C.
+
+    ARRAY: CONTAINER/DATASET, or an OME-NGFF image group (v.zarr/raw holding s0, s1...).
+
+    \b
+    Example:
+      voxblock view v.zarr/raw v.zarr/seg --blocks
+      voxblock view v.zarr/raw --run-dir v.zarr.voxblock --screenshot run.png
+    """
+    import time
+
+    from voxblock import view
+    from voxblock.status import find_run_dirs
+
+    try:
+        import neuroglancer  # noqa: F401
+    except ImportError:
+        raise click.ClickException("voxblock view needs neuroglancer: pip install 'voxblock[view]'") from None
+    if blocks and run_dirs:
+        raise click.UsageError("give --blocks or --run-dir, not both")
+    targets = list(run_dirs) or ([arrays[0]] if blocks else [])
+    found = [path for target in targets for path in find_run_dirs(target)]
+    if targets and not found:
+        raise click.ClickException(f"no run directory (holding task.json) found for {', '.join(targets)}")
+    try:
+        served = view.serve(arrays, found, bind=bind, port=port)
+        boxes = served.boxes
+        for line in view.describe_boxes(boxes):
+            click.echo(f"blocks {line}")
+        if screenshot_png is not None:
+            click.echo(f"screenshot: {view.screenshot(served, screenshot_png)}")
+            return
+    except VoxblockError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"neuroglancer: {served.url}")
+    click.echo("serving until Ctrl-C")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return
+
+
 if __name__ == "__main__":
     main()
