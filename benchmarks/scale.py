@@ -291,17 +291,21 @@ def synthetic_merges(fragments: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return ids.ravel(), merges
 
 
-def child_solve(fragments: int, workdir: Path) -> dict:
-    """The solve at `fragments` fragments: simulate_solve where benchmarks/solve_scale.py exists,
-    else segment_lut on synthetic merges (generation not timed)."""
-    try:
+def hierarchical_solve_available() -> bool:
+    return (HERE / "solve_scale.py").is_file()
+
+
+def child_solve(fragments: int, workdir: Path, method: str = "lut") -> dict:
+    """The solve at `fragments` fragments: "hierarchy", benchmarks/solve_scale.py's
+    simulate_solve (the hierarchical solve, level by level); "lut", today's segment_lut on
+    synthetic merges in one process (generation not timed)."""
+    if method == "hierarchy":
         import solve_scale  # type: ignore[import-not-found]
-    except ImportError:
-        solve_scale = None
-    if solve_scale is not None:
+
         workdir.mkdir(parents=True, exist_ok=True)
         result = dict(solve_scale.simulate_solve(fragments, workdir))
         result.setdefault("method", "solve_scale.simulate_solve")
+        result.pop("steps", None)
         result["fragments"] = fragments
         result.setdefault("edges", None)
         result.setdefault("segments", None)
@@ -359,6 +363,7 @@ class Options:
     results: Path
     budget: float  # seconds the largest scheduler size may take (estimated), else extrapolated
     profile: bool
+    cases: list[str]
 
 
 class Scale:
@@ -416,8 +421,10 @@ class Scale:
 
     def run_solve(self) -> None:
         work = self.o.workdir / "solve"
-        for fragments in self.o.fragments:
-            result = run_child(["solve", str(fragments), "--workdir", str(work)])
+        methods = ["lut"] + (["hierarchy"] if hierarchical_solve_available() else [])
+        for method, fragments in ((m, f) for m in methods for f in self.o.fragments):
+            result = run_child(["solve", str(fragments), "--workdir", str(work), "--method", method])
+            result["kind"] = method
             self.solve.append(result)
             print(
                 f"  solve {result['fragments']:>12} fragments {result['seconds']:8.2f} s, peak "
@@ -547,13 +554,27 @@ class Scale:
             # one 128^3 shard per block: 8x fewer files than 64^3 unsharded chunks
             out["output_files_unsharded_64"] = TARGET_VOXELS / 64**3 * unsharded["files_per_block"]
             out["output_files_unsharded_16"] = TARGET_VOXELS / 16**3
-        if self.solve:
-            xs = [r["fragments"] for r in self.solve]
-            out["solve_method"] = self.solve[-1]["method"]
-            out["solve_exponent"] = fit(xs, [r["seconds"] for r in self.solve])[0]
-            out["solve_hours"] = predict(xs, [r["seconds"] for r in self.solve], TARGET_FRAGMENTS) / 3600
-            out["solve_gib"] = linear(xs, [r["peak_rss_mib"] for r in self.solve], TARGET_FRAGMENTS) / 1024
-            out["solve_bytes_per_fragment"] = slope(xs, [r["peak_rss_mib"] for r in self.solve]) * MIB
+        out["solve"] = {}
+        for kind in ("lut", "hierarchy"):
+            rows = sorted(
+                (r for r in self.solve if r.get("kind", "lut") == kind), key=lambda r: r["fragments"]
+            )
+            if not rows:
+                continue
+            xs = [r["fragments"] for r in rows]
+            seconds = [r["seconds"] for r in rows]
+            rss = [r["peak_rss_mib"] for r in rows]
+            out["solve"][kind] = {
+                "method": rows[-1]["method"],
+                "exponent": fit(xs, seconds)[0],
+                "hours": predict(xs, seconds, TARGET_FRAGMENTS) / 3600,
+                "gib": linear(xs, rss, TARGET_FRAGMENTS) / 1024,
+                "bytes_per_fragment": slope(xs, rss) * MIB,
+                "largest": xs[-1],
+            }
+        if out["solve"]:
+            best = out["solve"].get("hierarchy") or out["solve"]["lut"]
+            out["solve_hours"] = best["hours"]
         if "scheduler_hours" in out and "compute_hours" in out:
             slowest = max(out["scheduler_hours"], out["compute_hours"])
             out["wall_hours"] = slowest + out.get("solve_hours", 0.0)
@@ -705,13 +726,15 @@ class Scale:
                 f"| output files, unsharded 64^3 / 16^3 chunks | {e['output_files_unsharded_64']:,.0f}"
                 f" / {e['output_files_unsharded_16']:,.0f} | 1 file per chunk |"
             )
-        if "solve_hours" in e:
-            fits = e["solve_gib"] <= c["memory_gib_per_node"]
+        for kind, solve in e.get("solve", {}).items():
+            fits = solve["gib"] <= c["memory_gib_per_node"]
+            where = "one node" if kind == "lut" else "one process per level (the largest level's peak)"
             lines.append(
-                f"| segment solve, {_sci(e['fragments'])} fragments | {e['solve_hours']:.1f} h, "
-                f"{e['solve_gib']:,.0f} GiB ({'fits' if fits else '**does not fit**'} in one node) | "
-                f"{e['solve_method']}: t ~ fragments^{e['solve_exponent']:.2f}, "
-                f"{e['solve_bytes_per_fragment']:.0f} bytes per fragment |"
+                f"| segment solve, {_sci(e['fragments'])} fragments: {solve['method']} | "
+                f"{solve['hours']:.1f} h, {solve['gib']:,.0f} GiB "
+                f"({'fits' if fits else '**does not fit**'} in {where}) | serial time "
+                f"~ fragments^{solve['exponent']:.2f} to {solve['largest']:,}, taken as at least linear; "
+                f"{solve['bytes_per_fragment']:.0f} bytes per fragment of peak RSS |"
             )
         if "wall_hours" in e:
             lines += [
@@ -749,11 +772,17 @@ class Scale:
         m_ax.set(xlabel="blocks", ylabel="driver peak RSS (MiB)", title="driver memory")
         f_ax.set(xlabel="blocks", ylabel="files", title="files created")
         if self.solve:
-            xs = [r["fragments"] for r in self.solve]
-            s_ax.plot(xs, [r["seconds"] for r in self.solve], "o-", color="C0", label="solve seconds")
-            s_ax.set(xlabel="fragments", ylabel="seconds", title=f"solve ({self.solve[-1]['method'][:40]})")
             s2 = s_ax.twinx()
-            s2.plot(xs, [r["peak_rss_mib"] for r in self.solve], "s--", color="C1", label="peak RSS (MiB)")
+            for n, kind in enumerate(("lut", "hierarchy")):
+                rows = [r for r in self.solve if r.get("kind", "lut") == kind]
+                if not rows:
+                    continue
+                xs = [r["fragments"] for r in rows]
+                s_ax.plot(xs, [r["seconds"] for r in rows], "o-", color=f"C{2 * n}", label=f"{kind}: seconds")
+                s2.plot(
+                    xs, [r["peak_rss_mib"] for r in rows], "s--", color=f"C{2 * n + 1}", label=f"{kind}: MiB"
+                )
+            s_ax.set(xlabel="fragments", ylabel="seconds", title="segment solve (lut: one process)")
             s2.set_yscale("log")
             s2.set_ylabel("peak RSS (MiB)")
             s2.legend(loc="lower right", fontsize=8)
@@ -874,6 +903,11 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument(
         "--budget", type=float, default=600.0, help="seconds the largest block count may take (estimated)"
     )
+    parser.add_argument(
+        "--cases",
+        default="scheduler,solve,outputs",
+        help="cases to run; the others' rows are kept from the last results/scale-MODE.json",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the voxblock driver, largest size")
     parser.add_argument("--workdir", type=Path, default=HERE / ".work" / "scale")
     parser.add_argument("--results", type=Path, default=HERE / "results")
@@ -894,6 +928,7 @@ def parse(argv: list[str] | None = None) -> Options:
         results=args.results,
         budget=args.budget,
         profile=args.profile,
+        cases=[c for c in args.cases.split(",") if c],
     )
 
 
@@ -906,13 +941,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flush=True,
     )
     scale = Scale(options)
+    previous = options.results / f"scale-{options.mode}.json"
+    kept = {}
+    if set(options.cases) != {"scheduler", "solve", "outputs"} and previous.is_file():
+        kept = json.loads(previous.read_text())
     started = time.perf_counter()
-    if options.blocks:
+    if "scheduler" in options.cases and options.blocks:
         scale.run_scheduler()
-    if options.fragments:
+    else:
+        scale.scheduler, scale.skipped = kept.get("scheduler", []), kept.get("skipped", [])
+    if "solve" in options.cases and options.fragments:
         scale.run_solve()
-    if options.output:
+    else:
+        scale.solve = kept.get("solve", [])
+    if "outputs" in options.cases and options.output:
         scale.run_outputs()
+    else:
+        scale.outputs = kept.get("outputs", [])
     print(f"scale took {time.perf_counter() - started:.0f} s")
     return scale.report()
 
@@ -924,13 +969,14 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--profile-to", type=Path, default=None)
+    parser.add_argument("--method", choices=("lut", "hierarchy"), default="lut")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.case == "scheduler":
         system, blocks = args.rest
         result = child_scheduler(system, int(blocks), args.workers, args.workdir, args.profile_to)
     else:
-        result = child_solve(int(args.rest[0]), args.workdir)
+        result = child_solve(int(args.rest[0]), args.workdir, args.method)
     print(json.dumps(result))
 
 
