@@ -260,8 +260,9 @@ def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, ph
     output = f"{tmp_path}/out.zarr/seg"
     run_dir = tmp_path / "out.zarr.voxblock" / "seg"
     process = start(SEGMENT_DRIVER, name, output, "halo", stitch)
-    # kill as soon as the pass has taken its lock (the pass is running)
-    lock = run_dir / phase / "lock"
+    # kill as soon as the pass has taken its lock (the pass is running); a grid of one unit
+    # solves in one step (solve/all)
+    lock = run_dir / ("solve/all" if phase == "solve" else phase) / "lock"
     deadline = time.monotonic() + 120
     while not lock.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -285,6 +286,49 @@ def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, ph
         lost=0 if same else len(BLOCKS),
     )
     assert injected, f"the {phase} pass ended before it could be killed"
+    np.testing.assert_array_equal(result, expected)
+
+
+SOLVE_LEVELS = ["up-1", "up-2", "down-2", "down-1", "labels", "export"]
+
+
+@pytest.mark.parametrize("stitch", ["context", "faces"])
+@pytest.mark.parametrize("step", SOLVE_LEVELS)
+def test_segment_blockwise_killed_at_each_level_of_the_solve(
+    tmp_path, source, fault_tally, monkeypatch, step, stitch
+):
+    """The driver killed while one step of the hierarchical solve runs (2 x 2 x 2 blocks per
+    unit: two levels over the 4 x 4 x 4 blocks, each step a task with two workers), then run
+    again: the segmentation of an uninterrupted run of the whole-graph layout (one unit), bit
+    for bit: the same partition and the same IDs."""
+    name, _ = source
+    clean = start(SEGMENT_DRIVER, name, f"{tmp_path}/clean.zarr/seg", "no-halo", stitch)
+    assert clean.wait(timeout=300) == 0, clean.stderr.read().decode()[-2000:]
+    expected = read_array(f"{tmp_path}/clean.zarr/seg")
+
+    monkeypatch.setenv("VOXBLOCK_SOLVE_FANOUT", "2")
+    output = f"{tmp_path}/out.zarr/seg"
+    run_dir = tmp_path / "out.zarr.voxblock" / "seg"
+    process = start(SEGMENT_DRIVER, name, output, "no-halo", stitch)
+    lock = run_dir / "solve" / step / "lock"
+    deadline = time.monotonic() + 120
+    while not lock.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    injected = process.poll() is None
+    if injected:
+        kill_group(process)
+    again = start(SEGMENT_DRIVER, name, output, "no-halo", stitch)
+    assert again.wait(timeout=300) == 0, again.stderr.read().decode()[-2000:]
+    assert (run_dir / "solve" / "up-2" / "report.json").exists()  # two levels ran
+    result = read_array(output)
+    same = np.array_equal(result, expected)
+    fault_tally.add(
+        "segment_blockwise killed at a level of the solve",
+        injected=int(injected),
+        survived=same,
+        lost=0 if same else len(BLOCKS),
+    )
+    assert injected, f"the solve's {step} step ended before it could be killed"
     np.testing.assert_array_equal(result, expected)
 
 

@@ -19,12 +19,12 @@ from voxblock import arrays
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_blocking_on_grid, context_shell
 from voxblock.segment import faces as face_stitching
-from voxblock.segment.edges import EDGE_FIELDS, block_edges, contact_edges, select_edges
+from voxblock.segment import hierarchy
+from voxblock.segment.edges import block_edges, contact_edges, select_edges
 from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.ids import BlockGrid, to_global
-from voxblock.segment.solve import load_lut, segment_lut
-from voxblock.segment.storage import EdgeWriter, blocks_with_edges, load_edges, write_table
-from voxblock.workers import Preparation, Worker, crop_to, option, prepare_output
+from voxblock.segment.storage import EDGES, EdgeWriter, blocks_with_edges, read_edge_record
+from voxblock.workers import ArrayWorker, Preparation, Worker, crop_to, option, prepare_output
 
 
 @dataclass
@@ -250,7 +250,7 @@ class LabelSegments(Labelling):
     name = "segment-labels"
 
     output: str = option("")
-    lut: str = option("")
+    table_dir: str = option("", help="the solve's records: every block's own table")
 
     def outputs(self) -> list[str]:
         return [self.output]
@@ -268,13 +268,15 @@ class LabelSegments(Labelling):
         self._source = arrays.open_input(self.input)
         self._output = arrays.open_output(self.output)
         self._grid = BlockGrid.from_dict(self.grid)
-        self._fragments, self._segments = load_lut(self.lut, "segment")
+        self._tables = hierarchy.PackStore(self.table_dir)
 
     def process(self, block: Any) -> None:
         labels, largest = own_labels(self._function, self._source, block, self._grid)
-        first = self._grid.index(block.write_roi) * self._grid.id_range + 1
+        index = self._grid.index(block.write_roi)
+        first = index * self._grid.id_range + 1
+        fragments, segments = hierarchy.block_lut(self._tables, index)
         try:
-            table = block_segments(self._fragments, self._segments, first, largest, self._grid.id_range)
+            table = block_segments(fragments, segments, first, largest, self._grid.id_range)
         except VoxblockError as error:
             raise VoxblockError(f"block {block.write_roi}: {error}") from None
         segments = table[labels]
@@ -283,34 +285,181 @@ class LabelSegments(Labelling):
 
 
 @dataclass
-class SolveLut(Worker):
-    """Pass 2: every block's edges -> one fragment -> segment table (a single block)."""
+class RelabelFragments(ArrayWorker):
+    """Pass 3 with context: every block's fragments -> segments, through the block's own table
+    (what the solve wrote for it), never the whole one."""
+
+    name = "segment-relabel"
+    fit = "shrink"
+
+    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
+    table_dir: str = option("", help="the solve's records: every block's own table")
+
+    def output_dtype(self, source: Any) -> np.dtype:
+        return np.dtype(np.uint64)  # fragments may be uint32; segment IDs are uint64
+
+    def setup(self) -> None:
+        super().setup()
+        self._grid = BlockGrid.from_dict(self.grid)
+        self._tables = hierarchy.PackStore(self.table_dir)
+
+    def compute(self, data: np.ndarray, block: Any) -> np.ndarray:
+        fragments, segments = hierarchy.block_lut(self._tables, self._grid.index(block.write_roi))
+        flat = data.ravel()
+        where = np.searchsorted(fragments, flat).clip(0, max(fragments.size - 1, 0))
+        found = (flat > 0) & (fragments[where] == flat) if fragments.size else np.zeros(flat.size, bool)
+        if not (found | (flat == 0)).all():
+            raise VoxblockError(
+                f"block {block.write_roi} holds fragments its table lacks: the run directory is stale "
+                "(fresh=True)"
+            )
+        result = np.zeros(flat.size, np.uint64)
+        result[found] = segments[where[found]]
+        return result.reshape(data.shape)
+
+
+STEPS = ("up", "down", "labels", "export", "all")
+
+
+@dataclass
+class SolveStep(Worker):
+    """Pass 2: one step of the hierarchical solve (`segment.hierarchy`); each block of the task
+    is one unit of the level (a 1-D task: block k is unit k), or one chunk of the export."""
 
     name = "segment-solve"
     fit = "valid"
 
+    step: str = option("up", help="up, down, labels, export, or all (one unit: every step at once)")
+    level: int = option(1)
+    grid: dict = option({}, help="the block grid and ID range (segment.ids.BlockGrid)")
+    fanout: int = option(8, help="blocks per axis of a level-1 unit")
     edge_dir: str = option("")
-    num_blocks: int = option(0)
-    lut: str = option("")
-    edges: str = option("")
+    table_dir: str = option("")
     merge: str = option("any")
     merge_threshold: float = option(0.5)
+    lut: str = option("", help="export: the whole 2 x N table")
+    edges: str = option("", help="export: every edge, N x 5")
+    chunk: int = option(1 << 20, help="export: columns (rows) per chunk")
 
     def prepare(self, preparation: Preparation) -> None:
-        found = blocks_with_edges(self.edge_dir)
-        if found != self.num_blocks:
+        if self.step not in STEPS:
+            raise VoxblockError(f"the solve's step must be one of {', '.join(STEPS)}; got {self.step!r}")
+        if self.step == "up" and self.level == 1:
+            blocks = int(np.prod(self.grid["counts"]))
+            found = blocks_with_edges(self.edge_dir)
+            if found != blocks:
+                raise VoxblockError(
+                    f"{found} of {blocks} blocks have edges in {self.edge_dir}; "
+                    "the fragments pass is not complete"
+                )
+
+    def setup(self) -> None:
+        from voxblock.packfile import PackIndex
+
+        self._hierarchy = hierarchy.Hierarchy(BlockGrid.from_dict(self.grid), self.fanout)
+        self._tables = hierarchy.PackStore(self.table_dir)
+        self._edges = PackIndex(self.edge_dir, EDGES)
+        self._edges.refresh()
+        self._prefix: np.ndarray | None = None
+
+    def block_record(self, block: int) -> tuple[np.ndarray, int, np.ndarray]:
+        payload = self._edges.get(block)
+        if payload is None:
             raise VoxblockError(
-                f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
-                "the fragments pass is not complete"
+                f"block {block} has no edges in {self.edge_dir}: the fragments pass is not complete"
             )
+        edges, fragments = read_edge_record(payload, f"the edge record of block {block} in {self.edge_dir}")
+        return select_edges(edges, self.merge, self.merge_threshold), len(edges), fragments
+
+    def prefix(self) -> np.ndarray:
+        if self._prefix is None:
+            self._prefix = np.load(Path(self.table_dir) / "offsets.npy")
+        return self._prefix
 
     def process(self, block: Any) -> None:
-        edges, fragments, found = load_edges(self.edge_dir)
-        if found != self.num_blocks:
-            raise VoxblockError(
-                f"{found} of {self.num_blocks} blocks have edges in {self.edge_dir}; "
-                "the fragments pass is not complete"
-            )
-        lut = segment_lut(fragments, select_edges(edges, self.merge, self.merge_threshold))
-        write_table(self.edges, edges, {"columns": list(EDGE_FIELDS)})
-        write_table(self.lut, lut, {"rows": ["fragment", "segment"]})
+        unit = int(block.write_roi.begin[0])
+        h = self._hierarchy
+        if self.step == "up":
+            hierarchy.up(h, self.level, unit, self._tables, self.block_record)
+        elif self.step == "down":
+            hierarchy.down(h, self.level, unit, self._tables)
+        elif self.step == "labels":
+            hierarchy.labels(h, unit, self._tables, self.prefix())
+        elif self.step == "export":
+            self.export(unit)
+        else:  # one unit: up, down, the counts, its tables, the whole table
+            if h.num_units(1) != 1:
+                raise VoxblockError("the solve's step 'all' needs a grid of one unit")
+            hierarchy.up(h, 1, 0, self._tables, self.block_record)
+            hierarchy.down(h, 1, 0, self._tables)
+            prefix = hierarchy.offsets(h, self._tables)
+            save_array(Path(self.table_dir) / "offsets.npy", prefix)
+            self._prefix = prefix
+            hierarchy.labels(h, 0, self._tables, prefix)
+            create_tables(self.lut, self.edges, prefix, self.chunk)
+            for chunk in range(max(1, -(-int(max(prefix[0, -1], prefix[1, -1])) // self.chunk))):
+                self.export(chunk)
+
+    def export(self, chunk: int) -> None:
+        """Chunk `chunk` of the whole table (2 x N) and of the edges (N x 5), from the blocks'
+        records; each chunk is written by one block, so no two writers share one."""
+        import zarr
+
+        prefix = self.prefix()
+        for name, row, _width in ((self.lut, 0, 2), (self.edges, 1, 5)):
+            if not name:
+                continue
+            total = int(prefix[row, -1])
+            start, end = chunk * self.chunk, min(total, (chunk + 1) * self.chunk)
+            if start >= end:
+                continue
+            first = int(np.searchsorted(prefix[row], start, side="right")) - 1
+            last = int(np.searchsorted(prefix[row], end, side="left"))
+            parts = []
+            for index in range(first, last):
+                if row == 0:
+                    parts.append(np.stack(hierarchy.block_lut(self._tables, index)))
+                else:
+                    edges, _ = read_edge_record(self._edges.get(index) or b"", f"the edges of block {index}")
+                    parts.append(edges.T)
+            data = np.concatenate(parts, axis=1)
+            data = data[:, start - int(prefix[row, first]) : end - int(prefix[row, first])]
+            array = zarr.open_array(str(arrays.ArrayName.parse(name).path), mode="r+")
+            if row == 0:
+                array[:, start:end] = data
+            else:
+                array[start:end, :] = data.T
+
+
+def save_array(path: Path, data: np.ndarray) -> None:
+    """Whole or absent: written beside, then renamed."""
+    import os
+
+    partial = path.with_name(path.name + ".partial.npy")
+    np.save(partial, data)
+    os.replace(partial, path)
+
+
+def create_tables(lut: str, edges: str, prefix: np.ndarray, chunk: int) -> None:
+    """The whole table (2 x N) and the edges (N x 5), empty, in chunks of `chunk` columns (rows):
+    the export's blocks fill them, one chunk each."""
+    import zarr
+
+    from voxblock.segment.edges import EDGE_FIELDS
+
+    for name, shape, chunks, attrs in (
+        (lut, (2, int(prefix[0, -1])), (2, chunk), {"rows": ["fragment", "segment"]}),
+        (edges, (int(prefix[1, -1]), 5), (chunk, 5), {"columns": list(EDGE_FIELDS)}),
+    ):
+        array_name = arrays.ArrayName.parse(name)
+        zarr_format = arrays.container_format(array_name)
+        arrays.make_groups(array_name, zarr_format)
+        table = zarr.create_array(
+            store=str(array_name.path),
+            shape=shape,
+            dtype=np.uint64,
+            chunks=tuple(max(1, min(c, s)) for c, s in zip(chunks, shape)),
+            overwrite=True,
+            zarr_format=zarr_format,  # type: ignore[arg-type]
+        )
+        table.attrs.update(attrs)

@@ -6,8 +6,9 @@ ROI part with block-position IDs, and records edges where its labels meet
 fragments that neighbouring blocks wrote into its context. The task runs
 with `read_write_conflict`, so of two neighbours one always runs after the
 other and sees its fragments: every pair of touching blocks is compared
-once. Pass 2 (solve) turns all edges into a lookup table; pass 3 (relabel)
-applies it with the relabel worker. At faces (connected components of a
+once. Pass 2 (solve) turns all edges into a lookup table per block, level
+by level over super-blocks (`segment.hierarchy`: no process holds every
+fragment); pass 3 (relabel) maps each block's fragments through its own. At faces (connected components of a
 per-voxel foreground, such as threshold-label; see `segment.faces`): pass 1
 labels each block alone and keeps only its outermost layers, pass 3 labels
 each block again and writes its segments, so no fragments are stored. Each
@@ -20,7 +21,12 @@ the run directory's files grow with the workers, not the blocks.
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +42,24 @@ from voxblock.nodes import check_output_container
 from voxblock.options import TaskOptions, split_positional
 from voxblock.rundir import default_run_dir
 from voxblock.segment.functions import SegmentFunction
+from voxblock.segment.hierarchy import Hierarchy, default_fanout
 from voxblock.segment.ids import BlockGrid
-from voxblock.segment.passes import LabelSegments, SegmentBlocks, SolveLut, StitchFaces
+from voxblock.segment.passes import (
+    LabelSegments,
+    RelabelFragments,
+    SegmentBlocks,
+    SolveStep,
+    StitchFaces,
+    create_tables,
+    save_array,
+)
 from voxblock.segment.storage import (
     SEGMENT_KEY,
     Segmentation,
     holds_foreign_intermediate,
     written_by_voxblock,
 )
-from voxblock.workers import Worker, check_output_layout, stable_hash, worker_class
+from voxblock.workers import Worker, check_output_layout, stable_hash
 
 MERGES = ("any", "overlap", "iou")
 STITCHES = ("auto", "context", "faces")
@@ -147,7 +162,6 @@ def segment_blockwise(
             f"the region to segment {total_roi} is not inside the input {source.roi}; "
             "choose a total ROI inside the input"
         )
-    worker_class("relabel")  # the relabel pass needs voxblock-workers: say so now
     function = SegmentFunction(str(segment_function), dict(parameters or {})).load()
     function.check_input(source)
     rank = function.stitch_rank(source.voxel_size.dims)
@@ -179,6 +193,8 @@ def segment_blockwise(
         "stitch": method,
         # how pass 1 stores its results: a run directory of another layout starts afresh
         "edge_files": "packs",  # per worker process (voxblock.packfile); was "npy": one per block
+        # the solve level by level, a table per block (segment.hierarchy); was one whole table
+        "solve": "hierarchical",
         "fragments": "smallest unsigned dtype",
         "outside the total ROI": "zeros",  # a crop is labelled as if it were the whole volume
     }
@@ -259,32 +275,19 @@ def segment_blockwise(
     if not first.succeeded:
         return False
     changed = first.tasks[-1].processed > 0
-    solve = BlockwiseTask(
-        SolveLut(
-            edge_dir=str(seg.edge_dir),
-            num_blocks=fragments.num_blocks,
-            lut=seg.lut,
-            edges=seg.edges,
-            merge=merge,
-            merge_threshold=merge_threshold,
-        ),
-        target,
-        target,
-        target,
-        1,
-        max_retries,
-        None,
-        task_id="solve",
-        run_dir=seg.run_dir / "solve",
+    solved = run_solve(
+        seg,
+        grid,
+        merge,
+        merge_threshold,
         fresh=changed,
-        **where,
+        options={**common, "max_retries": max_retries},
+        where=where,
+        serial=serial,
     )
-    # one block of pure bookkeeping: on this machine, in this process, unless workers run elsewhere
-    local = compute is None or isinstance(compute, Local)
-    second = run_tasks([solve], progress=False, serial=serial or local)
-    if not second.succeeded:
+    if solved is None:
         return False
-    changed = changed or second.tasks[-1].processed > 0
+    changed = changed or solved
     if method == "faces":
         # the same blocks as pass 1, so that each is labelled exactly as it was there
         relabel = BlockwiseTask(
@@ -293,7 +296,7 @@ def segment_blockwise(
                 parameters=function.parameters,
                 input=str(arrays.ArrayName.parse(input)),
                 output=str(output_name),
-                lut=seg.lut,
+                table_dir=str(seg.table_dir),
                 grid=grid.to_dict(),
                 region=region,
             ),
@@ -313,7 +316,12 @@ def segment_blockwise(
         )
     else:
         relabel = BlockwiseTask(
-            "relabel",
+            RelabelFragments(
+                input=seg.fragments,
+                output=str(output_name),
+                grid=grid.to_dict(),
+                table_dir=str(seg.table_dir),
+            ),
             target,
             write_roi,
             write_roi,
@@ -321,10 +329,6 @@ def segment_blockwise(
             run_dir=seg.run_dir / "relabel",
             fresh=changed,
             overwrite=True,
-            input=seg.fragments,
-            output=str(output_name),
-            lut=seg.lut,
-            dtype="uint64",  # fragments may be uint32; segment IDs are uint64 whatever the volume's size
             chunk_shape=chunk_shape,
             shard_shape=shard_shape,
             **common,
@@ -340,6 +344,165 @@ def segment_blockwise(
         shutil.rmtree(seg.edge_dir, ignore_errors=True)
         shutil.rmtree(seg.face_dir, ignore_errors=True)
     return True
+
+
+FANOUT_VARIABLE = "VOXBLOCK_SOLVE_FANOUT"  # blocks per axis of a level-1 unit (tests: small grids)
+
+
+def solve_fanout(ndim: int) -> int:
+    value = os.environ.get(FANOUT_VARIABLE)
+    if not value:
+        return default_fanout(ndim)
+    try:
+        fanout = int(value)
+    except ValueError:
+        fanout = 0
+    if fanout < 2:
+        raise VoxblockError(f"{FANOUT_VARIABLE} must be an integer of at least 2; got {value!r}")
+    return fanout
+
+
+def run_solve(
+    seg: Segmentation,
+    grid: BlockGrid,
+    merge: str,
+    merge_threshold: float,
+    fresh: bool,
+    options: dict[str, Any],
+    where: dict[str, Any],
+    serial: bool,
+    fanout: int | None = None,
+    progress: bool = False,
+) -> bool | None:
+    """Pass 2, level by level (`segment.hierarchy`): up 1..H, down H..1, the counts (here: a
+    few integers per block), every block's table, the whole table and edges. Each step is a
+    blockwise task over the level's units (resumable; its own run directory under solve/).
+    None: a step failed; else whether any step ran a block (the passes after it start afresh).
+    """
+
+    hierarchy = Hierarchy(grid, fanout or solve_fanout(len(grid.counts)))
+    solve_dir = seg.run_dir / "solve"
+    layout = {"fanout": hierarchy.fanout, "levels": hierarchy.levels, "grid": grid.to_dict()}
+    recorded = solve_dir / "layout.json"
+    try:
+        same = json.loads(recorded.read_text()) == layout
+    except (FileNotFoundError, json.JSONDecodeError):
+        same = False
+    if fresh or not same:  # every record is a function of pass 1's and of the layout
+        shutil.rmtree(solve_dir, ignore_errors=True)
+        fresh = True
+    seg.table_dir.mkdir(parents=True, exist_ok=True)
+    recorded.write_text(json.dumps(layout))
+    # one unit is today's whole-graph solve: in this process, unless workers run elsewhere
+    local = where.get("compute") is None or isinstance(where.get("compute"), Local)
+    in_process = serial or (local and hierarchy.num_units(1) == 1)
+    common = {"num_workers": 1, "max_retries": options["max_retries"]} if in_process else options
+    worker = {
+        "grid": grid.to_dict(),
+        "fanout": hierarchy.fanout,
+        "edge_dir": str(seg.edge_dir),
+        "table_dir": str(seg.table_dir),
+        "merge": merge,
+        "merge_threshold": merge_threshold,
+    }
+    top = hierarchy.levels
+    started = time.perf_counter()
+    if hierarchy.num_units(1) == 1:  # one unit: every step as one block (today's one-block solve)
+        whole = SolveStep(step="all", lut=seg.lut, edges=seg.edges, **worker)
+        processed = _run_units(whole, 1, "all", seg, fresh, common, where, in_process)
+        if processed is None:
+            return None
+        _report(hierarchy, np.load(seg.table_dir / "offsets.npy"), started)
+        return processed > 0
+    steps: list[tuple[str, int, int]] = [
+        ("up", level, hierarchy.num_units(level)) for level in range(1, top + 1)
+    ]
+    steps += [("down", level, hierarchy.num_units(level)) for level in range(top, 0, -1)]
+    steps.append(("labels", 1, hierarchy.num_units(1)))
+    ran = False
+    for step, level, units in steps:
+        if step == "labels" and not (seg.table_dir / "offsets.npy").exists():
+            prefix = hierarchy_offsets(hierarchy, seg)
+            save_array(seg.table_dir / "offsets.npy", prefix)
+        name = step if step == "labels" else f"{step}-{level}"
+        processed = _run_units(
+            SolveStep(step=step, level=level, **worker), units, name, seg, fresh, common, where, in_process
+        )
+        if processed is None:
+            return None
+        ran = ran or processed > 0
+        fresh = fresh or processed > 0
+    prefix = np.load(seg.table_dir / "offsets.npy")
+    chunk = 1 << 20
+    if fresh or not _exported(seg, prefix):
+        create_tables(seg.lut, seg.edges, prefix, chunk)
+    chunks = max(1, -(-int(max(prefix[0, -1], prefix[1, -1])) // chunk))
+    export = SolveStep(step="export", lut=seg.lut, edges=seg.edges, chunk=chunk, **worker)
+    processed = _run_units(export, chunks, "export", seg, fresh, common, where, in_process)
+    if processed is None:
+        return None
+    _report(hierarchy, prefix, started)
+    return ran or processed > 0
+
+
+def _report(hierarchy: Hierarchy, prefix: np.ndarray, started: float) -> None:
+    top, units = hierarchy.levels, hierarchy.num_units(1)
+    print(
+        f"solve: done - {top} level{'s' if top > 1 else ''} of {hierarchy.fanout}^"
+        f"{len(hierarchy.grid.counts)} blocks per unit, {units} unit{'s' if units > 1 else ''} at "
+        f"level 1, {int(prefix[2, -1])} segments ({time.perf_counter() - started:.1f} s)",
+        flush=True,
+    )
+
+
+def hierarchy_offsets(hierarchy: Hierarchy, seg: Segmentation) -> np.ndarray:
+    from voxblock.segment.hierarchy import PackStore, offsets
+
+    return offsets(hierarchy, PackStore(str(seg.table_dir)))
+
+
+def _exported(seg: Segmentation, prefix: np.ndarray) -> bool:
+    try:
+        lut = zarr.open_array(str(arrays.ArrayName.parse(seg.lut).path), mode="r")
+        edges = zarr.open_array(str(arrays.ArrayName.parse(seg.edges).path), mode="r")
+    except Exception:
+        return False
+    return lut.shape == (2, int(prefix[0, -1])) and edges.shape == (int(prefix[1, -1]), 5)
+
+
+def _run_units(
+    worker: Worker,
+    units: int,
+    name: str,
+    seg: Segmentation,
+    fresh: bool,
+    common: dict[str, Any],
+    where: dict[str, Any],
+    in_process: bool,
+) -> int | None:
+    """Run one solve step over `units` blocks (a 1-D task: block k is unit k); the blocks it
+    processed, or None if it failed."""
+    from voxblock.run import run_tasks
+    from voxblock.task import BlockwiseTask
+
+    total, one = Roi((0,), (units,)), Roi((0,), (1,))
+    task = BlockwiseTask(
+        worker,
+        total,
+        one,
+        one,
+        task_id=f"solve-{name}",
+        run_dir=seg.run_dir / "solve" / name,
+        fresh=fresh,
+        **common,
+        **where,
+    )
+    summary = io.StringIO()  # one line for the whole solve (run_solve), the steps' only if one failed
+    report = run_tasks([task], progress=False, serial=in_process, out=summary)
+    if not report.succeeded:
+        sys.stdout.write(summary.getvalue())
+        return None
+    return report.tasks[-1].processed
 
 
 def block_rois(read_roi: Roi, write_roi: Roi, context: Coordinate) -> tuple[Roi, Roi]:

@@ -3,6 +3,9 @@
 Connected components of the graph whose nodes are fragments and whose
 edges are merges (the same answer as union-find, computed by scipy's
 compiled graph code). Memory grows with fragments and edges, not voxels.
+segment_blockwise solves level by level instead (`segment.hierarchy`),
+with this function's result (its tests compare the two); this one is the
+reference, and what a single unit of the hierarchy does.
 """
 
 from __future__ import annotations

@@ -68,6 +68,11 @@ class Segmentation:
         return self.run_dir / "edges"
 
     @property
+    def table_dir(self) -> Path:
+        """The solve's records (`segment.hierarchy`): trees, down tables, every block's table."""
+        return self.run_dir / "solve" / "tables"
+
+    @property
     def face_dir(self) -> Path:
         return self.run_dir / "faces"
 
