@@ -204,11 +204,29 @@ def _shared_options(
     def decorate(function: Any) -> Any:
         function = _cluster_options(function)
         function = click.option("--no-progress", is_flag=True, help="no progress bar")(function)
+        function = click.option(
+            "--plan",
+            is_flag=True,
+            help="check everything, count blocks, bytes and files, time a few blocks in a scratch "
+            "copy and estimate the run; write nothing",
+        )(function)
         for option in reversed(_task_options(overrides, exclude)):
             function = option(function)
         return function
 
     return decorate if function is None else decorate(function)
+
+
+def _call(command: str, call: Any) -> Any:
+    return call()
+
+
+def _plan(command: str, call: Any) -> typing.NoReturn:
+    """--plan: print what `call` (a run) would cost, having checked what it checks; exit."""
+    from voxblock.plan import plan_command, process_started
+
+    click.echo(plan_command(command, call, started=process_started()).render())
+    sys.exit(0)
 
 
 def _field_option(field: dataclasses.Field, hint: Any, prefix: str = "") -> click.Option:
@@ -320,7 +338,7 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         compute, host = _compute(values, flags.pop("host"))
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None
-    common = {k: values.pop(k) for k in ("block_size", "context", "roi", "no_progress")}
+    common = {k: values.pop(k) for k in ("block_size", "context", "roi", "no_progress", "plan")}
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     origin: Coordinate | None = None
     try:
@@ -355,6 +373,8 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
             worker_options=options,  # every worker option: never taken for a task option
             **_task_keywords(flags, source.voxel_size.dims, compute, host),
         )
+        if common["plan"]:
+            _plan(f"run {name}", lambda: run_tasks([task], progress=False, host=host))
         report = run_tasks([task], progress=not common["no_progress"], host=host)
     except VoxblockError as error:
         raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
@@ -643,21 +663,24 @@ def segment(function: str, **values: Any) -> None:
         context = parse_coordinate(values["context"], source.voxel_size.dims) * source.voxel_size
         block = parse_coordinate(values["block_size"], source.voxel_size.dims) * source.voxel_size
         write = Roi((0,) * len(block), block)
-        ok = segment_blockwise(
-            function,
-            context,
-            region,
-            write,
-            write,
-            input=values["input_"],
-            output=values["output"],
-            parameters=parameters,
-            merge=values["merge"],
-            merge_threshold=values["merge_threshold"],
-            stitch=values["stitch"],
-            keep_fragments=not values["drop_fragments"],
-            progress=not values["no_progress"],
-            **_task_keywords(flags, source.voxel_size.dims, compute, host),
+        ok = (_plan if values["plan"] else _call)(
+            "segment",
+            lambda: segment_blockwise(
+                function,
+                context,
+                region,
+                write,
+                write,
+                input=values["input_"],
+                output=values["output"],
+                parameters=parameters,
+                merge=values["merge"],
+                merge_threshold=values["merge_threshold"],
+                stitch=values["stitch"],
+                keep_fragments=not values["drop_fragments"],
+                progress=not values["no_progress"],
+                **_task_keywords(flags, source.voxel_size.dims, compute, host),
+            ),
         )
     except VoxblockError as error:
         raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
@@ -775,24 +798,27 @@ def agglomerate(**values: Any) -> None:
         block = parse_coordinate(values["block_size"], ndim) * voxel_size
         context = parse_coordinate(values["context"], ndim) * voxel_size if values["context"] else None
         keywords = _task_keywords(flags, ndim, compute, host)
-        report = agglomerate_blockwise(
-            values["affinities"],
-            values["fragments"],
-            values["output"],
-            values["db"],
-            tuple(block),
-            context=tuple(context) if context is not None else None,
-            offsets=_json_option("--offsets", values["offsets"], list) if values["offsets"] else None,
-            method=values["method"],
-            threshold=values["threshold"],
-            bias=_json_option("--bias", values["bias"], (int, float, list)),
-            strides=_json_option("--strides", values["strides"], list) if values["strides"] else None,
-            randomized_strides=values["randomized_strides"],
-            min_size=values["min_size"],
-            mask=values["mask"],
-            overwrite=keywords.pop("overwrite"),
-            progress=not values["no_progress"],
-            **keywords,
+        report = (_plan if values["plan"] else _call)(
+            "agglomerate",
+            lambda: agglomerate_blockwise(
+                values["affinities"],
+                values["fragments"],
+                values["output"],
+                values["db"],
+                tuple(block),
+                context=tuple(context) if context is not None else None,
+                offsets=_json_option("--offsets", values["offsets"], list) if values["offsets"] else None,
+                method=values["method"],
+                threshold=values["threshold"],
+                bias=_json_option("--bias", values["bias"], (int, float, list)),
+                strides=_json_option("--strides", values["strides"], list) if values["strides"] else None,
+                randomized_strides=values["randomized_strides"],
+                min_size=values["min_size"],
+                mask=values["mask"],
+                overwrite=keywords.pop("overwrite"),
+                progress=not values["no_progress"],
+                **keywords,
+            ),
         )
     except VoxblockError as error:
         raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
@@ -1161,15 +1187,18 @@ def downsample_command(
         source = arrays.open_input(input_)
         voxel_size, origin = source.voxel_size, source.offset
         ndim = source.voxel_size.dims
-        pyramid = downsample_blockwise(
-            input_,
-            levels=levels,
-            factors=factors,
-            mode=mode,
-            output=output,
-            block_size=tuple(parse_coordinate(block_size, ndim)) if block_size else None,
-            progress=not values["no_progress"],
-            **_task_keywords(flags, ndim, compute, host),
+        pyramid = (_plan if values["plan"] else _call)(
+            "downsample",
+            lambda: downsample_blockwise(
+                input_,
+                levels=levels,
+                factors=factors,
+                mode=mode,
+                output=output,
+                block_size=tuple(parse_coordinate(block_size, ndim)) if block_size else None,
+                progress=not values["no_progress"],
+                **_task_keywords(flags, ndim, compute, host),
+            ),
         )
     except VoxblockError as error:
         raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None

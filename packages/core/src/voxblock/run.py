@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
@@ -168,6 +169,9 @@ def run_tasks(
     (cluster jobs of this run that are still listed are cancelled).
     """
     ordered = all_tasks(tasks)
+    planner = PLANNER.get()
+    if planner is not None:  # `--plan` (voxblock.plan): check and estimate these tasks, run nothing
+        planner(ordered)
     host = scheduler_host(ordered, host)
     prepared: list[BlockwiseTask] = []
     errors: list[str] = []
@@ -196,6 +200,11 @@ def run_tasks(
         raise RuntimeError("; ".join(errors))
     return report
 
+
+# set by voxblock.plan while it plans a command: run_tasks hands it the tasks instead of running them
+PLANNER: ContextVar[Callable[[Sequence[BlockwiseTask]], None] | None] = ContextVar(
+    "voxblock_planner", default=None
+)
 
 LOOPBACK = "127.0.0.1"
 

@@ -169,21 +169,7 @@ class BlockwiseTask:
         existed = self.run_dir.path.exists()
         self.run_dir.acquire_lock(description)
         try:
-            self.worker.prepare(
-                Preparation(
-                    blocking=self.blocking,
-                    task_key=self.task_key,
-                    num_workers=self.num_workers,
-                    overwrite=self.overwrite,
-                    chunk_shape=self.chunk_shape,
-                    shard_shape=self.shard_shape,
-                    provenance={
-                        "task": self.task_key,
-                        "worker": self.worker.worker_name,
-                        "run_dir": str(self.run_dir.path.resolve()),
-                    },
-                )
-            )
+            self.worker.prepare(self.preparation())
         except BaseException:
             self.run_dir.release_lock()
             if not existed:
@@ -208,6 +194,22 @@ class BlockwiseTask:
             }
         )
         self._prepared = True
+
+    def preparation(self) -> Preparation:
+        """What the worker's `prepare` is told (also by `voxblock.plan`, which checks without creating)."""
+        return Preparation(
+            blocking=self.blocking,
+            task_key=self.task_key,
+            num_workers=self.num_workers,
+            overwrite=self.overwrite,
+            chunk_shape=self.chunk_shape,
+            shard_shape=self.shard_shape,
+            provenance={
+                "task": self.task_key,
+                "worker": self.worker.worker_name,
+                "run_dir": str(self.run_dir.path.resolve()),
+            },
+        )
 
     def _halo_thickness(self, array: Any) -> Coordinate | None:
         return plan_thickness(
