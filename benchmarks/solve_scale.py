@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     results = []
     print(
-        "| fragments | blocks | edges | segments | levels | solve (s) | peak RSS (MiB) | per step (s / MiB) |"
+        "| fragments | blocks | edges | segments | levels | solve (s) | CPU (s) | peak RSS (MiB) "
+        "| per step (s / MiB) |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for fragments in args.fragments:
