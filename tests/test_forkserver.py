@@ -187,3 +187,24 @@ def test_the_environment_can_turn_the_server_off(tmp_path, monkeypatch):
     assert run(tmp_path / "a").succeeded
     parents = {parent for _, parent in served_by(tmp_path / "a")}
     assert server is None or server.pid not in parents  # the workers were not forked from it
+
+
+def test_a_server_stopped_while_it_preloads_leaves_quietly(tmp_path):
+    """The CLI warms the server as it starts; a run refused at once stops it mid-import: no
+    traceback on the user's terminal, no socket directory left."""
+    (tmp_path / "slow_to_import.py").write_text("import time\ntime.sleep(5)\n")
+    script = (
+        "import time\n"
+        "from voxblock import forkserver\n"
+        "address = forkserver.address(['slow_to_import'])\n"
+        "time.sleep(1.0)\n"  # in the slow import by now
+        "started = time.monotonic()\n"
+        "forkserver.stop()\n"
+        "assert time.monotonic() - started < 2, 'the server did not stop at once'\n"
+        "import os\n"
+        "assert not os.path.exists(os.path.dirname(address))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""

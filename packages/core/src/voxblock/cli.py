@@ -328,6 +328,7 @@ def _worker_command(name: str, cls: type[Worker] | None) -> click.Command:
 
 
 def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
+    from voxblock.compute import may_run_in_process
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
 
@@ -338,6 +339,13 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         compute, host = _compute(values, flags.pop("host"))
     except VoxblockError as error:
         raise click.ClickException(str(error)) from None
+    if (
+        cls is not None
+        and not values.get("plan")
+        and not may_run_in_process(cls, compute, flags.get("timeout"), input_name, values["block_size"])
+    ):
+        # the fork server imports the worker's modules while this process opens the arrays
+        compute.warm(cls)
     common = {k: values.pop(k) for k in ("block_size", "context", "roi", "no_progress", "plan")}
     voxel_size: Coordinate | None = None  # known once the input is open: errors then speak voxels
     origin: Coordinate | None = None

@@ -20,12 +20,11 @@ computes cancels any job of the run still known to the scheduler.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,24 +33,43 @@ from voxblock.job import Job, process_block, serve_blocks
 from voxblock.rundir import RunDirectory
 from voxblock.workers import Worker
 
+# True while `run_tasks` runs a small job in the driver of its own accord (`runs_in_process`):
+# a block that raises is then failed and retried (`max_retries`) and reported, as a worker
+# process's would be; a serial run asked for (`serial=True`, debugging) raises it out of run_tasks
+RETRY_IN_PROCESS: ContextVar[bool] = ContextVar("voxblock_retry_in_process", default=False)
+
 
 @dataclass
 class ServeInProcess:
-    """daisy's block function for serial runs (`serial=True`): no processes, no TCP.
+    """daisy's block function for serial runs (`serial=True`, or a small job that `run_tasks`
+    runs in the driver): no processes, no TCP.
 
-    For debugging and for fast property tests of the pure logic: the job's set-up and
-    per-block step of the worker loop (voxblock.job), run in the driver; failures are
-    recorded like in a worker process and re-raised so daisy retries them.
+    The job's set-up and per-block step of the worker loop (voxblock.job), run in the
+    driver; failures are recorded like in a worker process. Asked for (debugging, fast
+    property tests of the pure logic), they are raised out of the run; in a small job run
+    here of voxblock's accord (`RETRY_IN_PROCESS`), the block is failed and daisy retries it.
     """
 
     job: Job
     ready: bool = False
 
     def __call__(self, block: Any) -> None:
-        if not self.ready:
-            self.job.setup()
-            self.ready = True
-        process_block(self.job, block, RunDirectory(Path(self.job.run_dir)))
+        run_dir = RunDirectory(Path(self.job.run_dir))
+        try:
+            if not self.ready:
+                try:
+                    self.job.setup()
+                except Exception as error:  # as a worker that fails to start: every attempt tries again
+                    run_dir.record_failure(block, error)
+                    raise
+                self.ready = True
+            process_block(self.job, block, run_dir)
+        except Exception:
+            if not RETRY_IN_PROCESS.get():
+                raise
+            import daisy.v2 as daisy
+
+            block.status = daisy.BlockStatus.FAILED
 
 
 @dataclass(frozen=True)
@@ -62,36 +80,6 @@ class ServeHere:
 
     def __call__(self) -> None:
         serve_blocks(self.job)
-
-
-@dataclass(frozen=True)
-class ServeForked:
-    """daisy's process function for `Local` with a fork server: a warm child serves the blocks.
-
-    The child shares this process's streams and environment; this process
-    waits for it and exits as it did (see `voxblock.forkserver`). With no
-    server to answer, it serves the blocks itself.
-    """
-
-    server: str
-    run_dir: Path
-    modules: tuple[str, ...] = ()
-
-    def __call__(self) -> None:
-        from voxblock import forkserver
-
-        code = forkserver.run_forked(self.server, str(self.run_dir), self.modules)
-        if code is None:
-            serve_blocks(Job.load(self.run_dir))
-            return
-        if code != 0:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            if code < 0:  # killed by a signal: end by the same one, so that daisy reports it as such
-                with contextlib.suppress(OSError, ValueError):  # SIGKILL's cannot be set, nor needs to
-                    signal.signal(-code, signal.SIG_DFL)
-                os.kill(os.getpid(), -code)
-            os._exit(code if code > 0 else 128 - code)  # daisy reads a block timeout from the code
 
 
 def run_name(task_id: str) -> str:
@@ -110,8 +98,9 @@ class Compute:
     def process_function(self, job: Job) -> Callable[[], None]:
         raise NotImplementedError
 
-    def warm(self, worker: Worker) -> None:
-        """Called by `run_tasks` before it prepares the tasks: start what workers will need."""
+    def warm(self, worker: Worker | type[Worker]) -> None:
+        """Called by `run_tasks` before it prepares the tasks (and by the CLI as it starts, with the
+        worker's class): start what workers will need."""
 
     def cleanup(self, job: Job) -> None:
         """Called by `run_tasks` after the run, however it ended: end what is left of its workers."""
@@ -135,23 +124,131 @@ class Local(Compute):
         if self.fork_server and forkserver.enabled():
             job.save()
             modules = worker_modules(job.worker)
-            return ServeForked(forkserver.address(modules), Path(job.run_dir), modules)
+            # a class of voxblock.forkserver: the launcher daisy starts imports nothing else of ours
+            return forkserver.ServeForked(forkserver.address(modules), Path(job.run_dir), modules)
         return ServeHere(job)
 
-    def warm(self, worker: Worker) -> None:
+    def warm(self, worker: Worker | type[Worker]) -> None:
         from voxblock import forkserver
 
         if self.fork_server and forkserver.enabled():
             forkserver.address(worker_modules(worker))
 
 
-def worker_modules(worker: Worker) -> tuple[str, ...]:
+# Workers known to be pure: numpy (and fastremap) on the block's arrays, nothing else. No model,
+# no native code that may take the process down, no threads, signals, environment or working
+# directory changed, no output on the terminal: what they do in the driver they would do in a worker.
+PURE_WORKERS = frozenset(
+    {
+        "voxblock_workers.threshold.Threshold",
+        "voxblock_workers.argmax.Argmax",
+        "voxblock_workers.relabel.Relabel",
+    }
+)
+# a job this small runs in the driver: its blocks take less than a worker process takes to start
+IN_PROCESS_BLOCKS = 8
+# ... and, where more than one worker could share them, reads at most this many voxels in all
+IN_PROCESS_VOXELS = 1 << 23
+
+
+def runs_in_process(tasks: Sequence[Any]) -> bool:
+    """Whether `run_tasks` runs these tasks (BlockwiseTasks) in this process, one block at a
+    time, with no scheduler and no worker processes: only a small job (`IN_PROCESS_BLOCKS`
+    blocks in all; `IN_PROCESS_VOXELS` read, unless one worker would do them all anyway) of
+    known pure workers (`PURE_WORKERS`) on `Local` compute, with no block timeout and no init
+    callback. In the driver nothing could kill a block past its timeout, and a block that takes
+    the process down (a segfault, the OOM killer) would take the run with it instead of costing
+    a worker restart and a retry: that is safe only for workers that cannot do either. Failed
+    blocks are recorded and retried (`max_retries`) as in a worker. VOXBLOCK_IN_PROCESS=0 turns
+    it off."""
+    if _in_process_off():
+        return False
+    blocks = 0
+    for task in tasks:
+        if (
+            type(task.compute) is not Local
+            or task.timeout is not None
+            or task.init_callback_fn is not None
+            or not _pure(type(task.worker))
+        ):
+            return False
+        blocks += task.num_blocks
+    if blocks > IN_PROCESS_BLOCKS:
+        return False
+    if blocks <= 1 or all(t.num_workers <= 1 for t in tasks):
+        return True  # one worker process would serve them all, one after the other, anyway
+    return sum(_voxels_read(t) for t in tasks) <= IN_PROCESS_VOXELS
+
+
+def _in_process_off() -> bool:
+    return os.environ.get("VOXBLOCK_IN_PROCESS", "1").lower() in ("0", "false", "no", "off")
+
+
+def _pure(kind: type) -> bool:
+    return (
+        f"{kind.__module__}.{kind.__qualname__}" in PURE_WORKERS
+        and getattr(kind, "spawn_function", None) is Worker.spawn_function
+    )
+
+
+def may_run_in_process(
+    kind: type[Worker], compute: Compute, timeout: float | None, input_name: str | None, block_size: str
+) -> bool:
+    """The CLI's guess, as it starts, that `runs_in_process` will say yes (then it does not warm
+    a fork server that nothing would use): a pure worker on `Local` compute with no timeout,
+    and an input that the array's metadata alone (no zarr import) shows to be at most
+    `IN_PROCESS_BLOCKS` blocks of `block_size` voxels. False where it cannot tell."""
+    if _in_process_off() or type(compute) is not Local or timeout is not None or not _pure(kind):
+        return False
+    shape = _metadata_shape(Path(input_name)) if input_name else None
+    try:
+        block = [int(v) for v in str(block_size).replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        return False
+    if shape is None or not block or min(block) <= 0:
+        return False
+    if len(block) > 1:
+        shape = shape[-len(block) :]
+    blocks = 1
+    for i, size in enumerate(shape):
+        blocks *= -(-int(size) // block[min(i, len(block) - 1)])
+    return blocks <= IN_PROCESS_BLOCKS
+
+
+def _metadata_shape(path: Path) -> list[int] | None:
+    """A zarr array's shape from its metadata file (v3 or v2), or None."""
+    import json
+
+    for name in ("zarr.json", ".zarray"):
+        try:
+            metadata = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        shape = metadata.get("shape") if isinstance(metadata, dict) else None
+        if isinstance(shape, list) and all(isinstance(s, int) for s in shape):
+            return shape
+        return None
+    return None
+
+
+def _voxels_read(task: Any) -> int:
+    from voxblock import arrays
+
+    voxel_size = arrays.open_input(task.worker.input).voxel_size
+    voxels = 1
+    for size, voxel in zip(task.blocking.read_roi.shape, voxel_size):
+        voxels *= -(-int(size) // int(voxel))
+    return voxels * task.num_blocks
+
+
+def worker_modules(worker: Worker | type[Worker]) -> tuple[str, ...]:
     """What the fork server imports for this worker: what it declares, and its module if that
     is voxblock's own (a user's module, a script or a test, is imported by the worker alone:
     its import-time code never runs in the server)."""
-    module = type(worker).__module__
+    kind = worker if isinstance(worker, type) else type(worker)
+    module = kind.__module__
     own = (module,) if module.split(".")[0] in ("voxblock", "voxblock_workers") else ()
-    return (*worker.preload, *own)
+    return (*kind.preload, *own)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import threading
 import traceback
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,36 @@ def run_forked(server: str, run_dir: str, modules: Sequence[str]) -> int | None:
         if status is None:
             raise RuntimeError("voxblock's fork server ended while this worker ran")
         return _STATUS.unpack(status)[0]
+
+
+@dataclass(frozen=True)
+class ServeForked:
+    """daisy's process function for `Local` with a fork server: a warm child serves the blocks.
+
+    The child shares this process's streams and environment; this process
+    waits for it and exits as it did (see above). With no
+    server to answer, it serves the blocks itself.
+    """
+
+    server: str
+    run_dir: Path
+    modules: tuple[str, ...] = ()
+
+    def __call__(self) -> None:
+        code = run_forked(self.server, str(self.run_dir), self.modules)
+        if code is None:
+            from voxblock.job import Job, serve_blocks
+
+            serve_blocks(Job.load(self.run_dir))
+            return
+        if code != 0:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if code < 0:  # killed by a signal: end by the same one, so that daisy reports it as such
+                with contextlib.suppress(OSError, ValueError):  # SIGKILL's cannot be set, nor needs to
+                    signal.signal(-code, signal.SIG_DFL)
+                os.kill(os.getpid(), -code)
+            os._exit(code if code > 0 else 128 - code)  # daisy reads a block timeout from the code
 
 
 def _receive(connection: socket.socket, size: int) -> bytes | None:
@@ -368,24 +399,49 @@ def _stop_serving(signum: int, frame: Any) -> None:
     raise SystemExit(0)
 
 
+def _stop_preloading(path: str) -> Any:
+    """The stop signal's handler while the server imports: stopped then (a run refused right
+    after the CLI warmed the server, the driver gone), it has no child to end, and an exception
+    raised into an import half done would print a traceback. It leaves quietly at once."""
+
+    def stop(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            os.rmdir(os.path.dirname(path))
+        os._exit(0)
+
+    return stop
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     listener = socket.socket(fileno=int(args[0]))
     driver = int(args[1])
     preload = args[2:]
+    path = listener.getsockname()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the driver and the workers
-    signal.signal(signal.SIGTERM, _stop_serving)  # stop() or the driver's death: clean up first
+    signal.signal(signal.SIGTERM, _stop_preloading(path))  # stop() or the driver's death
     # Python 3.12 warns on fork() where a native thread exists (numpy's BLAS pool); that
     # pool is idle here and re-created in the child (OpenBLAS forks cleanly)
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
     _import([*CORE_MODULES, *preload])
-    path = listener.getsockname()
+    signal.signal(signal.SIGTERM, _stop_serving)  # serving: end the children first
+    code = 0
     try:
         serve(listener, driver)
+    except SystemExit:
+        pass
+    except BaseException:
+        traceback.print_exc()
+        code = 1
     finally:  # the driver has gone (killed, perhaps, before it could clean up): leave nothing behind
         with contextlib.suppress(OSError):
             os.unlink(path)
             os.rmdir(os.path.dirname(path))
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        # and at once: finalizing numpy's, zarr's... modules takes 0.1 s that stop() waits for
+        os._exit(code)
 
 
 if __name__ == "__main__":

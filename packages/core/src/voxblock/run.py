@@ -40,6 +40,9 @@ class TaskReport:
     timeouts: int = 0
     retried_blocks: int = 0
     abandoned: str | None = None
+    # run in the driver, one block at a time: no scheduler, no worker processes (a small job:
+    # `compute.runs_in_process`, or `serial=True`)
+    in_process: bool = False
     # blocks with no done marker that neither failed nor were orphaned: daisy ended the task
     # without handing them out (voxblock's check after the run, against daisy faults)
     never_run: int = 0
@@ -72,10 +75,11 @@ class RunReport:
         lines = []
         for t in self.tasks:
             status = "done" if t.succeeded else "FAILED"
+            where = " in this process, no worker processes" if t.in_process else ""
             lines.append(
                 f"{t.task_id}: {status} - {t.processed} blocks processed, {t.skipped} already "
                 f"done, {len(t.failed_blocks)} failed, {t.orphaned} not run, of {t.total_blocks} "
-                f"({t.seconds:.1f} s; {t.retried_blocks} blocks retried, "
+                f"({t.seconds:.1f} s{where}; {t.retried_blocks} blocks retried, "
                 f"{t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
             )
             if t.serving_blocks_per_second:
@@ -156,12 +160,16 @@ def run_tasks(
     progress: bool = True,
     host: str | None = None,
     out: TextIO | None = None,
-    serial: bool = False,
+    serial: bool | None = None,
 ) -> RunReport:
     """Prepare every task (upstream first), run them as one daisy pipeline, report.
 
     `serial=True` runs every block in this process, one at a time (no
-    server, no worker processes): for debugging and fast tests. `host` is
+    server, no worker processes): for debugging and fast tests. By default
+    (`serial=None`) a job too small to pay for a server and worker
+    processes runs so, the summary says so: a few blocks of a known pure
+    worker on `Local` compute with no timeout (`compute.runs_in_process`);
+    `serial=False` always starts worker processes. `host` is
     the address cluster workers connect to (default: a task's `host`, else
     `DAISY_HOST`, else the address daisy detects); when every worker is
     local the scheduler listens on loopback only (`scheduler_host`).
@@ -175,6 +183,11 @@ def run_tasks(
     host = scheduler_host(ordered, host)
     prepared: list[BlockwiseTask] = []
     errors: list[str] = []
+    chosen = serial is None  # in this process, if at all, of voxblock's accord: blocks retried
+    if serial is None:
+        from voxblock.compute import runs_in_process
+
+        serial = runs_in_process(ordered)
     if not serial:
         for task in ordered:  # e.g. the fork server imports while the tasks are prepared
             task.compute.warm(task.worker)
@@ -187,7 +200,7 @@ def run_tasks(
             # nothing to do: no server, no worker processes (a resumed run that had finished)
             reports = [_done_report(t, ids[id(t)]) for t in ordered]
         else:
-            reports, errors = _run_pipeline(ordered, ids, progress, host, serial)
+            reports, errors = _run_pipeline(ordered, ids, progress, host, serial, retry=chosen)
     finally:
         for task in prepared:
             task.release()
@@ -227,9 +240,15 @@ def scheduler_host(tasks: Sequence[BlockwiseTask], host: str | None = None) -> s
 
 
 def _run_pipeline(
-    ordered: Sequence[BlockwiseTask], ids: dict[int, str], progress: bool, host: str | None, serial: bool
+    ordered: Sequence[BlockwiseTask],
+    ids: dict[int, str],
+    progress: bool,
+    host: str | None,
+    serial: bool,
+    retry: bool = False,
 ) -> tuple[list[TaskReport], list[str]]:
-    """One daisy pipeline for all tasks; their reports and any init-callback errors."""
+    """One daisy pipeline for all tasks; their reports and any init-callback errors. `retry`: a
+    serial run fails and retries a block that raises, as a worker process would."""
     import daisy.logging as daisy_logging
     import daisy.v2 as daisy
 
@@ -248,9 +267,15 @@ def _run_pipeline(
             for task in ordered:
                 if task.init_callback_fn is not None:
                     task.init_callback_fn(daisy.Context(task_id=ids[id(task)], worker_id=0))
-            states = daisy.run_blockwise(
-                pipeline, multiprocessing=False, progress=False, summary=False, return_states=True
-            )
+            from voxblock.compute import RETRY_IN_PROCESS
+
+            token = RETRY_IN_PROCESS.set(retry)
+            try:
+                states = daisy.run_blockwise(
+                    pipeline, multiprocessing=False, progress=False, summary=False, return_states=True
+                )
+            finally:
+                RETRY_IN_PROCESS.reset(token)
         else:
             callbacks.start()
             observer = _progress_recorder(ordered, ids, progress)
@@ -264,6 +289,8 @@ def _run_pipeline(
         _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds, started_at)
         for t in ordered
     ]
+    for report in reports:
+        report.in_process = serial
     return reports, callbacks.errors
 
 

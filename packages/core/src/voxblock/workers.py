@@ -417,7 +417,14 @@ def registered_workers() -> dict[str, EntryPoint]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+# classes already found by name: the CLI, the task and make_worker each look one up, and every
+# look-up of the entry points reads every installed distribution's metadata (10-20 ms)
+_LOADED: dict[str, type[Worker]] = {}
+
+
 def worker_class(name: str) -> type[Worker]:
+    if name in _LOADED:
+        return _LOADED[name]
     found = registered_workers()
     if name not in found:
         known = ", ".join(sorted(found)) or "none"
@@ -428,4 +435,5 @@ def worker_class(name: str) -> type[Worker]:
     cls = found[name].load()
     if not (isinstance(cls, type) and issubclass(cls, Worker)):
         raise VoxblockError(f"entry point {name!r} does not name a voxblock Worker class")
+    _LOADED[name] = cls
     return cls
