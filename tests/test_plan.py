@@ -200,3 +200,108 @@ def test_plan_blockwise_api(tmp_path: Path) -> None:
     assert only.bytes_read == 64**3 * 4 and only.bytes_written == 64**3
     assert only.seconds_per_block is not None and found.wall_seconds is not None
     assert found.to_json()["passes"][0]["to_run"] == 8
+
+
+# -- agglomerate: all four passes ----------------------------------------------------------------
+
+AGGLOMERATE = ["agglomerate", "--affinities", "v.zarr/affs", "--fragments", "o.zarr/frags"]
+AGGLOMERATE += ["--output", "o.zarr/seg", "--db", "rag.sqlite", "--block-size", "8,16,16", "--workers", "2"]
+AGGLOMERATE_PASSES = ["fragments", "graph", "solve", "relabel"]
+
+
+def make_affinities(directory: Path) -> Path:
+    """tests/test_agglomerate.py's volume: noisy affinities of random cells."""
+    from voxblock_testing.volumes import affinities_from_labels, labels_data, write_array
+
+    offsets = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0], [0, 3, 0], [0, 0, 3]]
+    shape = (24, 40, 40)
+    labels = labels_data(shape, num_labels=30, cell=(8, 10, 10), seed=11)
+    rng = np.random.default_rng(12)
+    affs = affinities_from_labels(labels, offsets) * 0.8 + rng.normal(0.1, 0.12, (len(offsets), *shape))
+    write_array(
+        f"{directory}/v.zarr/affs",
+        np.clip(affs, 0, 1).astype(np.float32),
+        voxel_size=(4, 2, 2),
+        offset=(8, 0, 4),
+        chunk_shape=(8, 16, 16),
+        channel_dims=1,
+        attrs={"offsets": offsets},
+    )
+    return directory
+
+
+def pass_rows(output: str) -> dict[str, list[str]]:
+    """Each pass's row of the plan's table: blocks, done, to run, read, ..."""
+    rows = {}
+    for line in output.splitlines():
+        words = line.split()
+        if words and words[0] in AGGLOMERATE_PASSES and len(words) > 4 and words[1].isdigit():
+            rows[words[0]] = words[1:]
+    return rows
+
+
+def test_agglomerate_plan_writes_nothing_and_plans_every_pass(tmp_path: Path) -> None:
+    make_affinities(tmp_path)
+    before = snapshot(tmp_path)
+    time.sleep(0.01)
+    done = voxblock(tmp_path, *AGGLOMERATE, "--plan")
+    assert done.returncode == 0, done.stderr
+    assert snapshot(tmp_path) == before  # no database, no fragments, no run directories
+    assert not (tmp_path / "rag.sqlite").exists() and not (tmp_path / "o.zarr").exists()
+    rows = pass_rows(done.stdout)
+    assert list(rows) == AGGLOMERATE_PASSES, done.stdout
+    assert rows["graph"][:3] == ["27", "0", "27"] and rows["relabel"][:3] == ["27", "0", "27"]
+    assert rows["solve"][:3] == ["1", "0", "1"]
+    assert "?" not in " ".join(" ".join(row) for row in rows.values()), done.stdout  # every pass timed
+    assert "scratch SQLite database" in done.stdout and "a new table" in done.stdout
+    estimated_seconds(done.stdout)
+
+
+def test_agglomerate_plan_refuses_what_the_run_refuses(tmp_path: Path) -> None:
+    from voxblock.agglomerate.graphdb import GraphSource, open_graph
+
+    make_affinities(tmp_path)
+    open_graph(tmp_path / "other.sqlite", GraphSource("/elsewhere/frags", (0, 0, 0), (1, 1, 1))).close()
+    other = [*AGGLOMERATE[: AGGLOMERATE.index("--db")], "--db", "other.sqlite", *AGGLOMERATE[-4:]]
+    for command in ([*AGGLOMERATE, "--threshold", "1.5"], other):
+        before = snapshot(tmp_path)
+        planned = voxblock(tmp_path, *command, "--plan")
+        # the run's own check (graphdb.check_graph) opens the database in WAL mode: its -wal and
+        # -shm come and go, so the folder's mtime moves; no file is written
+        assert {k: v for k, v in snapshot(tmp_path).items() if k != "."} == {
+            k: v for k, v in before.items() if k != "."
+        }
+        real = voxblock(tmp_path, *command, "--no-progress")
+        assert planned.returncode == real.returncode == 1, (planned.stdout, real.stdout)
+        assert planned.stderr == real.stderr and "Error:" in real.stderr
+
+
+def test_agglomerate_estimate_and_the_plan_after_a_run(tmp_path: Path) -> None:
+    make_affinities(tmp_path)
+    planned = voxblock(tmp_path, *AGGLOMERATE, "--plan")
+    assert planned.returncode == 0, planned.stderr
+    estimate = estimated_seconds(planned.stdout)
+    started = time.perf_counter()
+    real = voxblock(tmp_path, *AGGLOMERATE, "--no-progress")
+    seconds = time.perf_counter() - started
+    assert real.returncode == 0, real.stderr
+    print(f"agglomerate: estimated {estimate:.2f} s, real {seconds:.2f} s")
+    assert seconds / 2 <= estimate <= seconds * 2
+    # the same settings again: the solve only (it always runs), every block done
+    again = pass_rows(voxblock(tmp_path, *AGGLOMERATE, "--plan").stdout)
+    assert {name: row[:3] for name, row in again.items()} == {
+        "fragments": ["27", "27", "0"],
+        "graph": ["27", "27", "0"],
+        "solve": ["1", "0", "1"],
+        "relabel": ["27", "27", "0"],
+    }
+    # another threshold: a new table, so the solve and every relabel block
+    other = voxblock(tmp_path, *AGGLOMERATE, "--threshold", "0.3", "--plan")
+    rows = pass_rows(other.stdout)
+    assert {name: row[2] for name, row in rows.items()} == {
+        "fragments": "0",
+        "graph": "0",
+        "solve": "1",
+        "relabel": "27",
+    }, other.stdout
+    assert "a new table" in other.stdout

@@ -11,8 +11,9 @@ directory, deleted after), and the times are scaled by the blocks to run over th
 
 The counts are pure functions of a task's `Blocking` (per axis: millions of blocks cost
 nothing); the sampling is the I/O edge (`sample_task`). Commands of several passes
-(segment, agglomerate, downsample) stop at the first `run_tasks`: the later passes are
-counted from the first one's grid (`later_passes`), not sampled.
+(segment, downsample) stop at the first `run_tasks`: the later passes are counted from the
+first one's grid, not sampled. agglomerate plans its four passes itself (`pipeline.PLANNER`,
+`agglomerate_passes`): each later one sampled on scratch copies (fragments, graph database, table).
 """
 
 from __future__ import annotations
@@ -304,6 +305,22 @@ class Planner:
             shutil.rmtree(scratch, ignore_errors=True)
         raise Planned()
 
+    def agglomerate(self, settings: dict[str, Any]) -> None:
+        """agglomerate_blockwise's four passes (`pipeline.PLANNER`), once its checks have passed."""
+        if self.startup is None:
+            self.startup = time.time() - self.started
+        scratch = Path(tempfile.mkdtemp(prefix="voxblock-plan-"))
+        try:
+            mapping: dict[str, str] = {}
+            watershed = settings["watershed"]
+            self.tasks.append(watershed)  # its workers and compute are every pass's
+            if settings["made_by"] != "given":
+                self.passes.append(self.plan_task(watershed, scratch, mapping))
+            self.passes += agglomerate_passes(self, settings, scratch, mapping)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise Planned()
+
     def plan_task(self, task: BlockwiseTask, scratch: Path, mapping: dict[str, str]) -> PassPlan:
         specs, existing = check_task(task, scratch, self.planned_outputs)
         self.planned_outputs.update(str(spec.name) for spec, _ in specs)
@@ -350,13 +367,16 @@ def planning(command: str, sample: bool = True, started: float | None = None) ->
     """While it lasts, `run_tasks` plans the tasks it is given instead of running them (and
     raises `Planned`); what a command writes before its first task is left out."""
     from voxblock import run
+    from voxblock.agglomerate import pipeline
 
     planner = Planner(command, sample, started)
     token = run.PLANNER.set(planner)
+    agglomerate = pipeline.PLANNER.set(planner.agglomerate)
     try:
         with _segment_writes_skipped(planner):
             yield planner
     finally:
+        pipeline.PLANNER.reset(agglomerate)
         run.PLANNER.reset(token)
 
 
@@ -395,8 +415,6 @@ def plan_command(command: str, call: Any, sample: bool = True, started: float | 
     passes = list(planner.passes)
     if planner.segmentation is not None:
         passes += segment_passes(planner)
-    elif command.startswith("agglomerate"):
-        passes += agglomerate_passes(planner)
     plan = Plan(
         command,
         first.num_workers,
@@ -480,15 +498,383 @@ def segment_passes(planner: Planner) -> list[PassPlan]:
     return [solve, relabel]
 
 
-def agglomerate_passes(planner: Planner) -> list[PassPlan]:
-    """agglomerate's passes after the first planned one, counted from its grid (not sampled)."""
-    task = planner.tasks[0]
-    names = ["graph", "solve", "relabel"] if task.task_id == "fragments" else ["solve", "relabel"]
-    found = []
-    for name in names:
-        blocks = 1 if name == "solve" else task.num_blocks
-        found.append(PassPlan(name, blocks, how="not sampled (agglomerate: only its first pass is)"))
-    return found
+# -- agglomerate: its graph, solve and relabel after the fragments --------------------------------
+
+# the graph pass's seconds per block over the fragments pass's, when it has no fragments to sample
+# (measured on tests/test_plan.py's agglomerate volume: 0.33 between the two samples' seconds per
+# block, 0.83 between the real run's blocks per second, scheduling included)
+GRAPH_PER_FRAGMENTS_BLOCK = 0.6
+# the solve: seconds per edge (read from the database, then the method's own work) and per node
+# read, measured on random graphs of 10^5 and 10^6 edges (mws_lut 4.4-9.5 us, threshold_lut
+# 0.8-1.4 us, SQLite's fetch about 1 us a row)
+SOLVE_SECONDS_PER_EDGE = {"mws": 5e-6, "threshold": 1.5e-6}
+READ_SECONDS_PER_ROW = 1e-6
+SOLVE_START_SECONDS = 0.1  # imports and the table's file, when no scratch graph was solved
+# finalize: one SQL reduction over every partial row (sums grouped by id and by (u, v))
+FINALIZE_SECONDS_PER_ROW = 2e-6
+SOLVE_BYTES_PER_EDGE = 64  # u, v, affinity and the method's order and clusters
+SCRATCH_LUT_MAX = 10**6  # entries of the table a relabel sample looks fragments up in
+
+
+@dataclass
+class StoredGraph:
+    """What a graph database holds already: blocks of this grid, partial rows, its last finalize."""
+
+    blocks: int = 0
+    partial_rows: int = 0
+    finalized: Any = None  # graphdb.GraphSummary, if no block was written since
+
+
+@dataclass
+class GraphSize:
+    nodes: int | None = None
+    edges: int | None = None
+    how: str = "no graph to size"
+
+
+def stored_graph(db: str, num_blocks: int) -> StoredGraph:
+    """Read-only: the database's blocks (a block is done when `graphdb.block_done` finds its id;
+    `check_graph` has made sure its ids are this grid's, 0 .. num_blocks - 1), nothing created."""
+    import sqlite3
+
+    from voxblock.agglomerate import graphdb
+
+    postgresql = db.startswith(("postgresql://", "postgres://"))
+    if not postgresql and not Path(db).is_file():
+        return StoredGraph()
+    if postgresql:
+        connection = graphdb._connect_postgresql(db, 30.0)
+    else:
+        connection = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
+    graph = graphdb.GraphDB(
+        db, "postgresql" if postgresql else "sqlite", connection, graphdb.GraphSource("", (), ())
+    )
+    try:
+        cursor = connection.cursor()
+        tables = graphdb._tables(graph, cursor)
+        if not {"voxblock_blocks", "voxblock_nodes", "voxblock_edges", "voxblock_graph"} <= tables:
+            return StoredGraph()
+        cursor.execute(f"SELECT COUNT(*) FROM voxblock_blocks WHERE block >= 0 AND block < {int(num_blocks)}")
+        blocks = int(cursor.fetchone()[0])
+        rows = graphdb._count(cursor, "voxblock_nodes") + graphdb._count(cursor, "voxblock_edges")
+        if postgresql:
+            connection.rollback()
+        return StoredGraph(blocks, rows, graphdb.finalized(graph))
+    finally:
+        connection.close()
+
+
+def _fragments_to_read(settings: dict[str, Any], mapping: dict[str, str]) -> str | None:
+    """Fragments a later pass's sample can read: the fragments sample's scratch copy (its blocks
+    written), else the real ones if they exist, else none."""
+    real = str(settings["fragments"])
+    scratch = mapping.get(_array_key(real))
+    if scratch is not None:
+        return scratch
+    return real if settings["fragments"].path.exists() else None
+
+
+def agglomerate_passes(
+    planner: Planner, settings: dict[str, Any], scratch: Path, mapping: dict[str, str]
+) -> list[PassPlan]:
+    """agglomerate_blockwise's graph, solve and relabel, each as its run would do it, nothing written:
+    the graph's done blocks from the database (read only), a few graph blocks sampled into a scratch
+    SQLite database (reading the fragments sample's scratch fragments on a fresh run), that scratch
+    graph finalized and solved here (timed), the solve scaled from the graph's nodes and edges, the
+    relabel checked and sampled as a task against a scratch table."""
+    fragments = planner.passes[0] if settings["made_by"] != "given" else None
+    graph, stored, size, solved = graph_pass(planner, settings, scratch, mapping, fragments)
+    solve = solve_pass(settings, size, solved)
+    relabel = relabel_pass(planner, settings, scratch, mapping, graph, stored, size)
+    return [graph, solve, relabel]
+
+
+def graph_pass(
+    planner: Planner,
+    settings: dict[str, Any],
+    scratch: Path,
+    mapping: dict[str, str],
+    fragments: PassPlan | None,
+) -> tuple[PassPlan, StoredGraph, GraphSize, float | None]:
+    import numpy as np
+    from funlib.geometry import Coordinate, Roi
+
+    from voxblock import arrays
+    from voxblock.agglomerate.rag import rag_context
+    from voxblock.geometry import Blocking
+
+    watershed, source = settings["watershed"], settings["source"]
+    voxel_size, volume, block = settings["voxel_size"], settings["volume"], settings["block"]
+    context = Coordinate(rag_context(settings["offsets"])) * voxel_size
+    blocking = Blocking(
+        volume.grow(context, context),
+        Roi(-context, block + context * 2),
+        Roi((0,) * voxel_size.dims, block),
+        "overhang",
+    )
+    db = str(settings["db"])
+    sqlite = not db.startswith(("postgresql://", "postgres://"))
+    stored = stored_graph(db, blocking.num_blocks)
+    plan = PassPlan("graph", blocking.num_blocks, min(stored.blocks, blocking.num_blocks))
+    fraction = plan.to_run / plan.blocks if plan.blocks else 0.0
+    readable = _fragments_to_read(settings, mapping)
+    fragment_bytes = np.dtype(arrays.open_input(readable).dtype).itemsize if readable else 8
+    per_voxel = fragment_bytes + np.dtype(source.dtype).itemsize * math.prod(
+        source.shape[: source.channel_dims]
+    )
+    plan.bytes_read = int(per_voxel * covered_voxels(blocking, volume, voxel_size, "read") * fraction)
+    plan.block_voxels = tuple(int(b) for b in block / voxel_size)
+    plan.border_blocks = border_blocks(blocking)
+    if sqlite and (plan.to_run > 0 or stored.finalized is None):
+        path = Path(db)
+        plan.files = sum(
+            not p.exists()
+            for p in (path, Path(f"{db}-wal"), Path(f"{db}-shm"), path.parent / f"{path.stem}-meta.json")
+        )
+    plan.bookkeeping_files = BOOKKEEPING_FILES + BOOKKEEPING_FILES_PER_WORKER * watershed.num_workers
+    plan.memory = estimate_memory(per_voxel * math.prod(blocking.read_roi.shape / voxel_size), 0)
+    plan.warnings += block_warnings(blocking, voxel_size)
+    size = GraphSize()
+    if stored.finalized is not None and plan.to_run == 0:
+        size = GraphSize(stored.finalized.nodes, stored.finalized.edges, "the finalized graph's")
+    solved: float | None = None
+    finalize_seconds = 0.0
+    if planner.sample and plan.to_run > 0 and readable is not None:
+        sampled, sample_size, finalize_seconds, solved = sample_graph(
+            settings, blocking, readable, scratch, mapping, stored, plan.to_run
+        )
+        plan.seconds_per_block = sampled.per_block(blocking)
+        plan.worker_start = sampled.start
+        plan.memory, plan.memory_how = sampled.peak_rss, "measured (peak RSS of the sample)"
+        origin = (
+            "the fragments sample's scratch fragments"
+            if readable != str(settings["fragments"])
+            else "the fragments"
+        )
+        plan.how = (
+            f"from {len(sampled.times)} blocks sampled ({sampled.border} at the border) on {origin}, "
+            f"into a scratch SQLite database; finalize {finalize_seconds:.1f} s (funlib's import and the "
+            "reduction, measured on the scratch graph, scaled by its rows)"
+        )
+        size = sample_size
+    elif plan.to_run > 0 and fragments is not None and fragments.seconds_per_block is not None:
+        plan.seconds_per_block = fragments.seconds_per_block * GRAPH_PER_FRAGMENTS_BLOCK
+        plan.worker_start = fragments.worker_start
+        plan.how = (
+            f"not sampled (no fragments to read): {GRAPH_PER_FRAGMENTS_BLOCK}x the fragments pass's "
+            "seconds per block (the ratio measured on voxblock's test volume)"
+        )
+    elif plan.to_run == 0:
+        plan.how = "nothing to run" + ("" if stored.finalized is not None else "; finalize")
+        if stored.finalized is None:
+            finalize_seconds = _funlib_import_seconds() + stored.partial_rows * FINALIZE_SECONDS_PER_ROW
+    if size.edges is None and stored.blocks and stored.partial_rows:
+        # a partial graph: its rows per block over every block
+        size = GraphSize(None, None, "no estimate")
+    finish_pass(plan, watershed.num_workers, _parallel(watershed))
+    if plan.wall_seconds is not None and plan.core_hours is not None:
+        plan.wall_seconds += finalize_seconds
+        plan.core_hours += finalize_seconds / 3600
+    return plan, stored, size, solved
+
+
+def _funlib_import_seconds() -> float:
+    """What finalize spends importing funlib's graph classes in the driver: measured here."""
+    begin = time.perf_counter()
+    import funlib.persistence.graphs  # noqa: F401
+
+    return time.perf_counter() - begin
+
+
+def sample_graph(
+    settings: dict[str, Any],
+    blocking: Blocking,
+    readable: str,
+    scratch: Path,
+    mapping: dict[str, str],
+    stored: StoredGraph,
+    to_run: int,
+) -> tuple[Sample, GraphSize, float, float]:
+    """A few graph blocks in a fresh worker process into a scratch SQLite database; then that graph
+    finalized and solved here, timed: (sample, the graph's size, finalize seconds, solve seconds)."""
+    import sqlite3
+
+    from voxblock.agglomerate.build import rag_task
+    from voxblock.agglomerate.graphdb import GraphSource, finalize, open_graph
+    from voxblock.agglomerate.solve import graph_lut
+
+    watershed = settings["watershed"]
+    scratch_db = scratch / "graph.sqlite"
+    task = rag_task(
+        readable,
+        settings["affinities"],
+        scratch_db,
+        settings["block"],
+        settings["offsets"],
+        watershed.num_workers,
+        scratch / "graph-run",
+        **settings["task_options"],
+    )
+    sampled = sample_task(task, scratch, mapping)
+    if sampled is None:
+        raise VoxblockError("graph: its sample blocks could not be run in a scratch database")
+    connection = sqlite3.connect(scratch_db)
+    try:
+        count = [
+            int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+            for table in ("voxblock_blocks", "voxblock_nodes", "voxblock_edges")
+        ]
+        record = json.loads(
+            connection.execute("SELECT value FROM voxblock_graph WHERE key = 'source'").fetchone()[0]
+        )
+    finally:
+        connection.close()
+    blocks, node_rows, edge_rows = count
+    scale = to_run / max(blocks, 1)
+    nodes = int(node_rows * scale) + (stored.finalized.nodes if stored.finalized else 0)
+    edges = int(edge_rows * scale) + (stored.finalized.edges if stored.finalized else 0)
+    all_rows = stored.partial_rows + (node_rows + edge_rows) * scale
+    imported = _funlib_import_seconds()
+    source = GraphSource(record["fragments"], tuple(record["offset"]), tuple(record["voxel_size"]))
+    graph = open_graph(scratch_db, source)
+    try:
+        begin = time.perf_counter()
+        finalize(graph)
+        reduced = time.perf_counter() - begin
+    finally:
+        graph.close()
+    begin = time.perf_counter()
+    graph_lut(scratch_db, settings["method"], settings["threshold"])
+    solved = time.perf_counter() - begin
+    finalize_seconds = imported + reduced + all_rows * FINALIZE_SECONDS_PER_ROW
+    how = f"{node_rows} nodes and {edge_rows} edges in {blocks} sampled blocks, over {to_run} blocks"
+    return sampled, GraphSize(nodes, edges, how), finalize_seconds, solved
+
+
+def solve_pass(settings: dict[str, Any], size: GraphSize, solved: float | None) -> PassPlan:
+    """graph_lut in the driver: read the finalized graph, solve it, save the table (one file)."""
+    method = settings["method"]
+    plan = PassPlan("solve", 1, files=1)
+    plan.memory_how = "estimated from the graph's edges"
+    if size.edges is None or size.nodes is None:
+        plan.how = "not estimated: no graph to size (no fragments to sample and no finalized graph)"
+        return plan
+    rate = SOLVE_SECONDS_PER_EDGE[method]
+    start = solved if solved is not None else SOLVE_START_SECONDS
+    seconds = start + size.edges * (READ_SECONDS_PER_ROW + rate) + size.nodes * READ_SECONDS_PER_ROW
+    plan.bytes_read = size.edges * 24 + size.nodes * 8
+    plan.memory = BASE_WORKER_BYTES + size.edges * SOLVE_BYTES_PER_EDGE + size.nodes * 32
+    plan.seconds_per_block = plan.wall_seconds = seconds
+    plan.core_hours = seconds / 3600
+    plan.how = (
+        f"{size.nodes} nodes, {size.edges} edges ({size.how}) at {rate * 1e6:.1f} us per edge ({method}) "
+        f"+ {READ_SECONDS_PER_ROW * 1e6:.0f} us per row read"
+        + (f", plus {solved:.2f} s measured solving the scratch graph" if solved is not None else "")
+    )
+    return plan
+
+
+def previous_relabel(settings: dict[str, Any], graph: PassPlan, stored: StoredGraph) -> BlockwiseTask | None:
+    """The relabel task the run will resume, when the solve gives the table an earlier relabel used:
+    the graph unchanged (finalized, no block to run) and a table of this method and threshold (the
+    output's record, or one an interrupted relabel was writing with). None: a new table, every block."""
+    from voxblock.agglomerate.pipeline import AGGLOMERATE_KEY, _without_password
+    from voxblock.agglomerate.solve import lut_name
+
+    if graph.to_run > 0 or stored.finalized is None:
+        return None
+    method, threshold = settings["method"], settings["threshold"]
+    output, run_root = settings["output"], settings["run_root"]
+    candidates: list[Path] = []
+    if output.path.exists():
+        import zarr
+
+        record = dict(zarr.open(str(output.path), mode="r").attrs).get(AGGLOMERATE_KEY) or {}
+        if (
+            record.get("method") == method
+            and record.get("threshold") == threshold
+            and record.get("fragments") == str(settings["fragments"])
+            and record.get("db") == _without_password(str(settings["db"]))
+        ):
+            candidates.append(Path(record["lut"]))
+    candidates += sorted((run_root / "luts").glob(f"{lut_name(method, threshold)}-*.npz"))
+    for lut in candidates:
+        if not lut.is_file():
+            continue
+        task = _relabel_task(settings, str(settings["fragments"]), str(lut))
+        recorded = task.run_dir.read_task() if task.run_dir.path.is_dir() else None
+        if recorded is not None and recorded.get("key") == task.task_key:
+            return task
+    return None
+
+
+def _relabel_task(settings: dict[str, Any], fragments: str, lut: str) -> BlockwiseTask:
+    """The relabel task as agglomerate_blockwise makes it."""
+    from voxblock.task import BlockwiseTask
+
+    write = settings["write"]
+    return BlockwiseTask(
+        "relabel",
+        settings["volume"],
+        write,
+        write,
+        fit="shrink",
+        task_id="relabel",
+        run_dir=str(settings["run_root"] / "relabel"),
+        overwrite=True,
+        input=fragments,
+        output=str(settings["output"]),
+        lut=lut,
+        dtype="uint64",
+        **settings["common"],
+    )
+
+
+def relabel_pass(
+    planner: Planner,
+    settings: dict[str, Any],
+    scratch: Path,
+    mapping: dict[str, str],
+    graph: PassPlan,
+    stored: StoredGraph,
+    size: GraphSize,
+) -> PassPlan:
+    """The relabel task checked, counted and sampled as any task (its input the fragments, or the
+    fragments sample's scratch copy; its table a scratch one of the graph's size)."""
+    import numpy as np
+
+    from voxblock.agglomerate.pipeline import _save_lut
+    from voxblock.geometry import Blocking
+
+    write = settings["write"]
+    previous = previous_relabel(settings, graph, stored)
+    readable = _fragments_to_read(settings, mapping)
+    if readable is None:
+        blocking = Blocking(settings["volume"], write, write, "shrink")
+        return PassPlan("relabel", blocking.num_blocks, how="not sampled (no fragments to read)")
+    # the table the solve will make is not there yet: one of its size (the run's own, if it resumes
+    # one, lies in the run directory, which a check sees in scratch)
+    entries = max(1, min(size.nodes or 1, SCRATCH_LUT_MAX))
+    ids = np.arange(1, entries + 1, dtype=np.uint64)
+    task = _relabel_task(settings, readable, str(_save_lut(scratch / "luts", "plan", np.stack([ids, ids]))))
+    specs, existing = check_task(task, scratch, set())
+    done = done_blocks(previous) if previous is not None else 0
+    plan = count_task(task, specs, existing, done)
+    if planner.sample and plan.to_run > 0:
+        sampled = sample_task(task, scratch, mapping)
+        if sampled is not None:
+            plan.seconds_per_block = sampled.per_block(task.blocking)
+            plan.worker_start = sampled.start
+            plan.memory, plan.memory_how = sampled.peak_rss, "measured (peak RSS of the sample)"
+            plan.how = f"from {len(sampled.times)} blocks sampled ({sampled.border} at the border)"
+    elif planner.sample:
+        plan.how = "nothing to run"
+    if previous is None and plan.to_run > 0:
+        plan.how += (
+            "; all blocks: a new table (the graph, method or threshold differ from the last relabel's)"
+        )
+    finish_pass(plan, task.num_workers, _parallel(task))
+    return plan
 
 
 def first_parallel(task: BlockwiseTask) -> int:

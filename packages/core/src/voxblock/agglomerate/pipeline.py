@@ -22,7 +22,8 @@ from __future__ import annotations
 import hashlib
 import io
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,6 +45,9 @@ if TYPE_CHECKING:
 
 AGGLOMERATE_KEY = "voxblock_agglomerate"
 FragmentsFrom = Literal["made", "resumed", "given"]
+# set by voxblock.plan while a run is planned (--plan): called with the run's settings once every
+# check has passed, it plans all four passes and raises, so that none runs
+PLANNER: ContextVar[Callable[[dict[str, Any]], None] | None] = ContextVar("agglomerate_planner", default=None)
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,9 @@ def agglomerate_blockwise(
     }
     check_graph(db, source_record, build_record)  # reads only: nothing created
     _check_output(output_name, source, overwrite, run_root)
+    planner = PLANNER.get()
+    if planner is not None:
+        planner({**locals(), "fragments": fragments_name, "output": output_name, "affinities": affinity_name})
 
     # -- pass 1: fragments
     if made_by != "given":
