@@ -8,20 +8,22 @@ nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 PACKAGES = ["./packages/core", "./packages/workers", "./packages/testing"]
-# the graph database tests run on a real PostgreSQL server (ci/postgres.sh starts it)
-TEST_PACKAGES = ["./packages/core[postgresql]", *PACKAGES[1:]]
+# the graph database tests run on a real PostgreSQL server (ci/postgres.sh starts it); the viewer
+# tests drive a real headless Chromium (ci/chromium.sh)
+TEST_PACKAGES = ["./packages/core[postgresql,view]", *PACKAGES[1:]]
 # The exact CPU build of torch: an open range could pull a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
 # the readers and writers of tests/test_formats.py: N5 (tensorstore), OME-NGFF (ome-zarr-py)
 FORMATS = ["tensorstore>=0.1.60", "ome-zarr>=0.12"]
+# what the benchmark harnesses measure and draw with (tests/test_scale_harness.py runs one)
+MEASURE = ["psutil>=5.9", "matplotlib>=3.8"]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite: real daisy server, real worker processes, real zarr."""
     session.install(TORCH)
-    session.install(*TEST_PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS)
-    session.install("neuroglancer>=2.40", "selenium>=4")  # voxblock view (tests/test_view.py; ci/chromium.sh)
+    session.install(*TEST_PACKAGES, "pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100", *FORMATS, *MEASURE)
     session.run("pytest", "-p", "no:cacheprovider", "--timeout=600", *session.posargs)
 
 
@@ -52,7 +54,7 @@ def bench(session: nox.Session) -> None:
         mode = next(a for a in args if a in BENCH_MODES)
         session.run(sys.executable, "-m", "nox", "-s", "bench_volara", "--", mode, external=True)
     session.install(TORCH)
-    session.install(*PACKAGES, "matplotlib>=3.8", "psutil>=5.9")
+    session.install(*PACKAGES, *MEASURE)
     session.run("python", "benchmarks/run.py", *args)
     if "--full" in args and not any(a.startswith("--only") for a in args):
         # the README's table comes from the full run that measured it
@@ -80,7 +82,7 @@ def scale(session: nox.Session) -> None:
     args = list(session.posargs)
     if not any(a in BENCH_MODES for a in args):
         args.insert(0, "--full")
-    session.install(*PACKAGES, "matplotlib>=3.8", "psutil>=5.9")
+    session.install(*PACKAGES, *MEASURE)
     session.run("python", "benchmarks/scale.py", *args)
     if "--full" in args and not any(a.startswith(("--blocks", "--fragments", "--output-size")) for a in args):
         session.run("python", "tools/readme_section.py", "scale", "benchmarks/results/scale-full.json")

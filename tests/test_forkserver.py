@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,10 +99,13 @@ def wait_until(condition, seconds: float = 20.0) -> bool:
     return condition()
 
 
-def start_driver(record: Path) -> tuple[subprocess.Popen, set[tuple[int, int]]]:
+def start_driver(record: Path, tmpdir: Path | None = None) -> tuple[subprocess.Popen, set[tuple[int, int]]]:
     record.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)} if tmpdir is not None else None
     driver = subprocess.Popen(
-        [sys.executable, "-c", DRIVER, str(record), str(Path(__file__).parent)], start_new_session=True
+        [sys.executable, "-c", DRIVER, str(record), str(Path(__file__).parent)],
+        start_new_session=True,
+        env=env,
     )
     assert wait_until(lambda: len(served_by(record)) == 2, 60), "the workers never started"
     return driver, served_by(record)
@@ -136,24 +140,29 @@ def test_a_killed_launcher_takes_its_worker_with_it(tmp_path):
         driver.wait()
 
 
-def socket_directories() -> set[Path]:
-    return set(Path(tempfile.gettempdir()).glob("voxblock-fork-*"))
+def socket_directories(under: Path) -> set[Path]:
+    return set(under.glob("voxblock-fork-*"))
 
 
 def test_a_killed_driver_takes_the_server_and_its_workers_with_it(tmp_path):
-    before = socket_directories()
-    driver, workers = start_driver(tmp_path / "r")
-    (server,) = {parent for _, parent in workers}
-    assert socket_directories() - before  # the driver's server listens there
+    # a temporary folder of this driver's own (short: a unix socket path has ~100 characters), so
+    # that fork servers of other runs on the machine don't come and go in what is checked
+    private = Path(tempfile.mkdtemp(prefix="vbt-", dir="/tmp"))
     try:
-        os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its group lives on
-        driver.wait()
-        assert wait_until(lambda: not alive(server))
-        assert wait_until(lambda: not any(alive(pid) for pid, _ in workers))
-        assert not socket_directories() - before  # and nothing is left behind
+        driver, workers = start_driver(tmp_path / "r", tmpdir=private)
+        (server,) = {parent for _, parent in workers}
+        assert socket_directories(private)  # the driver's server listens there
+        try:
+            os.kill(driver.pid, signal.SIGKILL)  # the driver alone: its group lives on
+            driver.wait()
+            assert wait_until(lambda: not alive(server))
+            assert wait_until(lambda: not any(alive(pid) for pid, _ in workers))
+            assert not socket_directories(private)  # and nothing is left behind
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def test_a_fork_of_the_driver_leaves_the_drivers_server_alone(tmp_path):
