@@ -16,6 +16,11 @@ The process daisy starts for a command-started worker (the "launcher",
 `voxblock.launcher`) runs the command, waits, and cancels it when stopped.
 After a run, `run_tasks` calls `Compute.cleanup(job)`, which for cluster
 computes cancels any job of the run still known to the scheduler.
+
+A small job needs no process at all: a few blocks of a known pure worker
+on `Local` compute with no timeout run in the driver (`runs_in_process`,
+`ServeInProcess`), as a worker process would run them, with no scheduler
+to start nor worker processes to wait for.
 """
 
 from __future__ import annotations
@@ -125,7 +130,8 @@ class Local(Compute):
             job.save()
             modules = worker_modules(job.worker)
             # a class of voxblock.forkserver: the launcher daisy starts imports nothing else of ours
-            return forkserver.ServeForked(forkserver.address(modules), Path(job.run_dir), modules)
+            alone = type(job.worker).spawn_function is Worker.spawn_function
+            return forkserver.ServeForked(forkserver.address(modules), Path(job.run_dir), modules, alone)
         return ServeHere(job)
 
     def warm(self, worker: Worker | type[Worker]) -> None:

@@ -204,6 +204,9 @@ class ServeForked:
     server: str
     run_dir: Path
     modules: tuple[str, ...] = ()
+    # the launcher ends as soon as its child has (daisy's process function is this one's, not
+    # wrapped by a worker's `spawn_function` that may do more after it)
+    exit_when_done: bool = False
 
     def __call__(self) -> None:
         code = run_forked(self.server, str(self.run_dir), self.modules)
@@ -220,6 +223,16 @@ class ServeForked:
                     signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             os._exit(code if code > 0 else 128 - code)  # daisy reads a block timeout from the code
+        if self.exit_when_done:
+            # nothing of this process's is left to do: skip finalizing daisy's modules, which
+            # daisy, and the end of the run, would wait for
+            with contextlib.suppress(Exception):
+                logging = sys.modules.get("logging")
+                if logging is not None:
+                    logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(0)
 
 
 def _receive(connection: socket.socket, size: int) -> bytes | None:
@@ -265,6 +278,8 @@ def _serve_until_orphaned(
 ) -> None:
     while os.getppid() == driver:
         for key, _ in selector.select(0.1):
+            if key.data is _EXITED:
+                continue  # a child has ended: reaped below, its launcher told at once
             if key.fileobj is listener:
                 connection, _ = listener.accept()
                 pid = _fork_worker(connection, [listener, *child_of], selector)
@@ -274,6 +289,7 @@ def _serve_until_orphaned(
                 child_of[connection] = pid
                 connection_of[pid] = connection
                 selector.register(connection, selectors.EVENT_READ)
+                _watch_exit(pid, selector)
             else:  # a launcher says nothing more: readable means it has gone
                 connection = key.fileobj
                 assert isinstance(connection, socket.socket)
@@ -332,6 +348,9 @@ def _run_child(
     try:
         for held in [*servers, connection]:  # the server's sockets and selector are not the worker's
             held.close()
+        for fd in _pidfds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
         for target, fd in enumerate(fds):
             os.dup2(fd, target)
             os.close(fd)
@@ -373,6 +392,29 @@ def _reseed() -> None:  # pragma: no cover - in the child
         numpy.random.seed()
 
 
+# selector data of a child's pidfd (Linux 5.3+): readable when the child ends, so that its
+# launcher, and daisy, hear of it at once rather than at the selector's next 0.1 s timeout
+_EXITED = object()
+_pidfds: dict[int, int] = {}
+
+
+def _watch_exit(pid: int, selector: selectors.BaseSelector) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return  # no pidfds here: the timeout notices the exit
+    _pidfds[pid] = fd
+    selector.register(fd, selectors.EVENT_READ, _EXITED)
+
+
+def _unwatch_exit(pid: int, selector: selectors.BaseSelector) -> None:
+    fd = _pidfds.pop(pid, None)
+    if fd is not None:
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            selector.unregister(fd)
+        os.close(fd)
+
+
 def _reap(
     child_of: dict[socket.socket, int],
     connection_of: dict[int, socket.socket | None],
@@ -385,6 +427,7 @@ def _reap(
             return
         if pid == 0:
             return
+        _unwatch_exit(pid, selector)
         connection = connection_of.pop(pid, None)
         if connection is None:
             continue  # its launcher had gone; it was killed
