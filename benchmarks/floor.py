@@ -2,7 +2,8 @@
 
 Each of `workers` spawned processes opens the input and output zarr arrays
 once, then takes block indices from a multiprocessing pool and reads the
-block, applies the operation, writes the block. Nothing else: no done
+block, applies the operation, writes the block (downsample: reads the
+factors times larger input window of each output block). Nothing else: no done
 markers, no retries, no logs. Two loops: through zarr (what a hand-written
 script does), and `direct`: with voxblock's own chunk I/O
 (`voxblock.chunks`) and allocator setting, so that voxblock's rows compare
@@ -35,11 +36,24 @@ def op_relabel(data: np.ndarray, state: dict) -> np.ndarray:
     return relabel_block(data, state["fragments"], state["segments"])
 
 
+def op_downsample(data: np.ndarray, state: dict) -> np.ndarray:
+    """The downsample worker's own reduction (a pure function) over the block's input window."""
+    from voxblock_workers.downsample import downsample
+
+    return downsample(data, state["factors"], state["mode"])
+
+
 def op_noop(data: np.ndarray, state: dict) -> np.ndarray:
     return data
 
 
-OPS = {"threshold": op_threshold, "argmax": op_argmax, "relabel": op_relabel, "noop": op_noop}
+OPS = {
+    "threshold": op_threshold,
+    "argmax": op_argmax,
+    "relabel": op_relabel,
+    "downsample": op_downsample,
+    "noop": op_noop,
+}
 
 
 def _init(input_path: str, output_path: str, op: str, channel_dims: int, options: dict, direct: bool) -> None:
@@ -65,7 +79,10 @@ def _init(input_path: str, output_path: str, op: str, channel_dims: int, options
 
 
 def _block(slices: tuple[slice, ...]) -> int:
-    data = _STATE["input"][(slice(None),) * _STATE["channel_dims"] + slices]
+    # `factors` (downsample): the output block's slices, the input read over factors times them
+    factors = _STATE.get("factors") or (1,) * len(slices)
+    reads = tuple(slice(s.start * f, s.stop * f) for s, f in zip(slices, factors))
+    data = _STATE["input"][(slice(None),) * _STATE["channel_dims"] + reads]
     _STATE["output"][slices] = _STATE["op"](data, _STATE)
     return 1
 
@@ -86,7 +103,10 @@ def run(
     options: dict | None = None,
     direct: bool = False,
 ) -> float:
-    """Seconds to process every block with `workers` spawned processes (pool start included)."""
+    """Seconds to process every block with `workers` spawned processes (pool start included).
+
+    `size` and `block` are the output's (edge, block edge); with `options["factors"]` each
+    block reads the input over factors times its output slices (downsample)."""
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with context.Pool(

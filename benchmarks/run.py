@@ -486,6 +486,144 @@ class Bench:
             f"({inner}^3 unsharded chunks: {rows['unsharded-small'].seconds:.2f} s)",
         )
 
+    def raw_image(self, size: int) -> str:
+        """A uint8 'raw' volume (the predictions times 255, rounded) as level s0 of an OME-NGFF image
+        (64^3 chunks), written once; its s1 is made by the first downsample and removed again
+        before every timed run (`reset_level`)."""
+        from voxblock_workers.downsample import downsample_blockwise
+
+        container = self.workdir / f"raw{size}.zarr"
+        marker = self.workdir / f".raw{size}-image.done"
+        image = container / "image"
+        if not marker.exists():
+            shutil.rmtree(container, ignore_errors=True)
+            shutil.rmtree(f"{container}.voxblock", ignore_errors=True)
+            import zarr
+
+            pred = zarr.open_array(volumes.ensure(self.workdir, "pred", size), mode="r")
+            plain = volumes._prepare(container / "plain", (size,) * 3, (volumes.CHUNK,) * 3, np.uint8)
+            for z0, z1 in volumes._slabs(size):
+                plain._source_data[z0:z1] = np.rint(pred[z0:z1] * 255).astype(np.uint8)
+            pyramid = downsample_blockwise(
+                f"{container}/plain",
+                levels=1,
+                factors=(2, 2, 2),
+                mode="mean",
+                output=str(image),
+                progress=False,
+            )
+            if not pyramid.succeeded:
+                raise RuntimeError(f"could not write the raw image {image}")
+            shutil.rmtree(container / "plain")
+            marker.write_text(json.dumps({"kind": "raw-image", "size": size}))
+        return f"{image}/s0"
+
+    def reset_level(self, image: Path) -> None:
+        """Remove level s1 of `image` (its array, its run directory, its multiscales entry)."""
+        shutil.rmtree(image / "s1", ignore_errors=True)
+        shutil.rmtree(Path(f"{image.parent}.voxblock") / image.name / "s1", ignore_errors=True)
+        meta = image / "zarr.json"
+        doc = json.loads(meta.read_text())
+        attrs = doc.get("attributes", {})
+        multiscales = attrs["ome"]["multiscales"] if "ome" in attrs else attrs["multiscales"]
+        multiscales[0]["datasets"] = multiscales[0]["datasets"][:1]
+        meta.write_text(json.dumps(doc, indent=2))
+
+    def downsample(self) -> None:
+        """One pyramid level (factors 2,2,2, mean) of the uint8 raw volume: 64^3 output blocks, each
+        reading 128^3 input voxels, against the I/O floor with the worker's own reduction."""
+        import zarr
+
+        from voxblock_workers.downsample import downsample_blockwise
+
+        size = self.size
+        level = size // 2
+        blocks, voxels = self.blocks_of(level), size**3  # voxels: the input's, read once each
+        s0 = self.raw_image(size)
+        image = Path(s0).parent
+        factors = [2, 2, 2]
+
+        def api() -> float:
+            self.reset_level(image)
+            started = time.perf_counter()
+            pyramid = downsample_blockwise(
+                s0,
+                levels=1,
+                factors=tuple(factors),
+                mode="mean",
+                block_size=self.block,
+                num_workers=self.workers,
+                progress=False,
+                max_retries=0,
+            )
+            seconds = time.perf_counter() - started
+            if not pyramid.succeeded:
+                raise RuntimeError(f"voxblock downsample failed on {s0}")
+            return seconds
+
+        def cli() -> float:
+            self.reset_level(image)
+            command = [
+                str(Path(sys.executable).with_name("voxblock")),
+                "downsample",
+                s0,
+                "--levels",
+                "1",
+                "--factors",
+                ",".join(map(str, factors)),
+                "--mode",
+                "mean",
+                "--block-size",
+                ",".join([str(self.block)] * 3),
+                "--workers",
+                str(self.workers),
+                "--max-retries",
+                "0",
+                "--no-progress",
+            ]
+            started = time.perf_counter()
+            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+            return time.perf_counter() - started
+
+        floor_kw = {"factors": factors, "mode": "mean"}
+        z = self.add(
+            "downsample",
+            f"I/O floor ({self.workers} processes, zarr chunk loop)",
+            self.best(lambda: self.floor("downsample", s0, "downsample-floor", np.uint8, level, **floor_kw)),
+            blocks,
+            voxels,
+        )
+        d = self.add(
+            "downsample",
+            f"I/O floor ({self.workers} processes, direct chunk loop)",
+            self.best(
+                lambda: self.floor(
+                    "downsample", s0, "downsample-floor", np.uint8, level, direct=True, **floor_kw
+                )
+            ),
+            blocks,
+            voxels,
+            note="voxblock.chunks I/O",
+        )
+        f = min(z, d, key=lambda row: row.seconds)
+        v = self.add("downsample", "voxblock downsample_blockwise", self.best(api), blocks, voxels)
+        same = np.array_equal(
+            zarr.open_array(str(image / "s1"), mode="r")[...],
+            zarr.open_array(f"{self.out}/downsample-floor", mode="r")[...],
+        )
+        if not same:
+            raise RuntimeError("voxblock's level s1 differs from the floor's output")
+        c = self.add("downsample", "voxblock CLI (voxblock downsample)", self.best(cli), blocks, voxels)
+        ratio = v.seconds / f.seconds
+        self.target(
+            "downsample wall vs I/O floor",
+            ratio,
+            "<= 1.25x",
+            ratio <= 1.25,
+            f"{v.seconds:.2f} s vs {f.seconds:.2f} s, the faster loop "
+            f"(zarr loop {z.seconds:.2f} s; CLI {c.seconds:.2f} s = {c.seconds / f.seconds:.2f}x)",
+        )
+
     def watershed(self) -> None:
         import mwatershed
         from funlib.geometry import Roi
@@ -1140,7 +1278,18 @@ def load_volara_record(results: Path, mode: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()).get("tasks", {})
 
 
-CASES = ("noop", "ops", "shards", "segment", "watershed", "agglomerate", "predict", "memory", "sweep")
+CASES = (
+    "noop",
+    "ops",
+    "shards",
+    "downsample",
+    "segment",
+    "watershed",
+    "agglomerate",
+    "predict",
+    "memory",
+    "sweep",
+)
 
 
 def main() -> None:
@@ -1181,6 +1330,8 @@ def main() -> None:
         bench.array_ops(load_volara(args.results, bench.mode, bench.size))
     if "shards" in only:
         bench.shards()
+    if "downsample" in only:
+        bench.downsample()
     if "segment" in only:
         bench.segment()
     if "watershed" in only:
