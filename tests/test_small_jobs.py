@@ -8,6 +8,9 @@ before. The summary line says which.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,6 +155,7 @@ def test_a_failed_block_in_the_driver_is_retried_and_reported(tmp_path, monkeypa
     assert not report.succeeded and report.tasks[0].in_process
     assert len(report.tasks[0].failed_blocks) == 8
     assert "last error: RuntimeError: first attempt fails" in printed
+    assert "each attempt's error in" in printed and "worker logs" not in printed
     # asked for, a serial run raises instead (debugging)
     (tmp_path / "m3").mkdir()
     task = voxblock.BlockwiseTask(
@@ -159,3 +163,28 @@ def test_a_failed_block_in_the_driver_is_retried_and_reported(tmp_path, monkeypa
     )
     with pytest.raises(RuntimeError, match="first attempt fails"):
         run(task, serial=True)
+
+
+def test_the_command_reports_and_leaves_at_once(raw, tmp_path):
+    """`voxblock run` of one block: in the driver, its summary printed (piped, buffered) before the
+    process leaves without finalizing its modules, with the run's exit status."""
+    command = [sys.executable, "-m", "voxblock", "run", "threshold", "--input", raw, "--block-size", "32"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run(
+        [*command, "--output", f"{tmp_path}/v.zarr/mask", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "threshold: done - 1 blocks processed" in done.stdout and "in this process" in done.stdout
+    chunk = next(p for p in Path(raw).rglob("*") if p.is_file() and p.parent.name != "raw" and "c" in p.parts)
+    chunk.write_bytes(b"not a chunk")
+    failed = subprocess.run(
+        [*command, "--output", f"{tmp_path}/v.zarr/mask2", "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert failed.returncode == 1
+    assert "threshold: FAILED" in failed.stdout and "each attempt's error in" in failed.stdout

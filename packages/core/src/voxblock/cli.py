@@ -386,8 +386,32 @@ def _run(name: str, cls: type[Worker] | None, values: dict[str, Any]) -> None:
         report = run_tasks([task], progress=not common["no_progress"], host=host)
     except VoxblockError as error:
         raise click.ClickException(cli_wording(str(error), voxel_size, origin)) from None
+    _leave_now(0 if report.succeeded else 1)
     if not report.succeeded:
         sys.exit(1)
+
+
+def _leave_now(code: int) -> None:
+    """End the `voxblock` process itself, once its run is reported, without finalizing numpy's,
+    zarr's and daisy's modules (~0.08 s, a fifth of a one-block run): exit handlers run (the
+    fork server stops, logs flush), streams flush, then os._exit. Called in a test's runner, or
+    from other Python code, it does nothing: only the command's own process, with its own
+    streams, ends this way."""
+    import os
+
+    main_file = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    own = main_file.name == "voxblock" or main_file.parts[-2:] == ("voxblock", "__main__.py")
+    if not own or sys.stdout is not sys.__stdout__ or sys.stderr is not sys.__stderr__:
+        return
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            code = code or 1  # what could not be written is an error, as at a normal exit
+    os._exit(code)
 
 
 # the API's keyword arguments, as the `voxblock run` flags that set them (a shape in world

@@ -103,7 +103,9 @@ class RunReport:
                     f"  {t.never_run} blocks have no done marker though daisy ended the task "
                     "(never run, or cut off): their output may be missing; run again to do them"
                 )
-            if not t.succeeded:
+            if not t.succeeded and t.in_process:
+                lines.append(f"  run in this process: each attempt's error in {t.run_dir}/failures")
+            elif not t.succeeded:
                 lines.append(f"  worker logs: {t.run_dir}/logs")
         return "\n".join(lines)
 
