@@ -79,8 +79,6 @@ class RagBlocks(Worker):
 
     def check_inputs(self) -> tuple[Array, Array]:
         """Open both arrays and check they describe one volume; resolves `offsets`. Creates nothing."""
-        import numpy as np
-
         from voxblock import arrays
 
         for what in ("fragments", "affinities", "db"):
@@ -88,32 +86,9 @@ class RagBlocks(Worker):
                 raise VoxblockError(f"rag: needs {what}=...")
         fragments = arrays.open_input(self.fragments, role="fragments")
         affinities = arrays.open_input(self.affinities, role="affinities")
-        if fragments.channel_dims != 0:
-            raise VoxblockError(
-                f"rag: fragments {self.fragments} must have no channel axis; it has {fragments.channel_dims}"
-            )
-        if np.dtype(fragments.dtype).kind != "u":
-            raise VoxblockError(
-                f"rag: fragments {self.fragments} have dtype {np.dtype(fragments.dtype)}; "
-                "fragments must be unsigned integers (0 = background)"
-            )
-        if affinities.channel_dims != 1:
-            raise VoxblockError(
-                f"rag: affinities {self.affinities} must have one channel axis (channels first, one "
-                f"channel per offset); it has {affinities.channel_dims}"
-            )
-        dtype = np.dtype(affinities.dtype)
-        if dtype != np.uint8 and dtype.kind != "f":
-            raise VoxblockError(
-                f"rag: affinities {self.affinities} have dtype {dtype}; affinities must be float (0..1) "
-                "or uint8 (0..255)"
-            )
-        if affinities.voxel_size != fragments.voxel_size or affinities.roi != fragments.roi:
-            raise VoxblockError(
-                f"rag: affinities {self.affinities} (voxel size {affinities.voxel_size}, ROI "
-                f"{affinities.roi}) and fragments {self.fragments} (voxel size {fragments.voxel_size}, "
-                f"ROI {fragments.roi}) must cover the same voxels"
-            )
+        check_fragments(fragments, self.fragments, "rag: ")
+        check_affinities(affinities, self.affinities, "rag: ")
+        check_same_voxels(fragments, self.fragments, affinities, self.affinities, "rag: ")
         self.offsets = self.resolved_offsets(affinities)
         return fragments, affinities
 
@@ -188,6 +163,48 @@ class RagBlocks(Worker):
     def __getstate__(self) -> dict[str, Any]:
         # opened per process in setup(): never pickled
         return {k: v for k, v in vars(self).items() if k not in ("_fragments", "_affinities", "_db")}
+
+
+def check_fragments(fragments: Array, name: str, who: str = "") -> None:
+    """Fragments are one label image: no channel axis, unsigned integers, 0 the background."""
+    import numpy as np
+
+    if fragments.channel_dims != 0:
+        raise VoxblockError(
+            f"{who}fragments {name} must have no channel axis; it has {fragments.channel_dims}"
+        )
+    if np.dtype(fragments.dtype).kind != "u":
+        raise VoxblockError(
+            f"{who}fragments {name} have dtype {np.dtype(fragments.dtype)}; fragments must be unsigned "
+            "integers (0 = background)"
+        )
+
+
+def check_affinities(affinities: Array, name: str, who: str = "") -> None:
+    """Affinities are channels first, one per offset, float in 0..1 or uint8 in 0..255."""
+    import numpy as np
+
+    if affinities.channel_dims != 1:
+        raise VoxblockError(
+            f"{who}affinities {name} must have one channel axis (channels first, one channel per "
+            f"offset); it has {affinities.channel_dims}"
+        )
+    dtype = np.dtype(affinities.dtype)
+    if dtype != np.uint8 and dtype.kind != "f":
+        raise VoxblockError(
+            f"{who}affinities {name} have dtype {dtype}; affinities must be float (0..1) or uint8 (0..255)"
+        )
+
+
+def check_same_voxels(
+    fragments: Array, fragments_name: str, affinities: Array, affinities_name: str, who: str = ""
+) -> None:
+    if affinities.voxel_size != fragments.voxel_size or affinities.roi != fragments.roi:
+        raise VoxblockError(
+            f"{who}affinities {affinities_name} (voxel size {affinities.voxel_size}, ROI {affinities.roi}) "
+            f"and fragments {fragments_name} (voxel size {fragments.voxel_size}, ROI {fragments.roi}) must "
+            "cover the same voxels"
+        )
 
 
 class _BlockDone:

@@ -100,7 +100,7 @@ def agglomerate_blockwise(
     fragments. Other keywords are task options (`max_retries`, `timeout`, `compute`, ...).
     Raises VoxblockError for bad inputs (before any work) and for blocks that kept failing.
     """
-    from voxblock.agglomerate.build import RagBlocks, _BlockDone, rag_task
+    from voxblock.agglomerate.build import RagBlocks, _BlockDone, check_affinities, rag_task
     from voxblock.agglomerate.graphdb import check_graph, finalize, finalized, open_graph
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
@@ -115,7 +115,7 @@ def agglomerate_blockwise(
     worker_class("relabel")
     source = arrays.open_input(affinities, role="affinities")
     affinity_name = str(_absolute(affinities))
-    _check_affinities(source, affinity_name)
+    check_affinities(source, affinity_name, "agglomerate: ")
     offsets = affinity_offsets(list(offsets or []), source, "agglomerate", affinity_name)
     voxel_size = source.voxel_size
     volume = source.roi  # spatial ROI
@@ -161,7 +161,7 @@ def agglomerate_blockwise(
 
     seconds: dict[str, float] = {}
     if made_by == "given":
-        _check_given_fragments(fragments_name, source)
+        _check_given_fragments(fragments_name, source, affinity_name)
     source_record = _graph_source(fragments_name, volume, voxel_size)
     build_record = {
         "affinities": str(arrays.ArrayName.parse(affinities).path.resolve()),
@@ -271,20 +271,6 @@ def _world(what: str, values: Sequence[int], voxel_size: Coordinate, positive: b
     return shape
 
 
-def _check_affinities(source: Any, name: str) -> None:
-    if source.channel_dims != 1:
-        raise VoxblockError(
-            f"agglomerate: affinities {name} must have one channel axis (channels first, one channel "
-            f"per offset); it has {source.channel_dims}"
-        )
-    dtype = np.dtype(source.dtype)
-    if dtype != np.uint8 and dtype.kind != "f":
-        raise VoxblockError(
-            f"agglomerate: affinities {name} have dtype {dtype}; affinities must be float (0..1) or "
-            "uint8 (0..255)"
-        )
-
-
 def _fragments_origin(name: arrays.ArrayName, watershed: BlockwiseTask) -> FragmentsFrom:
     """made (absent), resumed (an earlier voxblock run of this very pass) or given (from elsewhere)."""
     if not name.path.exists():
@@ -323,20 +309,12 @@ def _constructible(worker: Any) -> bool:
     return True
 
 
-def _check_given_fragments(name: arrays.ArrayName, affinities: Any) -> None:
+def _check_given_fragments(name: arrays.ArrayName, affinities: Any, affinities_name: str) -> None:
+    from voxblock.agglomerate.build import check_fragments, check_same_voxels
+
     fragments = arrays.open_input(str(name), role="fragments")
-    if fragments.channel_dims != 0:
-        raise VoxblockError(f"fragments {name} must have no channel axis; it has {fragments.channel_dims}")
-    if np.dtype(fragments.dtype).kind != "u":
-        raise VoxblockError(
-            f"fragments {name} have dtype {np.dtype(fragments.dtype)}; fragments must be unsigned "
-            "integers (0 = background)"
-        )
-    if fragments.voxel_size != affinities.voxel_size or fragments.roi != affinities.roi:
-        raise VoxblockError(
-            f"fragments {name} (voxel size {fragments.voxel_size}, ROI {fragments.roi}) and affinities "
-            f"(voxel size {affinities.voxel_size}, ROI {affinities.roi}) must cover the same voxels"
-        )
+    check_fragments(fragments, str(name))
+    check_same_voxels(fragments, str(name), affinities, affinities_name)
 
 
 def _graph_source(fragments: arrays.ArrayName, volume: Roi, voxel_size: Coordinate) -> GraphSource:
