@@ -922,21 +922,7 @@ def _memory_limit(task: BlockwiseTask) -> int | None:
 
 def check_lock(task: BlockwiseTask) -> None:
     """The refusal `RunDirectory.acquire_lock` makes when another live run holds the lock."""
-    from voxblock.rundir import _is_stale
-
-    run_dir = task.run_dir
-    holder = run_dir.lock_holder()
-    if run_dir.lock_file.exists() and (holder is None or not _is_stale(holder)):
-        description = ", ".join(task.worker.outputs()) or str(run_dir.path)
-        who = (
-            f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
-            if holder
-            else "another process"
-        )
-        raise VoxblockError(
-            f"another run ({who}) is writing {description}; two runs on one output "
-            f"would interleave. If that run is dead, remove {run_dir.lock_file}"
-        )
+    task.run_dir.check_unlocked(", ".join(task.worker.outputs()) or str(task.run_dir.path))
 
 
 def _write_roots(task: BlockwiseTask) -> list[Path]:

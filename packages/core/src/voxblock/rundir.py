@@ -120,19 +120,30 @@ class RunDirectory:
                 if holder is not None and _is_stale(holder):
                     self.lock_file.unlink(missing_ok=True)
                     continue
-                who = (
-                    f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
-                    if holder
-                    else "another process"
-                )
-                raise VoxblockError(
-                    f"another run ({who}) is writing {description}; two runs on one output "
-                    f"would interleave. If that run is dead, remove {self.lock_file}"
-                ) from None
+                raise self._held(holder, description) from None
             with os.fdopen(fd, "w") as handle:
                 json.dump(owner, handle)
             return
         raise VoxblockError(f"could not take the lock {self.lock_file}")
+
+    def check_unlocked(self, description: str) -> None:
+        """acquire_lock's refusal, reading only: for a check that must create nothing (--plan)."""
+        if not self.lock_file.exists():
+            return
+        holder = self._lock_holder()
+        if holder is None or not _is_stale(holder):
+            raise self._held(holder, description)
+
+    def _held(self, holder: dict[str, Any] | None, description: str) -> VoxblockError:
+        who = (
+            f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+            if holder
+            else "another process"
+        )
+        return VoxblockError(
+            f"another run ({who}) is writing {description}; two runs on one output "
+            f"would interleave. If that run is dead, remove {self.lock_file}"
+        )
 
     def release_lock(self) -> None:
         holder = self._lock_holder()
