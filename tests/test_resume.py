@@ -160,3 +160,40 @@ def test_other_options_on_the_same_output_are_refused_unless_overwrite(tmp_path)
     # and now the factor-3 task owns the output: factor 2 is refused in turn
     with pytest.raises(voxblock.VoxblockError, match="refusing to overwrite"):
         run(2.0)
+
+
+# takes and releases one run directory's lock as fast as it can, until SIGKILL-ed
+LOCKER = """
+import sys
+from pathlib import Path
+from voxblock.rundir import RunDirectory
+
+run_dir = RunDirectory(Path(sys.argv[1]))
+print("ready", flush=True)
+while True:
+    run_dir.acquire_lock("a stress test")
+    run_dir.release_lock()
+"""
+
+
+def test_a_run_killed_while_taking_its_lock_never_blocks_the_next_run(tmp_path):
+    """SIGKILL at any moment of acquire/release leaves no lock, or one naming a dead process:
+    never an empty one, which no later run could tell from a live run's."""
+    from voxblock.rundir import RunDirectory
+
+    run_dir = RunDirectory(tmp_path / "run")
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        locker = subprocess.Popen(
+            [sys.executable, "-c", LOCKER, str(run_dir.path)], stdout=subprocess.PIPE, text=True
+        )
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.0, 0.02)))
+        locker.kill()
+        locker.wait()
+        if run_dir.lock_file.exists():
+            assert run_dir.lock_holder() is not None, "an empty or torn lock file"
+        run_dir.acquire_lock("the next run")  # the dead holder's lock is stale: taken over
+        run_dir.release_lock()
+        assert not run_dir.lock_file.exists()
+    assert sorted(path.name for path in run_dir.path.iterdir()) == []  # no private files left

@@ -114,15 +114,14 @@ class RunDirectory:
         }
         for _ in range(2):
             try:
-                fd = os.open(self.lock_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _create_with(self.lock_file, json.dumps(owner))
             except FileExistsError:
                 holder = self._lock_holder()
                 if holder is not None and _is_stale(holder):
                     self.lock_file.unlink(missing_ok=True)
                     continue
                 raise self._held(holder, description) from None
-            with os.fdopen(fd, "w") as handle:
-                json.dump(owner, handle)
+            _remove_dead_private_files(self.lock_file)
             return
         raise VoxblockError(f"could not take the lock {self.lock_file}")
 
@@ -268,6 +267,37 @@ def _is_stale(holder: dict[str, Any]) -> bool:
     except (PermissionError, ValueError):
         return False
     return False
+
+
+def _create_with(path: Path, text: str) -> None:
+    """Create `path` holding `text`, or raise FileExistsError; never an empty `path`.
+
+    The text goes to a private file first, then a hard link names it `path` (link fails if
+    `path` exists). A run killed between open(O_EXCL) and its write would leave an empty
+    lock with no owner to test for life, which every later run must refuse.
+    """
+    private = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    private.write_text(text)
+    try:
+        os.link(private, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        # A file system without hard links: exclusive create, then write (a small window).
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def _remove_dead_private_files(path: Path) -> None:
+    """_create_with's private files left by processes killed in it, on this host."""
+    host = socket.gethostname()
+    for private in path.parent.glob(f".{path.name}.{host}.*"):
+        pid = private.name.rsplit(".", 1)[-1]
+        if pid.isdigit() and _is_stale({"host": host, "pid": int(pid)}):
+            private.unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:
