@@ -7,6 +7,7 @@ against the real scheduler. ROIs are `funlib.geometry.Roi` in world units.
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,27 +183,50 @@ class Blocking:
         The fit modes decide per axis (a block is kept, or clipped, on each
         axis alone), so the blocks are the product of these lists.
         """
+        kept = (self._axis_block(axis, i) for i in range(self._axis_grid(axis)))
+        return [block for block in kept if block is not None]
+
+    def _axis_grid(self, axis: int) -> int:
+        """Write blocks along one axis that meet the target region (kept or not)."""
         target = self.target_roi
-        stride = self.write_roi.shape[axis]
-        count = -(-target.shape[axis] // stride) if not target.empty else 0
-        start = self.total_roi.begin[axis] - self.read_roi.begin[axis]
+        return -(-target.shape[axis] // self.write_roi.shape[axis]) if not target.empty else 0
+
+    def _axis_block(self, axis: int, i: int) -> tuple[int, int, int, int] | None:
+        """Block `i` of the grid along one axis as the fit keeps it (see `_axis_blocks`), or None.
+
+        The kept blocks are always the first ones of the grid: index i is also the block's index
+        among them, and its index in daisy's grid (`grid_block_id`)."""
+        if not 0 <= i < self._axis_grid(axis):
+            return None
+        target = self.target_roi
+        shift = self.total_roi.begin[axis] - self.read_roi.begin[axis] + i * self.write_roi.shape[axis]
         total_b, total_e = self.total_roi.begin[axis], self.total_roi.end[axis]
         target_b, target_e = target.begin[axis], target.end[axis]
-        kept = []
-        for i in range(count):
-            shift = start + i * stride
-            read_b, read_e = self.read_roi.begin[axis] + shift, self.read_roi.end[axis] + shift
-            write_b, write_e = self.write_roi.begin[axis] + shift, self.write_roi.end[axis] + shift
-            if self.fit == "valid":
-                if total_b <= read_b and read_e <= total_e:
-                    kept.append((read_b, read_e, write_b, write_e))
-            elif write_b < target_e and target_b < write_e:
-                if self.fit == "overhang":
-                    kept.append((read_b, read_e, write_b, write_e))
-                else:
-                    read_b, read_e = max(read_b, total_b), min(read_e, total_e)
-                    kept.append((read_b, read_e, max(write_b, target_b), min(write_e, target_e)))
-        return kept
+        read_b, read_e = self.read_roi.begin[axis] + shift, self.read_roi.end[axis] + shift
+        write_b, write_e = self.write_roi.begin[axis] + shift, self.write_roi.end[axis] + shift
+        if self.fit == "valid":
+            return (read_b, read_e, write_b, write_e) if total_b <= read_b and read_e <= total_e else None
+        if not (write_b < target_e and target_b < write_e):
+            return None
+        if self.fit == "overhang":
+            return (read_b, read_e, write_b, write_e)
+        return (max(read_b, total_b), min(read_e, total_e), max(write_b, target_b), min(write_e, target_e))
+
+    def block_id(self, write_roi: Roi) -> int:
+        """The id daisy gives the block of this tiling whose write ROI is `write_roi` (clipped or
+        not: clipping keeps its start): `grid_block_id` of where it starts, in write blocks from
+        the total ROI's start."""
+        begin, stride = write_roi.begin - self.total_roi.begin, self.write_roi.shape
+        return grid_block_id([b // s for b, s in zip(begin, stride)])
+
+    def axis_count(self, axis: int) -> int:
+        """Blocks kept along one axis (`num_blocks` is their product)."""
+        t, r, s = self.total_roi.shape[axis], self.read_roi.shape[axis], self.write_roi.shape[axis]
+        if self.target_roi.empty:
+            return 0
+        if self.fit == "valid":
+            return (t - r) // s + 1 if t >= r else 0
+        return -(-self.target_roi.shape[axis] // s)
 
     def blocks(self) -> list[tuple[Roi, Roi]]:
         """(read ROI, write ROI) of every block the task runs, in grid order."""
@@ -217,16 +241,7 @@ class Blocking:
     @property
     def num_blocks(self) -> int:
         """len(self.blocks()), by arithmetic (per axis), so millions of blocks cost nothing."""
-        target = self.target_roi
-        if target.empty:
-            return 0
-        count = 1
-        for t, r, s, g in zip(self.total_roi.shape, self.read_roi.shape, self.write_roi.shape, target.shape):
-            if self.fit == "valid":
-                count *= (t - r) // s + 1 if t >= r else 0
-            else:
-                count *= -(-g // s)
-        return count
+        return math.prod(self.axis_count(d) for d in range(self.total_roi.dims))
 
     @property
     def written_roi(self) -> Roi:
@@ -265,6 +280,94 @@ class Blocking:
                         f"{tuple(array_roi.begin)}"
                     )
         return None
+
+
+def check_batch(batch: int | Sequence[int], dims: int) -> Coordinate:
+    """The `batch` option as blocks per side on each of `dims` axes (an int is every axis's)."""
+    values = [batch] * dims if isinstance(batch, numbers.Integral) else batch
+    if (
+        isinstance(values, (str, bytes))
+        or not isinstance(values, Sequence)
+        or len(values) != dims
+        or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in values)
+    ):
+        raise VoxblockError(f"batch must be an integer >= 1 or {dims} of them (blocks per side): {batch!r}")
+    return Coordinate(int(v) for v in values)
+
+
+def grid_block_id(index: Sequence[int]) -> int:
+    """The id daisy gives the block at `index` of its block grid: the Cantor number of the index
+    (daisy 1's `cantor_number`, which daisy 2 keeps: done markers and failures are keyed by it)."""
+    if len(index) == 1:
+        return int(index[0])
+    return math.comb(sum(index) + len(index) - 1, len(index)) + grid_block_id(index[:-1])
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One block of `Batching.blocking` inside a batch: its ROIs as that blocking's fit hands it
+    out, its id (the unbatched run's), and its index among that blocking's blocks per axis."""
+
+    read_roi: Roi
+    write_roi: Roi
+    block_id: int
+    index: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Batching:
+    """`blocking` scheduled `batch` blocks per side at a time: the scheduler hands out fewer,
+    bigger blocks (`scheduled`), each run as the blocks of `blocking` inside it (`blocks_in`).
+
+    A scheduled block writes k write blocks per side and reads them grown by the same context;
+    big block i starts where block i·k does, so it holds blocks [i·k, i·k + k) on each axis. It
+    is scheduled with fit="overhang", so that every block is in one; `blocks_in` then drops the
+    blocks `blocking`'s fit does not keep and clips those it clips. With fit="valid" the total
+    ROI is cut to the blocks that fit, so that no scheduled block holds none.
+    """
+
+    blocking: Blocking
+    batch: Coordinate
+
+    @property
+    def scheduled(self) -> Blocking:
+        """The blocking the scheduler runs: one block per batch."""
+        small = self.blocking
+        grow = small.write_roi.shape * (self.batch - Coordinate((1,) * len(self.batch)))
+        write = Roi(small.write_roi.begin, small.write_roi.shape + grow)
+        read = Roi(small.read_roi.begin, small.read_roi.shape + grow)
+        total = small.total_roi
+        if small.fit == "valid":
+            below, above = small.context
+            counts = Coordinate(small.axis_count(d) for d in range(total.dims))
+            total = Roi(total.begin, below + above + counts * small.write_roi.shape)
+        return Blocking(total, read, write, "overhang")
+
+    def axis_sizes(self, axis: int) -> list[int]:
+        """Blocks of `blocking` in each batch along one axis (the scheduled grid's order)."""
+        count, k = self.blocking.axis_count(axis), self.batch[axis]
+        return [min(k, count - j) for j in range(0, count, k)]
+
+    @property
+    def num_batches(self) -> int:
+        return math.prod(len(self.axis_sizes(d)) for d in range(self.blocking.total_roi.dims))
+
+    def blocks_in(self, write_roi: Roi) -> list[Batch]:
+        """The blocks of `blocking` (as its fit hands them out) in the scheduled block whose write
+        ROI is `write_roi` (the unbatched run's blocks: see tests/test_batching.py), grid order."""
+        small = self.blocking
+        first = small.target_roi.begin
+        axes = []
+        for d in range(small.total_roi.dims):
+            start = (write_roi.begin[d] - first[d]) // small.write_roi.shape[d]
+            kept = [(i, small._axis_block(d, i)) for i in range(start, start + self.batch[d])]
+            axes.append([(i, block) for i, block in kept if block is not None])
+        found = []
+        for combination in itertools.product(*axes):
+            index = tuple(i for i, _ in combination)
+            read, write = _block([block for _, block in combination])
+            found.append(Batch(read, write, small.block_id(write), index))
+        return found
 
 
 def daisy_links_unread_blocks(down: Blocking, up: Blocking) -> bool:
