@@ -12,7 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from voxblock.packfile import ENTRY, HEADER, CorruptRecord, PackIndex, PackWriter, scan
+from voxblock.packfile import (
+    ENTRY,
+    HEADER,
+    CorruptRecord,
+    Entry,
+    PackIndex,
+    PackWriter,
+    newest_keys,
+    scan,
+)
 
 records = st.lists(
     st.tuples(st.integers(0, 5), st.binary(max_size=40), st.booleans()), min_size=1, max_size=6
@@ -60,6 +69,7 @@ def test_every_truncation_of_a_pack_reads_as_a_prefix_of_its_records(tmp_path_fa
         (cut / "t-x.bin").write_bytes(data)
         (cut / "t-x.idx").write_bytes(index[:at])
         assert _read(cut) == _expected(written[: at // ENTRY.size])
+        assert newest_keys(cut, "t", chunk=2).tolist() == sorted(_expected(written[: at // ENTRY.size]))
 
 
 @settings(max_examples=20, deadline=None)
@@ -74,11 +84,13 @@ def test_an_index_read_while_its_pack_grows_catches_up(tmp_path_factory, written
     path = directory / f"{writer.stem}.idx"
     whole = path.read_bytes()
     path.write_bytes(whole[: at % (len(whole) + 1)])
-    index = PackIndex(directory, "t")
-    index.refresh()
+    indexes = [PackIndex(directory, "t"), PackIndex(directory, "t", small=0)]
+    for index in indexes:
+        index.refresh()
     path.write_bytes(whole)
-    index.refresh()
-    assert dict(index.items()) == _expected(written)
+    for index in indexes:
+        index.refresh()
+        assert dict(index.items()) == _expected(written)
 
 
 def test_a_damaged_record_is_an_error_not_a_missing_one(tmp_path):
@@ -168,3 +180,65 @@ def test_a_directory_emptied_between_refreshes_is_read_again(tmp_path):
     writer.append(5, b"after")
     index.refresh()
     assert dict(index.items()) == {3: b"after", 4: b"after", 5: b"after"}
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    written=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(0, 6), st.booleans(), st.integers(-2, 2)),
+        min_size=1,
+        max_size=20,
+    ),
+    chunk=st.integers(1, 4),
+)
+def test_newest_keys_are_the_keys_an_index_holds(tmp_path_factory, written, chunk):
+    """An index's newest entries, taken one by one or merged into its table at once, and
+    newest_keys (arrays, for the driver): the same, across writers, stamps out of order and
+    ties, tombstones, and any chunk of reading."""
+    directory = tmp_path_factory.mktemp("pack")
+    writers = [PackWriter(directory, "t") for _ in range(3)]
+    for number, writer in enumerate(writers):
+        writer._pid, writer._stem = os.getpid(), f"t-{number}"
+    base = time.time_ns() + 10**12
+    for writer, key, tombstone, shift in written:
+        writers[writer].append(key, b"x", after=base + shift * 10**9 - 1, tombstone=tombstone)
+    one_by_one, merged = PackIndex(directory, "t", small=10**6), PackIndex(directory, "t", small=0)
+    one_by_one.refresh()
+    merged.refresh()
+    assert sorted(one_by_one.entries(), key=Entry.order) == sorted(merged.entries(), key=Entry.order)
+    assert len(one_by_one) == len(merged)
+    expected = sorted(key for key, _ in one_by_one.items())
+    assert newest_keys(directory, "t", chunk).tolist() == expected == [key for key, _ in merged.items()]
+    assert [merged.newest(key) for key in range(7)] == [one_by_one.newest(key) for key in range(7)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    edges=st.lists(st.lists(st.integers(0, 2**64 - 1), min_size=5, max_size=5), max_size=6),
+    fragments=st.lists(st.integers(0, 2**64 - 1), max_size=6),
+    scale=st.sampled_from([1, 2**8, 2**16, 2**32, 2**64]),
+)
+def test_an_edge_record_reads_back_as_written_in_either_form(tmp_path_factory, edges, fragments, scale):
+    """Pass 1's edge record (compact: each column as narrow as its values allow) through a pack,
+    and the form before it (all uint64, earlier run directories): the same arrays back; a cut
+    record is an error."""
+    import numpy as np
+
+    from voxblock.errors import VoxblockError
+    from voxblock.segment.storage import EdgeWriter, edge_record, read_edge_record
+
+    wanted = np.array(edges, dtype=object).reshape(-1, 5) % scale
+    wanted, ids = wanted.astype(np.uint64), (np.array(fragments, dtype=object) % scale).astype(np.uint64)
+    directory = tmp_path_factory.mktemp("edges")
+    EdgeWriter(directory).save(3, wanted, ids)
+    index = PackIndex(directory, "edges")
+    index.refresh()
+    payload = index.get(3)
+    legacy = np.concatenate([np.array([len(wanted), len(ids)], np.uint64), wanted.ravel(), ids]).tobytes()
+    for record in (payload, legacy):
+        got_edges, got_ids = read_edge_record(record)
+        assert got_edges.dtype == got_ids.dtype == np.uint64
+        assert np.array_equal(got_edges, wanted) and np.array_equal(got_ids, ids)
+        with pytest.raises(VoxblockError, match="not the edges of one block"):
+            read_edge_record(record[:-8] if len(record) > 32 else record + b"\0" * 8)
+    assert len(payload) <= len(edge_record(wanted, ids)) <= len(legacy) + 16

@@ -141,10 +141,26 @@ def lookup(keys: np.ndarray, values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(found, values[where], ids)
 
 
-def components(a: np.ndarray, b: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Connected components of the edges (a, b) over their nodes and `extra`: the sorted nodes
-    and each one's root, its component's smallest node."""
-    nodes = np.unique(np.concatenate([a, b, extra]))
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """np.unique by sorting in place: numpy >= 2.3's np.unique hashes, 3-5x slower on the
+    millions of uint64 IDs a unit holds, and needs more memory."""
+    values = np.array(values, dtype=U64)  # a copy, sorted in place
+    values.sort()
+    if values.size < 2:
+        return values
+    keep = np.empty(values.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
+
+
+def components(
+    a: np.ndarray, b: np.ndarray, extra: np.ndarray, nodes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Connected components of the edges (a, b) over their nodes and `extra` (or `nodes`, sorted
+    and holding them all): the sorted nodes and each one's root, its component's smallest node."""
+    if nodes is None:
+        nodes = sorted_unique(np.concatenate([a, b, extra]))
     if nodes.size == 0 or a.size == 0:
         return nodes, nodes.copy()
     from scipy.sparse import coo_matrix
@@ -153,7 +169,9 @@ def components(a: np.ndarray, b: np.ndarray, extra: np.ndarray) -> tuple[np.ndar
     rows, cols = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
     graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(nodes.size,) * 2)
     _, component = connected_components(graph, directed=False)
-    _, first = np.unique(component, return_index=True)  # nodes are sorted: the first is the smallest
+    # nodes are sorted: a component's first node is its smallest
+    first = np.full(component.max() + 1, nodes.size, dtype=np.int64)
+    np.minimum.at(first, component, np.arange(nodes.size))
     return nodes, nodes[first[component]]
 
 
@@ -299,14 +317,18 @@ def up(
         # the unit's nodes: its blocks' fragments and the ends of its merges that lie in it (a
         # block's label seen only in its context is a node too, as in segment_lut); an end in
         # another unit is a fragment its own block lists (a neighbour's, read where it wrote it)
-        frags = np.union1d(frags, np.concatenate([a, b[internal]]))
+        ends = np.concatenate([a, b[internal]])
+        if frags.size:
+            ends = ends[frags[np.searchsorted(frags, ends).clip(0, frags.size - 1)] != ends]
+        if ends.size:
+            frags = sorted_unique(np.concatenate([frags, ends]))
         blocks = np.array(children, dtype=np.int64)
         per_block = np.searchsorted(frags, hierarchy.first_id(blocks + 1)) - np.searchsorted(
             frags, hierarchy.first_id(blocks)
         )
         store.put("frag", key(1, unit), encode(frags, per_block, num_edges))
     crossing = ~internal
-    nodes, roots = components(a[internal], b[internal], a[crossing])
+    nodes, roots = components(a[internal], b[internal], a[crossing], frags if level == 1 else None)
     moved = nodes != roots
     keys, values = nodes[moved], roots[moved]
     store.put("tree", key(level, unit), encode(keys, values))
