@@ -111,7 +111,9 @@ def test_threshold_label_blockwise_equals_whole_volume(
 
 @pytest.mark.parametrize("stitch", ["context", "faces"])
 @pytest.mark.parametrize("connectivity", [6, 26])
-def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, connectivity, stitch):
+def test_real_scheduler_two_workers_matches_whole_volume(tmp_path, monkeypatch, connectivity, stitch):
+    # small enough to run in the driver (test_small_jobs.py): here, a scheduler and worker processes
+    monkeypatch.setenv("VOXBLOCK_IN_PROCESS", "0")
     rng = np.random.default_rng(7)
     data = ndimage.gaussian_filter(rng.random((30, 34, 26)), 1.5).astype(np.float32)
     data[:, 17, :] = 1.0  # a sheet crossing every block boundary in x and z

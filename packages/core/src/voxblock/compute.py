@@ -20,7 +20,9 @@ computes cancels any job of the run still known to the scheduler.
 A small job needs no process at all: a few blocks of a known pure worker
 on `Local` compute with no timeout run in the driver (`runs_in_process`,
 `ServeInProcess`), as a worker process would run them, with no scheduler
-to start nor worker processes to wait for.
+to start nor worker processes to wait for. A caller that knows its whole job is
+small and pure (segment_blockwise: `segment.pipeline.fits_in_driver`) says so
+with `IN_DRIVER`, and its tasks run there whatever their number of blocks.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ from voxblock.workers import Worker
 # a block that raises is then failed and retried (`max_retries`) and reported, as a worker
 # process's would be; a serial run asked for (`serial=True`, debugging) raises it out of run_tasks
 RETRY_IN_PROCESS: ContextVar[bool] = ContextVar("voxblock_retry_in_process", default=False)
+# True while a caller runs tasks it has judged to fit in one worker, of workers that are pure for
+# what they are given (segment_blockwise with a built-in function on a small volume): `run_tasks`
+# (serial=None) runs them in the driver, blocks retried and reported, as a small job of PURE_WORKERS
+IN_DRIVER: ContextVar[bool] = ContextVar("voxblock_in_driver", default=False)
 
 
 @dataclass
@@ -166,17 +172,15 @@ def runs_in_process(tasks: Sequence[Any]) -> bool:
     the process down (a segfault, the OOM killer) would take the run with it instead of costing
     a worker restart and a retry: that is safe only for workers that cannot do either. Failed
     blocks are recorded and retried (`max_retries`) as in a worker. VOXBLOCK_IN_PROCESS=0 turns
-    it off."""
-    if _in_process_off():
+    it off. Under `IN_DRIVER` the caller has judged the size and the workers: only the compute,
+    timeout and init callback are checked."""
+    if in_process_off():
         return False
+    if IN_DRIVER.get():
+        return all(_driver_can_serve(task) for task in tasks)
     blocks = 0
     for task in tasks:
-        if (
-            type(task.compute) is not Local
-            or task.timeout is not None
-            or task.init_callback_fn is not None
-            or not _pure(type(task.worker))
-        ):
+        if not _driver_can_serve(task) or not _pure(type(task.worker)):
             return False
         blocks += task.num_blocks
     if blocks > IN_PROCESS_BLOCKS:
@@ -186,8 +190,15 @@ def runs_in_process(tasks: Sequence[Any]) -> bool:
     return sum(_voxels_read(t) for t in tasks) <= IN_PROCESS_VOXELS
 
 
-def _in_process_off() -> bool:
+def in_process_off() -> bool:
+    """VOXBLOCK_IN_PROCESS=0: every job starts a scheduler and worker processes."""
     return os.environ.get("VOXBLOCK_IN_PROCESS", "1").lower() in ("0", "false", "no", "off")
+
+
+def _driver_can_serve(task: Any) -> bool:
+    """Nothing but a worker process could honour a block timeout, compute elsewhere, or an init
+    callback that runs as workers start."""
+    return type(task.compute) is Local and task.timeout is None and task.init_callback_fn is None
 
 
 def _pure(kind: type) -> bool:
@@ -204,7 +215,7 @@ def may_run_in_process(
     a fork server that nothing would use): a pure worker on `Local` compute with no timeout,
     and an input that the array's metadata alone (no zarr import) shows to be at most
     `IN_PROCESS_BLOCKS` blocks of `block_size` voxels. False where it cannot tell."""
-    if _in_process_off() or type(compute) is not Local or timeout is not None or not _pure(kind):
+    if in_process_off() or type(compute) is not Local or timeout is not None or not _pure(kind):
         return False
     shape = _metadata_shape(Path(input_name)) if input_name else None
     try:

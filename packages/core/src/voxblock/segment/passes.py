@@ -8,6 +8,7 @@ relabel worker (voxblock-workers). `segment.pipeline` composes them.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,14 @@ from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.ids import BlockGrid, to_global
 from voxblock.segment.storage import EDGES, EdgeWriter, blocks_with_edges, read_edge_record
 from voxblock.workers import ArrayWorker, Preparation, Worker, crop_to, option, prepare_output
+
+# Each block's own labels and the largest, by block index, from pass 1 at faces to pass 3 while a
+# small segmentation runs both in the driver (`segment.pipeline.fits_in_driver`, a built-in
+# function, so the same labels either way): every block is read and labelled once, not twice.
+# Taken out as pass 3 uses them; a block missing (pass 1 done by an earlier run) is labelled again.
+OWN_LABELS: ContextVar[dict[int, tuple[np.ndarray, int]] | None] = ContextVar(
+    "voxblock_own_labels", default=None
+)
 
 
 @dataclass
@@ -225,6 +234,9 @@ class StitchFaces(Labelling):
         grid, dtype, write_roi = self._grid, self._dtype, block.write_roi
         labels, largest = own_labels(self._function, self._source, block, grid)
         index = grid.index(write_roi)
+        kept = OWN_LABELS.get()
+        if kept is not None:
+            kept[index] = (labels, largest)
         # faces are kept with the block's own labels: a reader adds the block's ID offset
         own_faces = face_stitching.faces(labels)
         self._faces.save(index, own_faces, labels.shape)
@@ -271,8 +283,12 @@ class LabelSegments(Labelling):
         self._tables = hierarchy.PackStore(self.table_dir)
 
     def process(self, block: Any) -> None:
-        labels, largest = own_labels(self._function, self._source, block, self._grid)
         index = self._grid.index(block.write_roi)
+        kept = OWN_LABELS.get()
+        labelled = kept.pop(index, None) if kept is not None else None
+        if labelled is None:
+            labelled = own_labels(self._function, self._source, block, self._grid)
+        labels, largest = labelled
         first = index * self._grid.id_range + 1
         fragments, segments = hierarchy.block_lut(self._tables, index)
         try:

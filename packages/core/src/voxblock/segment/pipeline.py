@@ -17,6 +17,12 @@ are kept in the output container. What pass 1 hands to the others (each
 block's edges and, at faces, its outer layers) is appended to pack files,
 a pair per worker process (`voxblock.packfile`, `segment.storage`), so
 the run directory's files grow with the workers, not the blocks.
+
+A segmentation that fits in one worker (`fits_in_driver`: a built-in
+function on a few blocks, Local compute, no timeout) runs every pass in
+the driver, as `run_tasks` runs a small job of pure workers: no scheduler,
+no worker processes, the same done markers, retries and reports; at faces
+each block's labels are kept from pass 1 for pass 3 (`passes.OWN_LABELS`).
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import zarr
 from funlib.geometry import Coordinate, Roi
 
 from voxblock import arrays
-from voxblock.compute import Local
+from voxblock.compute import IN_DRIVER, Local, in_process_off
 from voxblock.errors import VoxblockError
 from voxblock.geometry import Blocking, check_on_grid
 from voxblock.nodes import check_output_container
@@ -45,6 +51,7 @@ from voxblock.segment.functions import SegmentFunction
 from voxblock.segment.hierarchy import Hierarchy, default_fanout
 from voxblock.segment.ids import BlockGrid
 from voxblock.segment.passes import (
+    OWN_LABELS,
     LabelSegments,
     RelabelFragments,
     SegmentBlocks,
@@ -63,6 +70,11 @@ from voxblock.workers import Worker, check_output_layout, stable_hash
 
 MERGES = ("any", "overlap", "iou")
 STITCHES = ("auto", "context", "faces")
+# A segmentation of at most this many blocks, and voxels in their write ROIs, fits in one worker
+# (`fits_in_driver`): at 256^3 in 64^3 blocks the driver does it in less time than a scheduler and
+# worker processes per pass, and the labels it keeps between passes take 64 MiB (uint32)
+IN_DRIVER_BLOCKS = 512
+IN_DRIVER_VOXELS = 1 << 24
 
 
 def segment_blockwise(
@@ -271,72 +283,82 @@ def segment_blockwise(
         **common,
         **where,
     )
-    first = run_tasks([fragments], progress=progress, serial=serial)
-    if not first.succeeded:
-        return False
-    changed = first.tasks[-1].processed > 0
-    solved = run_solve(
-        seg,
-        grid,
-        merge,
-        merge_threshold,
-        fresh=changed,
-        options={**common, "max_retries": max_retries},
-        where=where,
-        serial=serial,
-    )
-    if solved is None:
-        return False
-    changed = changed or solved
-    if method == "faces":
-        # the same blocks as pass 1, so that each is labelled exactly as it was there
-        relabel = BlockwiseTask(
-            LabelSegments(
-                function=str(segment_function),
-                parameters=function.parameters,
-                input=str(arrays.ArrayName.parse(input)),
-                output=str(output_name),
-                table_dir=str(seg.table_dir),
-                grid=grid.to_dict(),
-                region=region,
-            ),
-            blocking.total_roi,
-            blocking.read_roi,
-            blocking.write_roi,
-            fit=fit,
-            read_write_conflict=False,
-            task_id="relabel",
-            run_dir=seg.run_dir / "relabel",
+    # a job that fits in one worker runs every pass here (`fits_in_driver`): run_tasks retries and
+    # reports its blocks as a worker process would; serial=True (debugging) raises their errors
+    in_driver = not serial and fits_in_driver(function, options, upstream_tasks, blocking, source.voxel_size)
+    serial_mode: bool | None = True if serial else (None if in_driver else False)
+    driver = IN_DRIVER.set(in_driver)
+    kept = OWN_LABELS.set({} if in_driver and method == "faces" else None)
+    try:
+        first = run_tasks([fragments], progress=progress, serial=serial_mode)
+        if not first.succeeded:
+            return False
+        changed = first.tasks[-1].processed > 0
+        solved = run_solve(
+            seg,
+            grid,
+            merge,
+            merge_threshold,
             fresh=changed,
-            overwrite=True,
-            chunk_shape=chunk_shape,
-            shard_shape=shard_shape,
-            **common,
-            **where,
+            options={**common, "max_retries": max_retries},
+            where=where,
+            serial=serial,
         )
-    else:
-        relabel = BlockwiseTask(
-            RelabelFragments(
-                input=seg.fragments,
-                output=str(output_name),
-                grid=grid.to_dict(),
-                table_dir=str(seg.table_dir),
-            ),
-            target,
-            write_roi,
-            write_roi,
-            task_id="relabel",
-            run_dir=seg.run_dir / "relabel",
-            fresh=changed,
-            overwrite=True,
-            chunk_shape=chunk_shape,
-            shard_shape=shard_shape,
-            **common,
-            **where,
-        )
-    third = run_tasks([relabel], progress=progress, serial=serial)
-    if not third.succeeded:
-        return False
+        if solved is None:
+            return False
+        changed = changed or solved
+        if method == "faces":
+            # the same blocks as pass 1, so that each is labelled exactly as it was there
+            relabel = BlockwiseTask(
+                LabelSegments(
+                    function=str(segment_function),
+                    parameters=function.parameters,
+                    input=str(arrays.ArrayName.parse(input)),
+                    output=str(output_name),
+                    table_dir=str(seg.table_dir),
+                    grid=grid.to_dict(),
+                    region=region,
+                ),
+                blocking.total_roi,
+                blocking.read_roi,
+                blocking.write_roi,
+                fit=fit,
+                read_write_conflict=False,
+                task_id="relabel",
+                run_dir=seg.run_dir / "relabel",
+                fresh=changed,
+                overwrite=True,
+                chunk_shape=chunk_shape,
+                shard_shape=shard_shape,
+                **common,
+                **where,
+            )
+        else:
+            relabel = BlockwiseTask(
+                RelabelFragments(
+                    input=seg.fragments,
+                    output=str(output_name),
+                    grid=grid.to_dict(),
+                    table_dir=str(seg.table_dir),
+                ),
+                target,
+                write_roi,
+                write_roi,
+                task_id="relabel",
+                run_dir=seg.run_dir / "relabel",
+                fresh=changed,
+                overwrite=True,
+                chunk_shape=chunk_shape,
+                shard_shape=shard_shape,
+                **common,
+                **where,
+            )
+        third = run_tasks([relabel], progress=progress, serial=serial_mode)
+        if not third.succeeded:
+            return False
+    finally:
+        OWN_LABELS.reset(kept)
+        IN_DRIVER.reset(driver)
     zarr.open(str(output_name.path), mode="r+").attrs[SEGMENT_KEY] = key
     if not keep_fragments:
         shutil.rmtree(arrays.ArrayName.parse(seg.fragments).path, ignore_errors=True)
@@ -344,6 +366,31 @@ def segment_blockwise(
         shutil.rmtree(seg.edge_dir, ignore_errors=True)
         shutil.rmtree(seg.face_dir, ignore_errors=True)
     return True
+
+
+def fits_in_driver(
+    function: SegmentFunction,
+    options: TaskOptions,
+    upstream_tasks: Any,
+    blocking: Blocking,
+    voxel_size: Coordinate,
+) -> bool:
+    """Whether a segmentation runs every pass in the driver: a built-in segment function (voxblock's
+    own numpy and cc3d: nothing that could take the process down, hang or change it), at most
+    `IN_DRIVER_BLOCKS` blocks and `IN_DRIVER_VOXELS` voxels in their write ROIs, `Local` compute,
+    no block timeout (nothing could end a block past it here), no init callback and no upstream
+    tasks. Then its blocks take less than a scheduler and worker processes per pass would; a
+    crash of the driver is resumed as a crash of a worker process is. VOXBLOCK_IN_PROCESS=0 turns
+    it off."""
+    if in_process_off() or upstream_tasks or function.kind != "built-in":
+        return False
+    if options.compute is not None and type(options.compute) is not Local:
+        return False
+    if options.timeout is not None or options.init_callback_fn is not None:
+        return False
+    blocks = blocking.num_blocks
+    voxels = blocks * int(np.prod(blocking.write_roi.shape / voxel_size))
+    return blocks <= IN_DRIVER_BLOCKS and voxels <= IN_DRIVER_VOXELS
 
 
 FANOUT_VARIABLE = "VOXBLOCK_SOLVE_FANOUT"  # blocks per axis of a level-1 unit (tests: small grids)
@@ -393,9 +440,12 @@ def run_solve(
         fresh = True
     seg.table_dir.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(layout))
-    # one unit is today's whole-graph solve: in this process, unless workers run elsewhere
+    # one unit is today's whole-graph solve: in this process, unless workers run elsewhere; every
+    # step of a segmentation that runs in the driver (IN_DRIVER) too, its blocks retried as there
     local = where.get("compute") is None or isinstance(where.get("compute"), Local)
-    in_process = serial or (local and hierarchy.num_units(1) == 1)
+    driver = IN_DRIVER.get() and not serial
+    in_process = serial or driver or (local and hierarchy.num_units(1) == 1)
+    mode: bool | None = None if driver else in_process
     common = {"num_workers": 1, "max_retries": options["max_retries"]} if in_process else options
     worker = {
         "grid": grid.to_dict(),
@@ -409,7 +459,7 @@ def run_solve(
     started = time.perf_counter()
     if hierarchy.num_units(1) == 1:  # one unit: every step as one block (today's one-block solve)
         whole = SolveStep(step="all", lut=seg.lut, edges=seg.edges, **worker)
-        processed = _run_units(whole, 1, "all", seg, fresh, common, where, in_process)
+        processed = _run_units(whole, 1, "all", seg, fresh, common, where, mode)
         if processed is None:
             return None
         _report(hierarchy, np.load(seg.table_dir / "offsets.npy"), started)
@@ -426,7 +476,7 @@ def run_solve(
             save_array(seg.table_dir / "offsets.npy", prefix)
         name = step if step == "labels" else f"{step}-{level}"
         processed = _run_units(
-            SolveStep(step=step, level=level, **worker), units, name, seg, fresh, common, where, in_process
+            SolveStep(step=step, level=level, **worker), units, name, seg, fresh, common, where, mode
         )
         if processed is None:
             return None
@@ -438,7 +488,7 @@ def run_solve(
         create_tables(seg.lut, seg.edges, prefix, chunk)
     chunks = max(1, -(-int(max(prefix[0, -1], prefix[1, -1])) // chunk))
     export = SolveStep(step="export", lut=seg.lut, edges=seg.edges, chunk=chunk, **worker)
-    processed = _run_units(export, chunks, "export", seg, fresh, common, where, in_process)
+    processed = _run_units(export, chunks, "export", seg, fresh, common, where, mode)
     if processed is None:
         return None
     _report(hierarchy, prefix, started)
@@ -478,10 +528,10 @@ def _run_units(
     fresh: bool,
     common: dict[str, Any],
     where: dict[str, Any],
-    in_process: bool,
+    serial: bool | None,
 ) -> int | None:
     """Run one solve step over `units` blocks (a 1-D task: block k is unit k); the blocks it
-    processed, or None if it failed."""
+    processed, or None if it failed. `serial` is run_tasks'."""
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
 
@@ -498,7 +548,7 @@ def _run_units(
         **where,
     )
     summary = io.StringIO()  # one line for the whole solve (run_solve), the steps' only if one failed
-    report = run_tasks([task], progress=False, serial=in_process, out=summary)
+    report = run_tasks([task], progress=False, serial=serial, out=summary)
     if not report.succeeded:
         sys.stdout.write(summary.getvalue())
         return None
