@@ -115,3 +115,39 @@ def test_a_missing_record_is_an_error_not_a_guess():
         hierarchy.up(h, 2, 0, hierarchy.MemoryStore())
     with pytest.raises(VoxblockError, match="no segment table"):
         hierarchy.block_lut(hierarchy.MemoryStore(), 3)
+
+
+def test_a_sampled_simulation_solves_its_sampled_units_as_the_whole_one(tmp_path):
+    """benchmarks/solve_scale.py --sample (the 10^9-fragment run): the other level-1 units'
+    records made on the fly, only the sampled units' written, give the sampled units the same
+    final roots as the run with every block's record in packs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import solve_scale
+
+    from voxblock.packfile import newest_keys
+    from voxblock.segment.storage import EDGES
+
+    grid = {"origin": [0, 0, 0], "stride": [1, 1, 1], "counts": [6, 6, 6], "id_range": 20}
+    h = hierarchy.Hierarchy(BlockGrid.from_dict(grid), 2)
+    sample, keep = solve_scale.sample_units(h, 2)
+    assert len(sample) == 2 and set(sample) <= set(keep) and 0 in keep
+    plan = [("up", level) for level in range(1, h.levels + 1)]
+    plan += [("down", level) for level in range(h.levels, 0, -1)]
+    whole, sampled = tmp_path / "whole", tmp_path / "sampled"
+    solve_scale.generate(grid, whole / "edges", 3.0)
+    for step, level in plan:
+        solve_scale.run_step(step, level, whole, grid, 2, {"edges_per_fragment": 3.0})
+        solve_scale.run_step(
+            step, level, sampled, grid, 2, {"edges_per_fragment": 3.0, "sample": sample, "keep": keep}
+        )
+    assert newest_keys(sampled / "edges", EDGES).tolist() == sorted(
+        b for u in sample for b in h.children(1, u)
+    )
+    full, part = (hierarchy.PackStore(str(d / "tables")) for d in (whole, sampled))
+    for unit in sample:
+        for kind in ("down", "roots"):
+            assert part.get(kind, hierarchy.key(1, unit)) == full.get(kind, hierarchy.key(1, unit))
+    assert part.get("down", hierarchy.key(1, next(u for u in range(h.num_units(1)) if u not in keep))) is None

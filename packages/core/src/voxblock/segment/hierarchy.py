@@ -369,7 +369,7 @@ def offsets(hierarchy: Hierarchy, store: Store) -> np.ndarray:
         blocks, fragments, edges, roots = _load(store, "count", 1, unit)
         where = blocks.astype(np.int64) + 1
         counts[0, where], counts[1, where], counts[2, where] = fragments, edges, roots
-    return np.cumsum(counts, axis=1, dtype=U64)
+    return np.cumsum(counts, axis=1, dtype=U64, out=counts)  # in place: 24 bytes a block, not 48
 
 
 def labels(hierarchy: Hierarchy, unit: int, store: Store, prefix: np.ndarray) -> None:
