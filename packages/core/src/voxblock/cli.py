@@ -659,7 +659,8 @@ main.add_command(
     overrides={
         "fit": {"choices": ("overhang", "shrink"), "default": "overhang", "help": "blocks at the border"},
         "fresh": {"help": "forget every pass and start over"},
-    }
+    },
+    exclude=("batch",),  # its passes' blocks wait for their neighbours (read_write_conflict)
 )
 def segment(function: str, **values: Any) -> None:
     """Segment a volume blockwise into one consistent labelling.
@@ -797,7 +798,7 @@ segment.help = inspect.cleandoc(segment.help or "") + _segment_functions_help()
     help="fragments: fragments with fewer voxels become 0",
 )
 @click.option("--mask", metavar="C/D", help="fragments: a foreground mask (nonzero = foreground)")
-@_shared_options(exclude=("fit", "run_dir", "fresh"))
+@_shared_options(exclude=("fit", "run_dir", "fresh", "batch"))
 def agglomerate(**values: Any) -> None:
     """Affinities to one segmentation: fragments, region graph, agglomeration.
 
@@ -1178,7 +1179,7 @@ def status_command(target: str | None, watch: str | None, as_json: bool) -> None
     metavar="Z,Y,X",
     help="each level's write block in its own voxels, also its chunk [default: INPUT's chunk]",
 )
-@_shared_options(exclude=("fit", "run_dir", "halo"))
+@_shared_options(exclude=("fit", "run_dir", "halo", "batch"))
 def downsample_command(
     input_: str,
     levels: int,

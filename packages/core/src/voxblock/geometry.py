@@ -349,8 +349,34 @@ class Batching:
         return [min(k, count - j) for j in range(0, count, k)]
 
     @property
+    def max_blocks(self) -> int:
+        """The most blocks one batch holds."""
+        dims = range(self.blocking.total_roi.dims)
+        return max(1, math.prod(min(self.batch[d], self.blocking.axis_count(d)) for d in dims))
+
+    @property
     def num_batches(self) -> int:
         return math.prod(len(self.axis_sizes(d)) for d in range(self.blocking.total_roi.dims))
+
+    def done_blocks(self, done: Any) -> int:
+        """Blocks of `blocking` in the batches that daisy's done-marker array `done` marks done.
+
+        daisy indexes that array by where a block's write ROI starts, in write blocks from the
+        total ROI's start (`Blocking.block_id`): batch i of an axis is cell i + context below //
+        the batch's write shape."""
+        import numpy as np
+
+        scheduled = self.scheduled
+        below, _ = scheduled.context
+        count = (np.asarray(done) > 0).astype(np.int64)
+        for axis in range(count.ndim):
+            sizes = self.axis_sizes(axis)
+            first = below[axis] // scheduled.write_roi.shape[axis]
+            weights = np.zeros(count.shape[axis], np.int64)
+            kept = max(0, min(len(sizes), count.shape[axis] - first))
+            weights[first : first + kept] = sizes[:kept]
+            count = count * weights.reshape([-1 if d == axis else 1 for d in range(count.ndim)])
+        return int(count.sum())
 
     def blocks_in(self, write_roi: Roi) -> list[Batch]:
         """The blocks of `blocking` (as its fit hands them out) in the scheduled block whose write

@@ -24,7 +24,7 @@ from voxblock.files import replace_atomically
 from voxblock.rundir import RunDirectory
 
 if TYPE_CHECKING:
-    from voxblock.geometry import Blocking
+    from voxblock.geometry import Batching, Blocking
     from voxblock.halo import Halo
     from voxblock.workers import Worker
 
@@ -49,6 +49,8 @@ class Job:
     # a shrink task that daisy runs as overhang (`BlockwiseTask.daisy_fit`): blocks are
     # clipped here to what fit="shrink" hands out
     shrink: Blocking | None = None
+    # a batched task (`BlockwiseTask.batching`): each daisy block is a batch of blocks
+    batch: Batching | None = None
 
     def save(self) -> Path:
         path = Path(self.run_dir) / WORKER_FILE
@@ -97,10 +99,56 @@ class ShrunkCheck:
         return self.check(shrunk_block(block, self.blocking))
 
 
+def batch_blocks(block: Any, batching: Batching) -> list[Any]:
+    """The blocks of a batch (a daisy block of a batched task), as the unbatched run would hand
+    them out: ROIs, ids and task; each with the batch's status."""
+    import daisy.v2 as daisy
+
+    total = batching.blocking.total_roi
+    blocks = []
+    for inside in batching.blocks_in(block.write_roi):
+        one = daisy.Block(
+            total, inside.read_roi, inside.write_roi, task_id=block.task_id, block_id=inside.block_id
+        )
+        one.status = block.status
+        blocks.append(one)
+    return blocks
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    """A pre-check (run by daisy's server) of a batch: done when it says each of its blocks is.
+    `skipped` counts the blocks of the batches it calls done (the run report's)."""
+
+    check: Callable[[Any], bool]
+    batching: Batching
+    skipped: list[int] = field(default_factory=list)
+
+    def __call__(self, block: Any) -> bool:
+        blocks = batch_blocks(block, self.batching)
+        done = all(self.check(one) for one in blocks)
+        if done:
+            self.skipped.append(len(blocks))
+        return done
+
+
 def process_block(job: Job, block: Any, run_dir: RunDirectory) -> None:
     """One block: the worker's `process`, then the task's post-check. A failure is recorded
     (ROI, error) before it is raised: after the last attempt the run may end as soon as daisy
-    hears of it."""
+    hears of it. A batch is its blocks one after another (memory stays a block's); the first
+    that fails fails the batch, which daisy retries whole (its done blocks are rewritten the
+    same)."""
+    if job.batch is not None:
+        for one in batch_blocks(block, job.batch):
+            _process_one(job, one, run_dir)
+            if one.status != block.status:  # failed by its status, without raising
+                block.status = one.status
+                return
+        return
+    _process_one(job, block, run_dir)
+
+
+def _process_one(job: Job, block: Any, run_dir: RunDirectory) -> None:
     given = block
     block = shrunk_block(block, job.shrink)
     try:

@@ -23,7 +23,7 @@ from funlib.geometry import Coordinate
 
 from voxblock.compat import split_check
 from voxblock.errors import VoxblockError
-from voxblock.geometry import FITS, Fit, check_fit
+from voxblock.geometry import FITS, Fit, check_batch, check_fit
 
 if TYPE_CHECKING:
     from voxblock.compute import Compute
@@ -190,6 +190,21 @@ class TaskOptions:
         ),
     )
 
+    batch: int | tuple[int, ...] = field(
+        default=1,
+        metadata=about(
+            "blocks per side that the scheduler hands out as one (k^d blocks, run one after another: "
+            "memory stays a block's); for runs of more than 10^5 blocks, where handing out blocks "
+            "bounds the run; the output is the same, a failure or a kill redoes the whole batch",
+            cli={
+                "help": "hand out K x K x K blocks at a time, run one after another in a worker "
+                "(memory stays a block's). For more than ~10^5 blocks, where the scheduler (about "
+                "8,000 blocks/s) bounds the run; the output is the same. A failing block, a kill or "
+                "a timeout redoes up to K^3 blocks, and the timeout is per block",
+            },
+        ),
+    )
+
     def __post_init__(self) -> None:
         def integer(value: Any) -> bool:
             return isinstance(value, int) and not isinstance(value, bool)
@@ -226,6 +241,10 @@ class TaskOptions:
             raise VoxblockError(f"max_worker_restarts must be >= 0; got {self.max_worker_restarts!r}")
         if self.halo not in (None, True, False):
             raise VoxblockError(f"halo must be True, False or None (decide per array); got {self.halo!r}")
+        batch = self.batch
+        if isinstance(batch, Sequence) and not isinstance(batch, str):
+            object.__setattr__(self, "batch", tuple(batch))
+        check_batch(self.batch, max(1, len(self.batch)) if isinstance(self.batch, tuple) else 1)
         for name in ("chunk_shape", "shard_shape"):
             shape = getattr(self, name)
             if shape is None:

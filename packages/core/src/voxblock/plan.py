@@ -50,6 +50,10 @@ SAMPLE_BLOCKS = 5
 # done marker): measured on voxblock's own runs, added to what the sample measures
 TASK_OVERHEAD_SECONDS = 0.3
 BLOCK_OVERHEAD_SECONDS = 0.001
+# blocks a second one daisy 2 server hands out however fast the workers are (`nox -s scale`,
+# no-op blocks): a run of more blocks than MANY_BLOCKS is told to batch them (`batch`)
+SCHEDULER_BLOCKS_PER_SECOND = 8000
+MANY_BLOCKS = 10**5
 # memory of a worker process before its first block (interpreter, numpy, zarr), for the estimate
 BASE_WORKER_BYTES = 150 << 20
 # run-directory files of one task (task.json, lock, tracking store, report, progress) and per worker
@@ -84,6 +88,9 @@ class PassPlan:
     wall_seconds: float | None = None
     core_hours: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # a batched task: blocks per side of a batch, and the batches daisy hands out
+    batch: tuple[int, ...] = ()
+    batches: int = 0
 
     @property
     def to_run(self) -> int:
@@ -151,6 +158,8 @@ class Plan:
         for p in self.passes:
             shape = "x".join(map(str, p.block_voxels))
             grid = f"blocks of {shape} voxels ({p.border_blocks} at the border); " if shape else ""
+            if p.batch:
+                grid += f"handed out in {p.batches} batches of {'x'.join(map(str, p.batch))}; "
             lines.append(
                 f"  {p.name}: {grid}"
                 f"{p.files} output files + {p.bookkeeping_files} bookkeeping; memory {p.memory_how}; "
@@ -349,6 +358,12 @@ def finish_pass(plan: PassPlan, workers: int, parallel: int) -> None:
         )
     elif plan.to_run == 0:
         plan.wall_seconds, plan.core_hours = TASK_OVERHEAD_SECONDS, 0.0
+    if plan.wall_seconds is not None and plan.to_run > 0:
+        # however fast the workers, the scheduler hands out its blocks (batches) one at a time
+        handed = plan.to_run * (plan.batches or plan.blocks) / plan.blocks
+        plan.wall_seconds = max(
+            plan.wall_seconds, TASK_OVERHEAD_SECONDS + handed / SCHEDULER_BLOCKS_PER_SECOND
+        )
 
 
 def _parallel(task: BlockwiseTask) -> int:
@@ -1053,7 +1068,7 @@ def done_blocks(task: BlockwiseTask) -> int:
     recorded = run_dir.read_task()
     if recorded is None or recorded.get("key") != task.task_key or not run_dir.tracking_readable():
         return 0
-    return min(task.num_blocks, run_dir.done_blocks())
+    return min(task.num_blocks, task.done_blocks())
 
 
 def count_task(task: BlockwiseTask, created: list[Any], existing: list[Any], done: int) -> PassPlan:
@@ -1106,7 +1121,20 @@ def count_task(task: BlockwiseTask, created: list[Any], existing: list[Any], don
         plan.warnings += block_warnings(blocking, voxel_size)
     plan.border_blocks = border_blocks(blocking)
     plan.memory = estimate_memory(read_block, written_block)
+    if task.batching is not None:
+        plan.batch, plan.batches = tuple(task.batching.batch), task.num_batches
+    elif task.num_blocks > MANY_BLOCKS:
+        plan.warnings.append(scheduler_warning(task.num_blocks))
     return plan
+
+
+def scheduler_warning(blocks: int) -> str:
+    """What a run of many small-enough blocks loses to the scheduler, and the cure."""
+    return (
+        f"{blocks} blocks: the scheduler hands out about {SCHEDULER_BLOCKS_PER_SECOND} blocks a second, "
+        f"{_duration(blocks / SCHEDULER_BLOCKS_PER_SECOND)} for these whatever the workers; --batch 2 "
+        "(batch=2) hands them out 2x2x2 at a time, the same output (a failure redoes its batch)"
+    )
 
 
 def _read_alignment(blocking: Blocking, source: Any, name: str) -> list[str]:

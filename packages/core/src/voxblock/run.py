@@ -52,6 +52,11 @@ class TaskReport:
     # load), and blocks per second while serving (after set-up), all workers together
     worker_setup_seconds: float = 0.0
     serving_blocks_per_second: float = 0.0
+    # a batched task (`batch`): blocks per side of a batch, and the batches daisy handed out
+    # (total_blocks, processed, skipped and failed_blocks count blocks; orphaned, never_run,
+    # retried_blocks, timeouts and the serving rate count batches, daisy's blocks)
+    batch: list[int] | None = None
+    batches: int = 0
 
     @property
     def succeeded(self) -> bool:
@@ -76,16 +81,18 @@ class RunReport:
         for t in self.tasks:
             status = "done" if t.succeeded else "FAILED"
             where = " in this process, no worker processes" if t.in_process else ""
+            unit = "batches" if t.batch else "blocks"
+            batched = f" in {t.batches} batches of {'x'.join(map(str, t.batch))}" if t.batch else ""
             lines.append(
                 f"{t.task_id}: {status} - {t.processed} blocks processed, {t.skipped} already "
-                f"done, {len(t.failed_blocks)} failed, {t.orphaned} not run, of {t.total_blocks} "
-                f"({t.seconds:.1f} s{where}; {t.retried_blocks} blocks retried, "
-                f"{t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
+                f"done, {len(t.failed_blocks)} failed, {t.orphaned} {unit} not run, of "
+                f"{t.total_blocks}{batched} ({t.seconds:.1f} s{where}; {t.retried_blocks} {unit} "
+                f"retried, {t.worker_restarts} worker restarts, {t.timeouts} timeouts)"
             )
             if t.serving_blocks_per_second:
                 lines.append(
                     f"  workers: set-up {t.worker_setup_seconds:.1f} s, then "
-                    f"{t.serving_blocks_per_second:.1f} blocks/s"
+                    f"{t.serving_blocks_per_second:.1f} {unit}/s"
                 )
             for failed in t.failed_blocks[:20]:
                 roi = failed.write_roi
@@ -100,7 +107,7 @@ class RunReport:
                 lines.append(f"  task abandoned: {t.abandoned}")
             if t.never_run:
                 lines.append(
-                    f"  {t.never_run} blocks have no done marker though daisy ended the task "
+                    f"  {t.never_run} {unit} have no done marker though daisy ended the task "
                     "(never run, or cut off): their output may be missing; run again to do them"
                 )
             if not t.succeeded and t.in_process:
@@ -255,6 +262,8 @@ def _run_pipeline(
     import daisy.v2 as daisy
 
     daisy_tasks = {id(t): t.daisy_task(ids[id(t)], serial=serial) for t in ordered}
+    # blocks of batched tasks done before this run: what daisy skips of them (the report's)
+    done_before = {id(t): t.done_blocks() for t in ordered if t.batching is not None}
     for task in ordered:
         task.run_dir.forget_workers()  # this run's timings only
     edges = [(daisy_tasks[id(up)], daisy_tasks[id(t)]) for t in ordered for up in t.upstream_tasks]
@@ -291,6 +300,9 @@ def _run_pipeline(
         _task_report(t, ids[id(t)], daisy_tasks[id(t)], states.get(ids[id(t)]), seconds, started_at)
         for t in ordered
     ]
+    for task, report in zip(ordered, reports):
+        if task.batching is not None:
+            _count_blocks(task, report, done_before[id(task)])
     for report in reports:
         report.in_process = serial
     return reports, callbacks.errors
@@ -311,9 +323,24 @@ def _progress_recorder(ordered: Sequence[BlockwiseTask], ids: dict[int, str], pr
 
 def _done_report(task: BlockwiseTask, task_id: str) -> TaskReport:
     total = task.num_blocks
-    return TaskReport(
+    report = TaskReport(
         task_id, str(task.run_dir.path), total, 0, total, retried_blocks=task.run_dir.retried_blocks()
     )
+    if task.batching is not None:
+        report.batch, report.batches = list(task.batching.batch), task.num_batches
+    return report
+
+
+def _count_blocks(task: BlockwiseTask, report: TaskReport, done_before: int) -> None:
+    """A batched task's report in blocks, not daisy's batches: those done before the run (by
+    their batch's done marker) or in a batch the pre-check called done were skipped, the
+    others done now were processed."""
+    assert task.batching is not None
+    report.batch, report.batches = list(task.batching.batch), report.total_blocks
+    report.total_blocks = task.num_blocks
+    skipped = done_before + (sum(task.batch_check.skipped) if task.batch_check is not None else 0)
+    report.skipped = min(skipped, task.num_blocks)
+    report.processed = max(0, task.done_blocks() - report.skipped)
 
 
 def _cleanup(tasks: Sequence[BlockwiseTask]) -> None:
@@ -344,13 +371,11 @@ def _task_report(
     task: BlockwiseTask, task_id: str, daisy_task: Any, state: Any, seconds: float, started_at: float = 0.0
 ) -> TaskReport:
     failed = []
-    for block in daisy_task.failed_blocks():
+    for block, attempts in _failed_blocks(task, daisy_task, started_at):
         block_id = int(block.block_id[1])
         read_roi, write_roi = block.read_roi, block.write_roi
-        if task.daisy_fit != task.blocking.fit:  # as the worker saw it (shrunk)
+        if task.daisy_fit != task.blocking.fit and task.batching is None:  # as the worker saw it
             read_roi, write_roi = task.blocking.clip(read_roi, write_roi)
-        # this run's attempts only (a resumed run keeps earlier runs' records)
-        attempts = [a for a in task.run_dir.failures(block_id) if a.get("time", 0.0) >= started_at]
         error = (
             attempts[-1]["error"]
             if attempts
@@ -367,7 +392,11 @@ def _task_report(
                 write_roi=roi_record(write_roi),
                 # daisy fails a block after max_retries + 1 failed attempts; attempts that
                 # died with their worker (SIGKILL, timeout) leave no record
-                attempts=max(len(attempts), task.max_retries + 1),
+                # (a block of a batch: as often as it failed, the batch's other failures being
+                # other blocks')
+                attempts=len(attempts)
+                if task.batching is not None and attempts
+                else max(len(attempts), task.max_retries + 1),
                 error=error,
             )
         )
@@ -378,7 +407,8 @@ def _task_report(
         # daisy's counts are not enough: a block it hands out twice counts twice (the second
         # time "already done"), and the task ends with as many blocks never handed out
         done = task.run_dir.done_blocks()
-        never_run = max(0, task.num_blocks - done - len(failed) - int(state.orphaned_count))
+        failed_batches = len(daisy_task.failed_blocks()) if task.batching is not None else len(failed)
+        never_run = max(0, task.num_batches - done - failed_batches - int(state.orphaned_count))
     return TaskReport(
         task_id=task_id,
         run_dir=str(task.run_dir.path),
@@ -396,6 +426,26 @@ def _task_report(
         seconds=seconds,
         **_worker_timings(task.run_dir.worker_records()),
     )
+
+
+def _failed_blocks(task: BlockwiseTask, daisy_task: Any, since: float) -> list[tuple[Any, list[dict]]]:
+    """The blocks daisy failed, each with its failed attempts since `since` (this run's: a
+    resumed run keeps earlier runs' records). Of a batched task: the blocks of each failed batch
+    that failed, by their own ROI, or the batch itself where none did (its worker died)."""
+
+    def attempts(block: Any) -> list[dict]:
+        return [a for a in task.run_dir.failures(int(block.block_id[1])) if a.get("time", 0.0) >= since]
+
+    failed = daisy_task.failed_blocks()
+    if task.batching is None:
+        return [(block, attempts(block)) for block in failed]
+    from voxblock.job import batch_blocks
+
+    found: list[tuple[Any, list[dict]]] = []
+    for batch in failed:
+        inside = [(block, attempts(block)) for block in batch_blocks(batch, task.batching)]
+        found += [(block, tried) for block, tried in inside if tried] or [(batch, [])]
+    return found
 
 
 def _worker_timings(records: list[dict[str, Any]]) -> dict[str, float]:

@@ -258,6 +258,7 @@ def task_status(path: str | Path, now: float | None = None) -> TaskStatus:
     run_dir = RunDirectory(Path(path))
     task = run_dir.read_task() or {}
     blocking = _blocking(task.get("identity") or {})
+    batching = _batching(blocking, task.get("identity") or {})
     progress = _read_json(run_dir.path / PROGRESS_FILE)
     report = _read_json(run_dir.path / "report.json")
     prepared = _mtime(run_dir.path / "task.json")
@@ -273,7 +274,7 @@ def task_status(path: str | Path, now: float | None = None) -> TaskStatus:
     tracking = run_dir.tracking_arrays()
     if tracking is not None:
         done_markers, failure_counts = tracking
-        done = int((done_markers > 0).sum())
+        done = int((done_markers > 0).sum()) if batching is None else batching.done_blocks(done_markers)
     else:
         done_markers = failure_counts = None
         done = int(progress["completed"]) if progress is not None else 0
@@ -288,7 +289,11 @@ def task_status(path: str | Path, now: float | None = None) -> TaskStatus:
 
     running = state == "running"
     max_retries = int(progress.get("max_retries", 2)) if progress is not None else None
-    failed_blocks = _failed_blocks(run_dir, blocking, done_markers, failure_counts)
+    failed_blocks = (
+        _failed_blocks(run_dir, blocking, done_markers, failure_counts)
+        if batching is None
+        else _failed_in_batches(run_dir, batching, done_markers, failure_counts)
+    )
     for block in failed_blocks:
         block.retrying = running and (max_retries is None or block.attempts <= max_retries)
     status = TaskStatus(
@@ -307,6 +312,8 @@ def task_status(path: str | Path, now: float | None = None) -> TaskStatus:
         status.updated_seconds_ago = max(0.0, now - float(progress["time"]))
     if running and progress is not None:
         status.blocks_per_second = _rate(progress.get("samples") or [], now)
+        if batching is not None and status.blocks_per_second:  # daisy counts batches
+            status.blocks_per_second *= batching.blocking.num_blocks / max(1, batching.num_batches)
         given_up = sum(1 for b in failed_blocks if not b.retrying)
         if status.blocks_per_second and total is not None:
             status.eta_seconds = max(0, total - done - given_up) / status.blocks_per_second
@@ -388,6 +395,80 @@ def _blocking(identity: dict[str, Any]) -> Any:
         return Blocking(*rois, fit=identity.get("fit", "valid"))
     except Exception:
         return None
+
+
+def _batching(blocking: Any, identity: dict[str, Any]) -> Any:
+    """The batches of a batched task (its identity's `batch`), else None."""
+    from voxblock.geometry import Batching, check_batch
+
+    if blocking is None or "batch" not in identity:
+        return None
+    try:
+        return Batching(blocking, check_batch(identity["batch"], blocking.total_roi.dims))
+    except Exception:
+        return None
+
+
+def _failed_in_batches(
+    run_dir: RunDirectory, batching: Any, done_markers: Any, failure_counts: Any
+) -> list[FailedBlock]:
+    """`_failed_blocks` of a batched task, whose done markers and failure counts are per batch:
+    its blocks that recorded a failure, outside batches marked done (by their own ROI), and the
+    batches that failed with no block recording it (their worker died: by the batch's ROI)."""
+    import numpy as np
+
+    scheduled = batching.scheduled
+    below, _ = scheduled.context
+    stride, start = scheduled.write_roi.shape, scheduled.target_roi.begin
+    dims = range(scheduled.total_roi.dims)
+
+    def cell(offset: list[int]) -> tuple[int, ...]:
+        """The tracking cell of the batch holding the block whose write ROI starts at `offset`."""
+        return tuple(below[d] // stride[d] + (offset[d] - start[d]) // stride[d] for d in dims)
+
+    def marked(index: tuple[int, ...], array: Any) -> bool:
+        try:
+            return array is not None and bool(array[index] > 0)
+        except IndexError:
+            return False
+
+    failed: list[FailedBlock] = []
+    recorded: set[tuple[int, ...]] = set()
+    paths = sorted(run_dir.failures_dir.glob("*.jsonl"))[:10000] if run_dir.failures_dir.is_dir() else []
+    for path in paths:
+        try:
+            attempts = sorted(run_dir.failures(int(path.stem)), key=lambda a: a.get("time", 0.0))
+            index = cell(attempts[-1]["write_roi"]["offset"]) if attempts else None
+        except (ValueError, OSError, json.JSONDecodeError, KeyError, IndexError):
+            continue
+        if index is None:
+            continue
+        recorded.add(index)
+        if not marked(index, done_markers):
+            last = attempts[-1]
+            failed.append(
+                FailedBlock(int(path.stem), last["write_roi"], last["read_roi"], len(attempts), last["error"])
+            )
+    if failure_counts is not None and done_markers is not None:
+        axes = [scheduled._axis_blocks(d) for d in dims]
+        for found in np.argwhere((failure_counts > 0) & (done_markers == 0)):
+            index = tuple(int(i) for i in found)
+            if index in recorded:
+                continue
+            position = tuple(i - below[d] // stride[d] for d, i in enumerate(index))
+            if min(position) < 0:
+                continue
+            read_roi, write_roi = _grid_rois(position, axes)
+            failed.append(
+                FailedBlock(
+                    None,
+                    write_roi,
+                    read_roi,
+                    int(failure_counts[index]),
+                    "the worker process of its batch died (killed, or past the timeout): no error recorded",
+                )
+            )
+    return sorted(failed, key=lambda b: tuple((b.write_roi or {}).get("offset", ())))
 
 
 def _failed_blocks(

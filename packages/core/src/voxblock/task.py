@@ -10,6 +10,7 @@ have prepared theirs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from collections.abc import Collection, Mapping
@@ -22,9 +23,9 @@ from voxblock import arrays
 from voxblock.compat import AfterInit, WorkerFile, make_worker
 from voxblock.compute import Job, Local, ServeInProcess, run_name
 from voxblock.errors import VoxblockError
-from voxblock.geometry import Blocking, check_fit, daisy_links_unread_blocks
+from voxblock.geometry import Batching, Blocking, check_batch, check_fit, daisy_links_unread_blocks
 from voxblock.halo import Halo, plan_thickness
-from voxblock.job import ShrunkCheck
+from voxblock.job import BatchCheck, ShrunkCheck
 from voxblock.nodes import check_output_container
 from voxblock.options import split_check, split_keywords, split_positional
 from voxblock.rundir import RunDirectory, default_run_dir
@@ -98,6 +99,7 @@ class BlockwiseTask:
         self.max_retries = options.max_retries
         self.timeout = options.timeout
         self.upstream_tasks = upstream
+        self.batching = self._batching(options.batch)
         self.daisy_fit = self._daisy_fit()
         self.max_worker_restarts = options.worker_restarts()
         self.fresh = options.fresh
@@ -108,12 +110,16 @@ class BlockwiseTask:
         self.chunk_shape = options.voxels("chunk_shape", self.blocking.write_roi.dims)
         self.shard_shape = options.voxels("shard_shape", self.blocking.write_roi.dims)
         self.job: Job | None = None
+        # the pre-check of a batched task's last daisy task: it counts the blocks it calls done
+        self.batch_check: BatchCheck | None = None
         self.task_key = stable_hash(self.identity())
+        # what the outputs hold: the same whatever the batch (a rerun with another batch may write them)
+        self.output_key = stable_hash({k: v for k, v in self.identity().items() if k != "batch"})
         self.task_id = options.task_id or self.worker.worker_name or "task"
         self.run_dir = RunDirectory(
             Path(options.run_dir)
             if options.run_dir is not None
-            else default_run_dir(self.worker.outputs(), self.task_id, self.task_key)
+            else default_run_dir(self.worker.outputs(), self.task_id, self.output_key)
         )
         self._prepared = False
 
@@ -128,7 +134,51 @@ class BlockwiseTask:
             "fit": self.blocking.fit,
             # a shrink task daisy runs as overhang keeps a tracking store of another layout
             **({"daisy_fit": self.daisy_fit} if self.daisy_fit != self.blocking.fit else {}),
+            # so does a batched one: a daisy block (a done marker) per batch
+            **({"batch": list(self.batching.batch)} if self.batching is not None else {}),
         }
+
+    def _batching(self, batch: int | tuple[int, ...]) -> Batching | None:
+        """How daisy hands out this task's blocks `batch` per side at a time (None: one by one).
+
+        Refused for a worker file, which serves daisy's blocks itself (voxblock cannot split
+        them), and where blocks wait for neighbours that write what they read
+        (read_write_conflict): a batch runs its blocks in grid order, which could read a
+        neighbour's output before or after the unbatched run would have, and differ from it."""
+        shape = check_batch(batch, self.blocking.total_roi.dims)
+        if all(k == 1 for k in shape):
+            return None
+        name = self.worker.worker_name
+        if type(self.worker).spawn_function is not Worker.spawn_function:
+            raise VoxblockError(
+                f"worker {name!r} serves daisy's blocks itself (a worker file's spawn_function), so "
+                f"voxblock cannot split a batch of {tuple(shape)} blocks into its blocks: leave "
+                "batch out (batch=1), or run a voxblock worker"
+            )
+        if self.read_write_conflict:
+            raise VoxblockError(
+                f"worker {name!r} has read_write_conflict: its blocks wait for neighbours that write "
+                "what they read, and a batch would run them in another order than one by one, "
+                "which could change the output: leave batch out (batch=1)"
+            )
+        return Batching(self.blocking, shape)
+
+    @property
+    def scheduled(self) -> Blocking:
+        """The blocks daisy hands out: one per batch, else this task's own (as daisy_fit tiles)."""
+        return self.batching.scheduled if self.batching is not None else self.blocking
+
+    @property
+    def num_batches(self) -> int:
+        """Blocks daisy hands out (done markers): batches, or else `num_blocks`."""
+        return self.batching.num_batches if self.batching is not None else self.num_blocks
+
+    def done_blocks(self) -> int:
+        """This task's blocks that have a done marker (those in batches marked done, if batched)."""
+        if self.batching is None:
+            return self.run_dir.done_blocks()
+        tracking = self.run_dir.tracking_arrays()
+        return 0 if tracking is None else self.batching.done_blocks(tracking[0])
 
     def _daisy_fit(self) -> str:
         """The fit daisy schedules this task with: its own, except "overhang" for a shrink task
@@ -137,8 +187,10 @@ class BlockwiseTask:
         then clipped to what shrink hands out before the worker sees them (`Job.shrink`); a
         worker file, which serves daisy's blocks itself, is refused."""
         fit = self.blocking.fit
+        if self.batching is not None:
+            return "overhang"  # daisy hands out batches: Batching.scheduled
         if fit != "shrink" or not any(
-            daisy_links_unread_blocks(self.blocking, up.blocking) for up in self.upstream_tasks
+            daisy_links_unread_blocks(self.blocking, up.scheduled) for up in self.upstream_tasks
         ):
             return fit
         if type(self.worker).spawn_function is not Worker.spawn_function:
@@ -184,6 +236,7 @@ class BlockwiseTask:
         ):
             # a run killed while daisy wrote its tracking store leaves it unreadable:
             # forgetting done markers only redoes blocks, it never skips one
+            _warn_other_batch(recorded, self.identity(), self.fresh)
             self.run_dir.reset()
         self.run_dir.write_task(
             {
@@ -205,7 +258,7 @@ class BlockwiseTask:
             chunk_shape=self.chunk_shape,
             shard_shape=self.shard_shape,
             provenance={
-                "task": self.task_key,
+                "task": self.output_key,
                 "worker": self.worker.worker_name,
                 "run_dir": str(self.run_dir.path.resolve()),
             },
@@ -250,7 +303,7 @@ class BlockwiseTask:
 
     def already_done(self) -> bool:
         """Every block has its done marker (and no pre-check wants a say): nothing to run."""
-        return self.pre_check is None and self.run_dir.done_blocks() == self.num_blocks
+        return self.pre_check is None and self.run_dir.done_blocks() == self.num_batches
 
     def release(self) -> None:
         self.run_dir.release_lock()
@@ -271,7 +324,8 @@ class BlockwiseTask:
             post_check=self.post_check,
             name=run_name(task_id),
             halos=self.halos(),
-            shrink=self.blocking if self.daisy_fit != self.blocking.fit else None,
+            shrink=self.blocking if self.daisy_fit != self.blocking.fit and self.batching is None else None,
+            batch=self.batching,
         )
         self.job = job
         if serial:
@@ -283,22 +337,27 @@ class BlockwiseTask:
         check = self.pre_check
         if check is not None and job.shrink is not None:
             check = ShrunkCheck(check, job.shrink)
+        if check is not None and self.batching is not None:
+            check = self.batch_check = BatchCheck(check, self.batching)
+        scheduled, timeout = self.scheduled, self.timeout
+        if timeout is not None and self.batching is not None:
+            timeout *= self.batching.max_blocks  # the timeout is per block, daisy's per batch
         with warnings.catch_warnings():
             # daisy warns that a check_function costs a call per block; here it is
             # the user's explicit choice, and done markers are on regardless.
             warnings.filterwarnings("ignore", message=r"Task\(check_function", category=UserWarning)
             return daisy.Task(
                 task_id,
-                self.blocking.total_roi,
-                self.blocking.read_roi,
-                self.blocking.write_roi,
+                scheduled.total_roi,
+                scheduled.read_roi,
+                scheduled.write_roi,
                 process_function=function,
                 check_function=check,
                 read_write_conflict=self.read_write_conflict,
                 fit=self.daisy_fit,
                 max_workers=self.num_workers,
                 max_retries=self.max_retries,
-                timeout=self.timeout,
+                timeout=timeout,
                 tracking_path=str(self.run_dir.tracking),
                 max_worker_restarts=self.max_worker_restarts,
             )
@@ -353,6 +412,22 @@ def _remove_empty_tree(path: Path) -> None:
             if parent == root:
                 break
             parent = parent.parent
+
+
+def _warn_other_batch(recorded: dict[str, Any] | None, identity: dict[str, Any], fresh: bool) -> None:
+    """A rerun with another batch than the run it resumes redoes every block: say so."""
+    before = dict((recorded or {}).get("identity") or {})
+    identity = json.loads(json.dumps(identity, default=str))  # as recorded
+    if fresh or not before or before == identity:
+        return
+    was, now = before.pop("batch", 1), identity.get("batch", 1)
+    if was != now and before == {k: v for k, v in identity.items() if k != "batch"}:
+        warnings.warn(
+            f"the run directory's done markers are of batch={was}, this run's batch={now}: they "
+            "start afresh and every block runs again (the output is the same). Rerun with "
+            f"batch={was} to resume where the run stopped",
+            stacklevel=4,
+        )
 
 
 def _check_valid_coverage(blocking: Blocking, worker: str, explicit: bool) -> None:
