@@ -10,7 +10,8 @@ its own:
   function (benchmarks/run.py's no-op case), 2 workers, 64^3 blocks of no data: blocks/s, the
   driver's peak RSS (psutil, every 20 ms), files left in the run directory (daisy's tracking
   directory for bare daisy), the time before the first block runs and a rerun with every block
-  done;
+  done; and voxblock with `batch=k` (`--batches`: daisy hands out one block per k^3), its
+  blocks/s counted in voxblock blocks;
 - fragments: the global solve of a segmentation on synthetic merge edges (a lattice of
   fragments numbered block by block, each lattice edge a merge with probability 0.2):
   benchmarks/solve_scale.py's `simulate_solve` where it exists, else today's
@@ -63,11 +64,12 @@ GRIDS = {
     1_000_000: (100, 100, 100),
 }
 MODES = {
-    "quick": {"blocks": [1_000, 10_000], "fragments": [100_000, 1_000_000], "output": 256},
+    "quick": {"blocks": [1_000, 10_000], "fragments": [100_000, 1_000_000], "output": 256, "batches": [2]},
     "full": {
         "blocks": [1_000, 10_000, 100_000, 1_000_000],
         "fragments": [100_000, 1_000_000, 10_000_000],
         "output": 512,
+        "batches": [2, 4],
     },
 }
 # the paper cluster and volume of the extrapolation
@@ -148,8 +150,16 @@ def first_block(stamps: Path, started: float) -> float | None:
 # -- children: one size of one case in a process of its own ----------------------------------------
 
 
-def child_scheduler(system: str, blocks: int, workers: int, workdir: Path, profile: Path | None) -> dict:
-    """Run `blocks` no-op blocks twice (fresh, then all done) with bare daisy or voxblock."""
+def scheduler_system(batch: int) -> str:
+    """The name of a scheduler row: voxblock, or voxblock handing out batches of batch^3."""
+    return "voxblock" if batch == 1 else f"voxblock batch={batch}"
+
+
+def child_scheduler(
+    system: str, blocks: int, workers: int, workdir: Path, profile: Path | None, batch: int = 1
+) -> dict:
+    """Run `blocks` no-op blocks twice (fresh, then all done) with bare daisy or voxblock (with
+    `batch` > 1: daisy hands out batches of batch^3 blocks)."""
     import daisy.logging as daisy_logging
     import daisy.v2 as daisy
     from funlib.geometry import Roi
@@ -157,8 +167,8 @@ def child_scheduler(system: str, blocks: int, workers: int, workdir: Path, profi
     shape = grid(blocks)
     total = Roi((0, 0, 0), tuple(BLOCK * n for n in shape))
     block = Roi((0, 0, 0), (BLOCK,) * 3)
-    run_dir = workdir / f"{system}-{blocks}"
-    stamps = workdir / f"stamps-{system}-{blocks}"
+    run_dir = workdir / f"{system}-{blocks}-{batch}"
+    stamps = workdir / f"stamps-{system}-{blocks}-{batch}"
 
     if system == "daisy":
         daisy_logging.set_log_basedir(run_dir / "logs")
@@ -194,6 +204,7 @@ def child_scheduler(system: str, blocks: int, workers: int, workdir: Path, profi
                 max_retries=0,
                 run_dir=target,
                 progress=False,
+                **({"batch": batch} if batch != 1 else {}),
             )
             if not ok:
                 raise RuntimeError(f"voxblock no-op run failed; see {target}")
@@ -244,7 +255,8 @@ def child_scheduler(system: str, blocks: int, workers: int, workdir: Path, profi
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(stamps, ignore_errors=True)
     return {
-        "system": system,
+        "system": system if system == "daisy" else scheduler_system(batch),
+        "batch": batch,
         "blocks": int(np.prod(shape)),
         "grid": list(shape),
         "workers": workers,
@@ -362,6 +374,7 @@ class Options:
     workdir: Path
     results: Path
     budget: float  # seconds the largest scheduler size may take (estimated), else extrapolated
+    batches: list[int]  # voxblock's batch sizes measured besides batch=1 (the scheduler case)
     profile: bool
     cases: list[str]
 
@@ -391,13 +404,15 @@ class Scale:
                         flush=True,
                     )
                     continue
-            for system in ("daisy", "voxblock"):
+            runs = [("daisy", 1), ("voxblock", 1)] + [("voxblock", k) for k in self.o.batches if k != 1]
+            for system, batch in runs:
                 args = ["scheduler", system, str(blocks), "--workers", str(self.o.workers)]
-                args += ["--workdir", str(work)]
+                args += ["--workdir", str(work), "--batch", str(batch)]
                 result = run_child(args)
                 self.scheduler.append(result)
                 print(
-                    f"  scheduler {system:<8} {result['blocks']:>9} blocks {result['seconds']:8.2f} s "
+                    f"  scheduler {result['system']:<16} {result['blocks']:>9} blocks "
+                    f"{result['seconds']:8.2f} s "
                     f"{result['blocks_per_s']:7.0f} blocks/s, driver {result['driver_mib']:6.0f} MiB, "
                     f"{result['files']:>7} files, first block {_num(result['first_block_seconds'])} s, "
                     f"rerun {result['rerun_seconds']:.2f} s (load {result['load']:.2f})",
@@ -638,6 +653,7 @@ class Scale:
                 f"| {s['blocks']:,} | not run: both runs estimated at {s['estimated_seconds']:.0f} s, "
                 "over the budget; extrapolated below | | | | | | | |"
             )
+        lines += self.batch_table(daisy_rows)
         if self.solve:
             lines += [
                 "",
@@ -663,6 +679,38 @@ class Scale:
                     f"{r['mvox_per_s']:.1f} | {r['files']:,} | {r['files_per_block']:.0f} | {r['load']:.2f} |"
                 )
         return "\n".join(lines) + "\n"
+
+    def batch_table(self, daisy_rows: dict[int, dict]) -> list[str]:
+        """voxblock's no-op blocks/s with batch=k (blocks, not batches) against bare daisy's."""
+        batches = sorted({r.get("batch", 1) for r in self.scheduler if r["system"] != "daisy"} - {1})
+        if not batches:
+            return []
+        by = {(r["blocks"], r.get("batch", 1)): r for r in self.scheduler if r["system"] != "daisy"}
+        names = " | ".join(f"batch={k} blocks/s | vs daisy" for k in batches)
+        lines = [
+            "",
+            "voxblock handing out batches (`batch=k`: one daisy block per k^3 blocks, run one "
+            "after another in a worker); blocks/s counts voxblock blocks.",
+            "",
+            f"| blocks | bare daisy 2 blocks/s | voxblock blocks/s | {names} | load |",
+            "|---:" * (3 + 2 * len(batches)) + "|---:|",
+        ]
+        for blocks in sorted({b for b, _ in by}):
+            d, v = daisy_rows.get(blocks), by.get((blocks, 1))
+            if d is None or v is None:
+                continue
+            cells = []
+            for k in batches:
+                r = by.get((blocks, k))
+                cells += (
+                    [f"{r['blocks_per_s']:.0f}", f"{r['blocks_per_s'] / d['blocks_per_s']:.1f}x"]
+                    if r
+                    else ["", ""]
+                )
+            loads = "/".join(f"{r['load']:.1f}" for r in [d, v, *(by.get((blocks, k)) for k in batches)] if r)
+            rates = f"{d['blocks_per_s']:.0f} | {v['blocks_per_s']:.0f}"
+            lines.append(f"| {blocks:,} | {rates} | {' | '.join(cells)} | {loads} |")
+        return lines
 
     def paper(self, e: dict[str, Any], machine: dict[str, Any]) -> str:
         """The README's extrapolation, in words and one table."""
@@ -901,6 +949,12 @@ def parse(argv: list[str] | None = None) -> Options:
     parser.add_argument("--output-size", type=int, default=None, help="output case volume edge (0: skip)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument(
+        "--batches",
+        default=None,
+        help="comma-separated batch sizes of voxblock's no-op rows besides 1, '' for none "
+        "[default: 2 (--quick), 2,4 (--full)]",
+    )
+    parser.add_argument(
         "--budget", type=float, default=600.0, help="seconds the largest block count may take (estimated)"
     )
     parser.add_argument(
@@ -927,6 +981,7 @@ def parse(argv: list[str] | None = None) -> Options:
         workdir=args.workdir,
         results=args.results,
         budget=args.budget,
+        batches=counts(args.batches, defaults["batches"]),
         profile=args.profile,
         cases=[c for c in args.cases.split(",") if c],
     )
@@ -970,11 +1025,12 @@ def child_main(argv: list[str]) -> None:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--profile-to", type=Path, default=None)
     parser.add_argument("--method", choices=("lut", "hierarchy"), default="lut")
+    parser.add_argument("--batch", type=int, default=1)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.case == "scheduler":
         system, blocks = args.rest
-        result = child_scheduler(system, int(blocks), args.workers, args.workdir, args.profile_to)
+        result = child_scheduler(system, int(blocks), args.workers, args.workdir, args.profile_to, args.batch)
     else:
         result = child_solve(int(args.rest[0]), args.workdir, args.method)
     print(json.dumps(result))

@@ -35,7 +35,7 @@ def test_scale_harness_smallest_size(tmp_path: Path) -> None:
     )
 
     rows = {r["system"]: r for r in record["scheduler"]}
-    assert set(rows) == {"daisy", "voxblock"}
+    assert set(rows) == {"daisy", "voxblock", "voxblock batch=2"}
     for row in rows.values():
         assert row["blocks"] == 1000
         for key in ("seconds", "blocks_per_s", "rerun_seconds", "driver_mib", "first_block_seconds"):
