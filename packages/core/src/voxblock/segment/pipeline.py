@@ -440,12 +440,11 @@ def run_solve(
         fresh = True
     seg.table_dir.mkdir(parents=True, exist_ok=True)
     recorded.write_text(json.dumps(layout))
-    # one unit is today's whole-graph solve: in this process, unless workers run elsewhere; every
-    # step of a segmentation that runs in the driver (IN_DRIVER) too, its blocks retried as there
+    # one unit is today's whole-graph solve: in this process, unless workers run elsewhere; in a
+    # segmentation run in the driver (IN_DRIVER) it fails, is retried and reported as its passes
     local = where.get("compute") is None or isinstance(where.get("compute"), Local)
-    driver = IN_DRIVER.get() and not serial
-    in_process = serial or driver or (local and hierarchy.num_units(1) == 1)
-    mode: bool | None = None if driver else in_process
+    in_process = serial or (local and hierarchy.num_units(1) == 1)
+    mode: bool | None = None if in_process and not serial and IN_DRIVER.get() else in_process
     common = {"num_workers": 1, "max_retries": options["max_retries"]} if in_process else options
     worker = {
         "grid": grid.to_dict(),
