@@ -16,6 +16,7 @@ from pathlib import Path
 import daisy.v2 as daisy
 import numpy as np
 import pytest
+import zarr
 from funlib.geometry import Roi
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -74,6 +75,43 @@ def test_batches_expand_to_exactly_the_unbatched_blocks(case, k, data):
     unbatched = scheduler_blocks(blocking)
     assert len(expanded) == len(set(expanded)) == blocking.num_blocks
     assert sorted(expanded) == sorted(unbatched)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=blockings(max_blocks=6, max_context_voxels=5, max_write_voxels=2), k=st.integers(2, 3))
+def test_done_blocks_count_the_blocks_of_the_batches_daisy_marked_done(case, k, tmp_path_factory):
+    """daisy's done markers are per batch, in cells offset by the context: the count weighs each
+    marked batch by its blocks. Odd batches fail, so some are marked and some not."""
+    batching = Batching(case.blocking, check_batch(k, case.blocking.total_roi.dims))
+    scheduled = batching.scheduled
+    tracking = tmp_path_factory.mktemp("tracking")
+    done: list[int] = []
+
+    def process(block) -> None:
+        if block.block_id[1] % 2:
+            block.status = daisy.BlockStatus.FAILED
+            return
+        done.append(len(batching.blocks_in(block.write_roi)))
+
+    task = daisy.Task(
+        "t",
+        scheduled.total_roi,
+        scheduled.read_roi,
+        scheduled.write_roi,
+        process_function=process,
+        fit=scheduled.fit,
+        read_write_conflict=False,
+        max_retries=0,
+        tracking_path=str(tracking),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        daisy.run_blockwise(daisy.Pipeline([task], []), multiprocessing=False, progress=False, summary=False)
+    store = zarr.open_group(str(tracking), mode="r") if (tracking / "zarr.json").exists() else None
+    markers = (
+        np.asarray(store["done"][...]) if store is not None else np.zeros((1,) * scheduled.total_roi.dims)
+    )
+    assert batching.done_blocks(markers) == sum(done)
 
 
 # -- through the scheduler and worker processes ---------------------------------------------------
@@ -385,3 +423,29 @@ def test_the_batch_flag(tmp_path):
         cwd=tmp_path,
     )
     assert refused.returncode != 0 and "batch" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def done_in_the_first_half(block) -> bool:
+    """A pre-check: blocks of the first half of the first axis are done, and the block at (8, 8)."""
+    return block.write_roi.begin[0] < 8 or tuple(block.write_roi.begin) == (8, 8)
+
+
+def test_a_batch_is_skipped_when_the_pre_check_calls_each_of_its_blocks_done(tmp_path):
+    """16 blocks in 4 batches of 2x2: the pre-check sees blocks, not batches; the two batches
+    whose blocks are all done are skipped, the one with a single done block runs whole."""
+    block = Roi((0, 0), (4, 4))
+    report = run_task(
+        Recorder(directory=str(tmp_path / "records")),
+        Roi((0, 0), (16, 16)),
+        block,
+        block,
+        batch=2,
+        num_workers=2,
+        check_function=(done_in_the_first_half, None),
+        run_dir=str(tmp_path / "run"),
+    )
+    (task,) = report.tasks
+    assert report.succeeded, report.summary()
+    assert (task.skipped, task.processed, task.total_blocks, task.batches) == (8, 8, 16, 4)
+    ran = sorted(tuple(w.begin) for _, w in map(record_rois, read_records(tmp_path / "records")))
+    assert ran == [(x, y) for x in (8, 12) for y in (0, 4, 8, 12)]
