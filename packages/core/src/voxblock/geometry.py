@@ -6,12 +6,14 @@ against the real scheduler. ROIs are `funlib.geometry.Roi` in world units.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 from funlib.geometry import Coordinate, Roi
 
@@ -183,34 +185,58 @@ class Blocking:
         The fit modes decide per axis (a block is kept, or clipped, on each
         axis alone), so the blocks are the product of these lists.
         """
-        kept = (self._axis_block(axis, i) for i in range(self._axis_grid(axis)))
-        return [block for block in kept if block is not None]
+        return [block for _, block in self._axis_span(axis, 0, sys.maxsize)]
 
-    def _axis_grid(self, axis: int) -> int:
-        """Write blocks along one axis that meet the target region (kept or not)."""
+    @functools.cached_property
+    def _axes(self) -> tuple[tuple[int, ...], ...]:
+        """Per axis, as plain integers: (blocks in the grid, total begin, total end, target begin,
+        target end, read shape, write shape, context below). A batch's worker asks `_axis_span`
+        for every batch: funlib's Roi arithmetic would cost more than daisy hands out a block."""
         target = self.target_roi
-        return -(-target.shape[axis] // self.write_roi.shape[axis]) if not target.empty else 0
+        axes = []
+        for d in range(self.total_roi.dims):
+            stride = self.write_roi.shape[d]
+            grid = -(-target.shape[d] // stride) if not target.empty else 0
+            below = self.write_roi.begin[d] - self.read_roi.begin[d]
+            axes.append(
+                (
+                    grid,
+                    self.total_roi.begin[d],
+                    self.total_roi.end[d],
+                    target.begin[d],
+                    target.end[d],
+                    self.read_roi.shape[d],
+                    stride,
+                    below,
+                )
+            )
+        return tuple(axes)
 
-    def _axis_block(self, axis: int, i: int) -> tuple[int, int, int, int] | None:
-        """Block `i` of the grid along one axis as the fit keeps it (see `_axis_blocks`), or None.
-
-        The kept blocks are always the first ones of the grid: index i is also the block's index
-        among them, and its index in daisy's grid (`grid_block_id`)."""
-        if not 0 <= i < self._axis_grid(axis):
-            return None
-        target = self.target_roi
-        shift = self.total_roi.begin[axis] - self.read_roi.begin[axis] + i * self.write_roi.shape[axis]
-        total_b, total_e = self.total_roi.begin[axis], self.total_roi.end[axis]
-        target_b, target_e = target.begin[axis], target.end[axis]
-        read_b, read_e = self.read_roi.begin[axis] + shift, self.read_roi.end[axis] + shift
-        write_b, write_e = self.write_roi.begin[axis] + shift, self.write_roi.end[axis] + shift
-        if self.fit == "valid":
-            return (read_b, read_e, write_b, write_e) if total_b <= read_b and read_e <= total_e else None
-        if not (write_b < target_e and target_b < write_e):
-            return None
-        if self.fit == "overhang":
-            return (read_b, read_e, write_b, write_e)
-        return (max(read_b, total_b), min(read_e, total_e), max(write_b, target_b), min(write_e, target_e))
+    def _axis_span(self, axis: int, start: int, stop: int) -> list[tuple[int, tuple[int, int, int, int]]]:
+        """(i, block) for blocks start..stop-1 of the grid along one axis that the fit keeps (see
+        `_axis_blocks`). The kept blocks are always the first ones of the grid: i is also the
+        block's index among them."""
+        grid, total_b, total_e, target_b, target_e, read_shape, stride, below = self._axes[axis]
+        kept = []
+        for i in range(max(start, 0), min(stop, grid)):
+            read_b = total_b + i * stride
+            read_e, write_b = read_b + read_shape, read_b + below
+            write_e = write_b + stride
+            if self.fit == "valid":
+                if total_b <= read_b and read_e <= total_e:
+                    kept.append((i, (read_b, read_e, write_b, write_e)))
+            elif write_b < target_e and target_b < write_e:
+                if self.fit == "overhang":
+                    kept.append((i, (read_b, read_e, write_b, write_e)))
+                else:
+                    clipped = (
+                        max(read_b, total_b),
+                        min(read_e, total_e),
+                        max(write_b, target_b),
+                        min(write_e, target_e),
+                    )
+                    kept.append((i, clipped))
+        return kept
 
     def block_id(self, write_roi: Roi) -> int:
         """The id daisy gives the block of this tiling whose write ROI is `write_roi` (clipped or
@@ -303,15 +329,31 @@ def grid_block_id(index: Sequence[int]) -> int:
     return math.comb(sum(index) + len(index) - 1, len(index)) + grid_block_id(index[:-1])
 
 
+class Box(NamedTuple):
+    """A ROI as plain integers, which daisy.Block takes too: a funlib Roi costs more to make
+    than daisy takes to hand out a block, and a batch's worker makes two per block."""
+
+    offset: tuple[int, ...]
+    shape: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class Batch:
     """One block of `Batching.blocking` inside a batch: its ROIs as that blocking's fit hands it
     out, its id (the unbatched run's), and its index among that blocking's blocks per axis."""
 
-    read_roi: Roi
-    write_roi: Roi
+    read: Box
+    write: Box
     block_id: int
     index: tuple[int, ...]
+
+    @property
+    def read_roi(self) -> Roi:
+        return Roi(*self.read)
+
+    @property
+    def write_roi(self) -> Roi:
+        return Roi(*self.write)
 
 
 @dataclass(frozen=True)
@@ -380,19 +422,23 @@ class Batching:
 
     def blocks_in(self, write_roi: Roi) -> list[Batch]:
         """The blocks of `blocking` (as its fit hands them out) in the scheduled block whose write
-        ROI is `write_roi` (the unbatched run's blocks: see tests/test_batching.py), grid order."""
+        ROI is `write_roi` (the unbatched run's blocks: see tests/test_batching.py), grid order.
+        Run for every batch by its worker: plain integers per axis, Rois only at the end."""
         small = self.blocking
-        first = small.target_roi.begin
         axes = []
-        for d in range(small.total_roi.dims):
-            start = (write_roi.begin[d] - first[d]) // small.write_roi.shape[d]
-            kept = [(i, small._axis_block(d, i)) for i in range(start, start + self.batch[d])]
-            axes.append([(i, block) for i, block in kept if block is not None])
+        for d, begin in enumerate(write_roi.begin):
+            _, total, _, first, _, _, stride, _ = small._axes[d]
+            start = (begin - first) // stride
+            spans = small._axis_span(d, start, start + self.batch[d])
+            # (its daisy grid index: where its write ROI starts, as in Blocking.block_id)
+            axes.append([(i, (block[2] - total) // stride, block) for i, block in spans])
         found = []
         for combination in itertools.product(*axes):
-            index = tuple(i for i, _ in combination)
-            read, write = _block([block for _, block in combination])
-            found.append(Batch(read, write, small.block_id(write), index))
+            read_b, read_e, write_b, write_e = zip(*(block for _, _, block in combination))
+            read = Box(read_b, tuple(e - b for b, e in zip(read_b, read_e)))
+            write = Box(write_b, tuple(e - b for b, e in zip(write_b, write_e)))
+            block_id = grid_block_id([cell for _, cell, _ in combination])
+            found.append(Batch(read, write, block_id, tuple(i for i, _, _ in combination)))
         return found
 
 

@@ -107,9 +107,7 @@ def batch_blocks(block: Any, batching: Batching) -> list[Any]:
     total = batching.blocking.total_roi
     blocks = []
     for inside in batching.blocks_in(block.write_roi):
-        one = daisy.Block(
-            total, inside.read_roi, inside.write_roi, task_id=block.task_id, block_id=inside.block_id
-        )
+        one = daisy.Block(total, inside.read, inside.write, task_id=block.task_id, block_id=inside.block_id)
         one.status = block.status
         blocks.append(one)
     return blocks
