@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -265,6 +266,25 @@ def test_a_small_segmentation_runs_in_the_driver_bit_identical_to_worker_process
     root = tmp_path / "a.zarr.voxblock" / "seg"
     assert not list((root / "fragments" / "workers").glob("*.json"))
     assert not list((root / "relabel" / "workers").glob("*.json"))
+
+
+def test_a_driver_segmentation_labels_each_block_once(blobs, tmp_path, monkeypatch):
+    """At faces, pass 3 takes each block's labels from pass 1 (the function is built in: the same
+    labels); a rerun after pass 1 has nothing kept and labels the blocks of pass 3 again."""
+    from voxblock.segment import passes
+
+    labelled, seen = passes.own_labels, []
+    monkeypatch.setattr(
+        passes, "own_labels", lambda *args: seen.append(str(args[2].write_roi)) or labelled(*args)
+    )
+    assert segment(blobs, f"{tmp_path}/a.zarr/seg", "faces")
+    assert len(seen) == len(set(seen)) == 64  # pass 1's blocks, once each
+    seen.clear()
+    shutil.rmtree(tmp_path / "a.zarr.voxblock" / "seg" / "relabel")
+    assert segment(blobs, f"{tmp_path}/a.zarr/seg", "faces")
+    assert len(seen) == 64  # pass 1 done already: pass 3 labels every block itself
+    assert segment(blobs, f"{tmp_path}/b.zarr/seg", "faces")
+    np.testing.assert_array_equal(read_array(f"{tmp_path}/a.zarr/seg"), read_array(f"{tmp_path}/b.zarr/seg"))
 
 
 def test_what_does_not_fit_in_one_worker_starts_worker_processes(blobs, tmp_path, monkeypatch):
