@@ -112,9 +112,14 @@ class BlockwiseTask:
         self.job: Job | None = None
         # the pre-check of a batched task's last daisy task: it counts the blocks it calls done
         self.batch_check: BatchCheck | None = None
-        self.task_key = stable_hash(self.identity())
+        identity = self.identity()
+        self.task_key = stable_hash(identity)
         # what the outputs hold: the same whatever the batch (a rerun with another batch may write them)
-        self.output_key = stable_hash({k: v for k, v in self.identity().items() if k != "batch"})
+        self.output_key = (
+            stable_hash({k: v for k, v in identity.items() if k != "batch"})
+            if self.batching is not None
+            else self.task_key
+        )
         self.task_id = options.task_id or self.worker.worker_name or "task"
         self.run_dir = RunDirectory(
             Path(options.run_dir)
