@@ -112,15 +112,24 @@ def test_the_daisy_case_through_the_server_writes_every_voxel(tmp_path):
 
 
 def test_without_the_workaround_the_loss_is_reported_not_silent(tmp_path, monkeypatch):
+    """daisy 2.0 loses blocks in this case on some runs only (its order of equal blocks varies
+    by process): every run must say so exactly when it lost any, and one of a few must lose."""
     monkeypatch.setattr(TaskClass, "_daisy_fit", lambda self: self.blocking.fit)
     data = np.random.default_rng(1).integers(1, 200, CASE["shape"], dtype=np.uint8)
-    tasks = pyramid_tasks(tmp_path, data, CASE["factors"], CASE["blocks"])
-    out = io.StringIO()
-    report = voxblock.run_tasks(tasks, progress=False, serial=True, out=out)
-    if (zarr.open(str(tmp_path / "v.zarr/s2"), mode="r")[...] != 0).all():
-        pytest.skip("this daisy schedules the case correctly")  # fixed upstream
-    assert not report.succeeded
-    assert report.tasks[1].never_run > 0 and "no done marker" in out.getvalue()
+    losses = 0
+    for attempt in range(12):
+        tasks = pyramid_tasks(tmp_path / str(attempt), data, CASE["factors"], CASE["blocks"])
+        out = io.StringIO()
+        report = voxblock.run_tasks(tasks, progress=False, serial=True, out=out)
+        lost = not (zarr.open(str(tmp_path / f"{attempt}/v.zarr/s2"), mode="r")[...] != 0).all()
+        if not lost:
+            assert report.succeeded, report.summary()
+            continue
+        losses += 1
+        assert not report.succeeded
+        assert report.tasks[1].never_run > 0 and "no done marker" in out.getvalue()
+        break
+    assert losses, "daisy lost no block in 12 runs: fixed upstream? then drop the workaround"
 
 
 def test_a_worker_file_is_refused_where_daisy_would_lose_blocks(tmp_path):
