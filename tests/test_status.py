@@ -164,6 +164,33 @@ def test_a_failing_block_is_shown_with_its_roi_and_error(tmp_path, source):
     assert "write ROI offset=(16, 32) shape=(16, 16): 2 attempt(s), last error: FlakyFailure" in text
 
 
+@pytest.mark.parametrize("context", [16, 40])
+def test_a_failing_block_with_a_context_of_a_block_or_more_is_shown_once(tmp_path, context):
+    """daisy's tracking cells are offset from the block grid by context // write block: a
+    failure must be looked up in its own cell, not shown again as a phantom at the next."""
+    source = random_raw(str(tmp_path / "v.zarr/raw"), (128, 128), seed=3, chunk_shape=(16, 16))
+    output = str(tmp_path / "v.zarr/out")
+    failing = [context + 16, context + 32]  # the write ROI offset of the block that fails
+    worker = Flaky(
+        input=source,
+        output=output,
+        attempts_dir=str(tmp_path / "attempts"),
+        fail_times=99,
+        fail_at=[failing[0] + 4, failing[1] + 8],
+    )
+    read = Roi((-context, -context), (16 + 2 * context, 16 + 2 * context))
+    ok = voxblock.run_blockwise(
+        worker, Roi((0, 0), (128, 128)), read, BLOCK, num_workers=2, max_retries=1, progress=False
+    )
+    assert not ok
+    (task,) = snapshot(output)["tasks"]
+    blocks = ((128 - 2 * context) // 16) ** 2
+    assert task["done"] == blocks - 1 and task["failed"] == 1, task
+    (block,) = task["failed_blocks"]
+    assert block["write_roi"] == {"offset": failing, "shape": [16, 16]}
+    assert block["attempts"] == 2
+
+
 def test_segment_blockwise_shows_each_pass(tmp_path):
     rng = np.random.default_rng(1)
     data = (rng.random((24, 24, 24)) > 0.6).astype(np.float32)

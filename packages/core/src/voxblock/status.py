@@ -479,8 +479,16 @@ def _failed_blocks(
     import numpy as np
 
     axes = None
+    # daisy's tracking cell of grid block i is i + (context below // write shape) per axis
+    shift: tuple[int, ...] = ()
     if blocking is not None:
         axes = [blocking._axis_blocks(d) for d in range(blocking.total_roi.dims)]
+        below, _ = blocking.context
+        shift = tuple(b // w for b, w in zip(below, blocking.write_roi.shape))
+
+    def cell(index: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(i + s for i, s in zip(index, shift)) if shift else index
+
     records: dict[tuple[int, ...], list[dict[str, Any]]] = {}
     ids: dict[tuple[int, ...], int] = {}
     paths = sorted(run_dir.failures_dir.glob("*.jsonl"))[:10000] if run_dir.failures_dir.is_dir() else []
@@ -500,19 +508,25 @@ def _failed_blocks(
         if done_markers is None or index[0] < 0:
             return False
         try:
-            return bool(done_markers[index] > 0)
+            return bool(done_markers[cell(index)] > 0)
         except IndexError:
             return False
 
     keys: set[tuple[int, ...]] = {k for k in records if not is_done(k)}
     if failure_counts is not None and done_markers is not None:
-        keys |= {
-            tuple(int(i) for i in index) for index in np.argwhere((failure_counts > 0) & (done_markers == 0))
-        }
+        for found in np.argwhere((failure_counts > 0) & (done_markers == 0)):
+            index = tuple(int(i) - s for i, s in zip(found, shift)) if shift else tuple(int(i) for i in found)
+            if min(index, default=0) >= 0:
+                keys.add(index)
     failed = []
     for key in sorted(keys):
         attempts = records.get(key, [])
-        counted = int(failure_counts[key]) if failure_counts is not None and key[0] >= 0 else 0
+        counted = 0
+        if failure_counts is not None and key[0] >= 0:
+            try:
+                counted = int(failure_counts[cell(key)])
+            except IndexError:
+                pass
         write_roi = read_roi = None
         if attempts:
             write_roi, read_roi = attempts[-1]["write_roi"], attempts[-1]["read_roi"]
