@@ -162,6 +162,8 @@ def run_step(
     started = time.perf_counter()
     cpu = time.process_time()
     units = list(range(h.num_units(level)))
+    if "units" in options and level == int(options.get("units_level", 1)):
+        units = list(options["units"])  # a part of the level (one unit's inputs below it)
     timed: dict[int, float] = {}  # unit -> seconds, of the units that ran as the pipeline runs them
     ran = len(units)
     if step == "up" and level == 1:

@@ -50,6 +50,7 @@ from voxblock.segment.ids import BlockGrid
 
 U64 = np.uint64
 LEVEL_SHIFT = 40  # a record's key: level << 40 | unit
+CHUNK = 1 << 20  # IDs at a time where a step needs several temporaries per ID
 
 
 def default_fanout(ndim: int) -> int:
@@ -141,10 +142,11 @@ def lookup(keys: np.ndarray, values: np.ndarray, ids: np.ndarray) -> np.ndarray:
     return np.where(found, values[where], ids)
 
 
-def sorted_unique(values: np.ndarray) -> np.ndarray:
-    """np.unique by sorting in place: numpy >= 2.3's np.unique hashes, 3-5x slower on the
-    millions of uint64 IDs a unit holds, and needs more memory."""
-    values = np.array(values, dtype=U64)  # a copy, sorted in place
+def sorted_unique(values: np.ndarray, copy: bool = True) -> np.ndarray:
+    """np.unique by sorting in place (`values` itself, uint64, unless `copy`): numpy >= 2.3's
+    np.unique hashes, 3-5x slower on the millions of uint64 IDs a unit holds, and needs more
+    memory."""
+    values = np.array(values, dtype=U64, copy=copy or None)
     values.sort()
     if values.size < 2:
         return values
@@ -155,19 +157,33 @@ def sorted_unique(values: np.ndarray) -> np.ndarray:
 
 
 def components(
-    a: np.ndarray, b: np.ndarray, extra: np.ndarray, nodes: np.ndarray | None = None
+    a: np.ndarray,
+    b: np.ndarray,
+    extra: np.ndarray,
+    nodes: np.ndarray | None = None,
+    dedupe: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Connected components of the edges (a, b) over their nodes and `extra` (or `nodes`, sorted
-    and holding them all): the sorted nodes and each one's root, its component's smallest node."""
-    if nodes is None:
-        nodes = sorted_unique(np.concatenate([a, b, extra]))
+    and holding them all): the sorted nodes and each one's root, its component's smallest node.
+    `dedupe`: the edges repeat (above level 1, children's roots joined by every edge between
+    them: 10^7 edges, 10^5 nodes): each pair once before the graph is built."""
+    if nodes is None:  # each end's distinct IDs first: one copy of an end at a time
+        nodes = sorted_unique(np.concatenate([sorted_unique(x) for x in (a, b, extra)]), copy=False)
     if nodes.size == 0 or a.size == 0:
         return nodes, nodes.copy()
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
     rows, cols = np.searchsorted(nodes, a), np.searchsorted(nodes, b)
+    if dedupe and nodes.size < 1 << 31:  # a pair as one int64: row * nodes + col
+        rows *= nodes.size
+        rows += cols
+        del cols
+        pairs = sorted_unique(rows.view(U64), copy=False).view(np.int64)
+        del rows
+        rows, cols = np.divmod(pairs, nodes.size)
     graph = coo_matrix((np.ones(rows.size, dtype=np.int8), (rows, cols)), shape=(nodes.size,) * 2)
+    del rows, cols
     _, component = connected_components(graph, directed=False)
     # nodes are sorted: a component's first node is its smallest
     first = np.full(component.max() + 1, nodes.size, dtype=np.int64)
@@ -219,15 +235,20 @@ class Hierarchy:
         return ((np.asarray(ids, dtype=U64) - U64(1)) // U64(self.grid.id_range)).astype(np.int64)
 
     def unit_of(self, level: int, ids: np.ndarray) -> np.ndarray:
-        """The unit of level `level` that owns each fragment ID."""
-        blocks = self.block_of(ids)
-        if level == 0:
-            return blocks
-        position = np.unravel_index(blocks, self.grid.counts)
-        span = self.fanout**level
-        return np.ravel_multi_index(tuple(p // span for p in position), self.unit_counts(level)).astype(
-            np.int64
-        )
+        """The unit of level `level` that owns each fragment ID. In chunks: the positions along
+        each axis are 7 int64 arrays as long as `ids` (4 GB for the 6*10^7 crossing edges a
+        level-2 unit of 10^9 fragments takes in), the result one."""
+        ids = np.asarray(ids, dtype=U64)
+        flat = ids.ravel()
+        units = np.empty(flat.size, np.int64)
+        span, counts = self.fanout**level, self.unit_counts(level)
+        for start in range(0, flat.size, CHUNK):
+            blocks = self.block_of(flat[start : start + CHUNK])
+            if level:
+                position = np.unravel_index(blocks, self.grid.counts)
+                blocks = np.ravel_multi_index(tuple(p // span for p in position), counts)
+            units[start : start + CHUNK] = blocks
+        return units.reshape(ids.shape)
 
     def children(self, level: int, unit: int) -> list[int]:
         """The units of level - 1 (blocks for level 1) inside a unit of `level`, ascending."""
@@ -262,6 +283,8 @@ def _by_owner(owners: np.ndarray) -> Iterable[tuple[int, np.ndarray]]:
     """(owner, positions) for each distinct owner, one at a time."""
     if owners.size == 0:
         return
+    if owners.max() < 1 << 31:
+        owners = owners.astype(np.int32)  # half the bytes of unit_of's, sorted below
     order = np.argsort(owners, kind="stable")
     sorted_owners = owners[order]
     starts = np.flatnonzero(np.r_[True, sorted_owners[1:] != sorted_owners[:-1]])
@@ -302,7 +325,9 @@ def up(
             keys, values = _load(store, "tree", level - 1, owner)
             b[where] = lookup(keys, values, b[where])
     keep = (a > 0) & (b > 0) & (a != b)
-    a, b = a[keep], b[keep]
+    if not keep.all():
+        a, b = a[keep], b[keep]
+    del keep
     inside_a = hierarchy.unit_of(level, a) == unit
     inside_b = hierarchy.unit_of(level, b) == unit
     if not (inside_a | inside_b).all():
@@ -321,18 +346,22 @@ def up(
         if frags.size:
             ends = ends[frags[np.searchsorted(frags, ends).clip(0, frags.size - 1)] != ends]
         if ends.size:
-            frags = sorted_unique(np.concatenate([frags, ends]))
+            frags = sorted_unique(np.concatenate([frags, ends]), copy=False)
         blocks = np.array(children, dtype=np.int64)
         per_block = np.searchsorted(frags, hierarchy.first_id(blocks + 1)) - np.searchsorted(
             frags, hierarchy.first_id(blocks)
         )
         store.put("frag", key(1, unit), encode(frags, per_block, num_edges))
     crossing = ~internal
-    nodes, roots = components(a[internal], b[internal], a[crossing], frags if level == 1 else None)
+    near, far = a[crossing], b[crossing]
+    a, b = a[internal], b[internal]  # the edges inside; the whole arrays go
+    del inside_a, inside_b, swap, internal, crossing
+    nodes, roots = components(a, b, near, frags if level == 1 else None, dedupe=level > 1)
+    del a, b
     moved = nodes != roots
     keys, values = nodes[moved], roots[moved]
     store.put("tree", key(level, unit), encode(keys, values))
-    out_a, out_b = unique_pairs(lookup(keys, values, a[crossing]), b[crossing])
+    out_a, out_b = unique_pairs(lookup(keys, values, near), far)
     if level == hierarchy.levels and out_a.size:
         raise VoxblockError("the top unit of the solve has edges leaving it: the block grid is inconsistent")
     store.put("out", key(level, unit), encode(out_a, out_b))
