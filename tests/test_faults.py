@@ -248,10 +248,17 @@ sys.exit(0 if ok else 1)
 """
 
 
+@pytest.mark.parametrize("where", ["driver", "workers"])
 @pytest.mark.parametrize("stitch", ["context", "faces"])
 @pytest.mark.parametrize("phase", ["fragments", "solve", "relabel"])
-def test_segment_blockwise_killed_in_each_pass(tmp_path, source, fault_tally, phase, stitch):
+def test_segment_blockwise_killed_in_each_pass(
+    tmp_path, source, fault_tally, monkeypatch, phase, stitch, where
+):
+    """This small segmentation runs in the driver (`fits_in_driver`); "workers" makes it use
+    worker processes as a large one does (VOXBLOCK_IN_PROCESS=0)."""
     name, _ = source
+    if where == "workers":
+        monkeypatch.setenv("VOXBLOCK_IN_PROCESS", "0")
     # the clean run reads whole chunks; the killed one keeps and reads chunk face slabs (halo)
     clean = start(SEGMENT_DRIVER, name, f"{tmp_path}/clean.zarr/seg", "no-halo", stitch)
     assert clean.wait(timeout=300) == 0, clean.stderr.read().decode()[-2000:]
