@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import voxblock
-from voxblock import Blocking, RunReport
+from voxblock import Blocking, RunReport, VoxblockError
 from voxblock.geometry import FITS, Batching, check_batch
 from voxblock.status import task_status
 from voxblock_testing.properties import check_fit_mode, load_report, run_task
@@ -449,3 +449,16 @@ def test_a_batch_is_skipped_when_the_pre_check_calls_each_of_its_blocks_done(tmp
     assert (task.skipped, task.processed, task.total_blocks, task.batches) == (8, 8, 16, 4)
     ran = sorted(tuple(w.begin) for _, w in map(record_rois, read_records(tmp_path / "records")))
     assert ran == [(x, y) for x in (8, 12) for y in (0, 4, 8, 12)]
+
+
+def test_segment_blockwise_refuses_batch_before_any_work(tmp_path):
+    """Its passes are not batched: batch would be ignored, so it is refused, and nothing is made."""
+    source = random_raw(str(tmp_path / "v.zarr/raw"), (32, 32, 32), seed=1, chunk_shape=(8, 8, 8))
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    block = Roi((0, 0, 0), (8, 8, 8))
+    with pytest.raises(VoxblockError, match="does not batch"):
+        voxblock.segment_blockwise(
+            "threshold-label", (1, 1, 1), Roi((0, 0, 0), (32, 32, 32)), block, block,
+            input=source, output=str(tmp_path / "v.zarr/seg"), batch=2, progress=False,
+        )  # fmt: skip
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

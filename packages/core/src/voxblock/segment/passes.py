@@ -389,7 +389,7 @@ class SolveStep(Worker):
 
     def prefix(self) -> np.ndarray:
         if self._prefix is None:
-            self._prefix = np.load(Path(self.table_dir) / "offsets.npy")
+            self._prefix = np.load(Path(self.table_dir) / "offsets.npy", mmap_mode="r")
         return self._prefix
 
     def process(self, block: Any) -> None:

@@ -134,6 +134,11 @@ def segment_blockwise(
     if own:
         raise VoxblockError(f"segment_blockwise sets {', '.join(own)} itself, per pass; leave it out")
     options = TaskOptions.of({**given, **kwargs}, "segment_blockwise")
+    if options.batch not in (1, None) and options.batch != (1,) * total_roi.dims:
+        raise VoxblockError(
+            f"segment_blockwise does not batch its passes (batch={options.batch!r} would be "
+            "ignored); leave batch out, or make the blocks larger to hand out fewer"
+        )
     fit = options.fit or "overhang"
     num_workers, max_retries, fresh, overwrite = (
         options.num_workers,
@@ -461,7 +466,7 @@ def run_solve(
         processed = _run_units(whole, 1, "all", seg, fresh, common, where, mode)
         if processed is None:
             return None
-        _report(hierarchy, np.load(seg.table_dir / "offsets.npy"), started)
+        _report(hierarchy, np.load(seg.table_dir / "offsets.npy", mmap_mode="r"), started)
         return processed > 0
     steps: list[tuple[str, int, int]] = [
         ("up", level, hierarchy.num_units(level)) for level in range(1, top + 1)
@@ -481,7 +486,7 @@ def run_solve(
             return None
         ran = ran or processed > 0
         fresh = fresh or processed > 0
-    prefix = np.load(seg.table_dir / "offsets.npy")
+    prefix = np.load(seg.table_dir / "offsets.npy", mmap_mode="r")
     chunk = 1 << 20
     if fresh or not _exported(seg, prefix):
         create_tables(seg.lut, seg.edges, prefix, chunk)
