@@ -555,6 +555,15 @@ class Scale:
             firsts = [r["first_block_seconds"] or 0.0 for r in vox]
             out["first_block_hours"] = predict(xs, firsts, blocks, 0.0) / 3600
             out["largest_measured_blocks"] = largest["blocks"]
+            # voxblock handing out batches of k^3 blocks: its rate at the largest size measured
+            out["batched"] = {}
+            for r in self.scheduler:
+                k = r.get("batch", 1)
+                if r["system"] != "daisy" and k != 1 and r["blocks"] == largest["blocks"]:
+                    out["batched"][k] = {
+                        "blocks_per_s": r["blocks_per_s"],
+                        "hours": blocks / r["blocks_per_s"] / 3600,
+                    }
         if self.outputs:
             sharded = next(r for r in self.outputs if "shards" in r["layout"])
             unsharded = self.outputs[0]
@@ -590,9 +599,18 @@ class Scale:
         if out["solve"]:
             best = out["solve"].get("hierarchy") or out["solve"]["lut"]
             out["solve_hours"] = best["hours"]
+        stored = stored_solve()
+        if stored is not None:
+            out["stored_solve"] = stored
         if "scheduler_hours" in out and "compute_hours" in out:
             slowest = max(out["scheduler_hours"], out["compute_hours"])
             out["wall_hours"] = slowest + out.get("solve_hours", 0.0)
+            if out.get("batched"):
+                k, best = min(out["batched"].items(), key=lambda item: item[1]["hours"])
+                out["batched_wall"] = {
+                    "batch": k,
+                    "hours": max(best["hours"], out["compute_hours"]) + out.get("solve_hours", 0.0),
+                }
         return out
 
     # -- report -------------------------------------------------------------------------------------
@@ -743,6 +761,12 @@ class Scale:
                 f"largest size measured ({e['largest_measured_blocks']:,} blocks); t ~ "
                 f"blocks^{e['scheduler_exponent']:.2f} over all sizes, taken as linear |"
             )
+            for k, b in sorted(e.get("batched", {}).items()):
+                lines.append(
+                    f"| scheduler with `batch={k}` (one daisy block per {k}^3 blocks) | "
+                    f"{b['hours']:.1f} h ({b['blocks_per_s']:,.0f} blocks/s) | no-op blocks, 2 workers, "
+                    f"{e['largest_measured_blocks']:,} blocks, taken as linear |"
+                )
             lines.append(
                 f"| the driver's CPU per block (daisy's server included) | "
                 f"{e['driver_cpu_us_per_block']:.0f} µs | at most "
@@ -784,12 +808,34 @@ class Scale:
                 f"~ fragments^{solve['exponent']:.2f} to {solve['largest']:,}, taken as at least linear; "
                 f"{solve['bytes_per_fragment']:.0f} bytes per fragment of peak RSS |"
             )
+        stored = e.get("stored_solve")
+        if stored is not None:
+            lines.append(
+                f"| segment solve, {_rounded(stored['fragments'])} fragments and "
+                f"{_rounded(stored['edges'])} "
+                f"edges, one worker | {stored['hours']:.1f} h ({stored['measured_hours']:.1f} h measured),"
+                f" largest unit {stored['peak_gib']:.1f} GiB | a run of its own "
+                f"(`{STORED_SOLVE.name}`, see below) |"
+            )
         if "wall_hours" in e:
             lines += [
                 "",
-                f"Wall time at least {e['wall_hours']:.1f} h: the larger of compute and scheduler, "
-                "plus the solve.",
+                f"Wall time {e['wall_hours']:.1f} h: the larger of compute and scheduler, plus the "
+                "solve as one worker would do it (its units run in parallel: less with more workers).",
             ]
+            if "batched_wall" in e:
+                b = e["batched_wall"]
+                bound = (
+                    "the scheduler still bounds it"
+                    if e["batched"][b["batch"]]["hours"] > e["compute_hours"]
+                    else "the compute bounds it, no longer the scheduler"
+                )
+                lines.append(
+                    f"Handing out blocks in batches of {b['batch']}^3 (`batch={b['batch']}`): "
+                    f"{b['hours']:.1f} h; {bound}."
+                )
+        if stored is not None:
+            lines += ["", *stored_solve_lines(stored)]
         return "\n".join(lines) + "\n"
 
     def plot(self, path: Path) -> None:
@@ -928,6 +974,70 @@ def _sci(value: float) -> str:
     exponent = math.floor(math.log10(value))
     mantissa = value / 10**exponent
     return f"10^{exponent}" if abs(mantissa - 1) < 0.05 else f"{mantissa:.1f}·10^{exponent}"
+
+
+def _rounded(value: float) -> str:
+    """10^9 for 999,883,092: a count near a power of ten, in the README's words."""
+    return _sci(float(f"{value:.1g}"))
+
+
+# a hierarchical solve too large for `nox -s scale` (about an hour), run on its own:
+# `python benchmarks/solve_scale.py 1e9 --edges-per-fragment 3 --sample 4 --json ...`
+STORED_SOLVE = Path(__file__).parent / "results" / "solve-1e9.json"
+
+
+def stored_solve() -> dict[str, Any] | None:
+    """That run's figures: time (measured, and with unsampled units' times extrapolated) and
+    peak RSS of each step's largest unit (a re-measure of a step replaces its peak)."""
+    try:
+        run = json.loads(STORED_SOLVE.read_text())
+    except (OSError, ValueError):
+        return None
+    peaks = {step["step"]: step["peak_rss_mib"] for step in run["steps"]}
+    for again in run.get("remeasured", []):
+        peaks[again["step"]] = again["peak_rss_mib"]
+    return {
+        "fragments": run["fragments"],
+        "edges": run["edges"],
+        "blocks": run["blocks"],
+        "units": run["units"],
+        "hours": run["extrapolated_seconds"] / 3600,
+        "measured_hours": run["measured_seconds"] / 3600,
+        "peak_gib": max(peaks.values()) / 1024,
+        "first_peak_gib": run["peak_rss_mib"] / 1024,
+        "peaks": peaks,
+        "steps": run["steps"],
+        "command": run.get("command", ""),
+        "date": run.get("date", ""),
+        "load": run.get("load", ""),
+        "method": run["method"],
+    }
+
+
+def stored_solve_lines(stored: dict[str, Any]) -> list[str]:
+    """The stored 10^9-fragment run, step by step, as the README shows it."""
+    lines = [
+        f"The hierarchical solve at {stored['fragments']:,} fragments and {stored['edges']:,} merge "
+        f"edges ({stored['blocks']:,} blocks; units per level {stored['units']}), synthetic edges "
+        f"and no voxels, by `{stored['command']}` on {stored['date']} (load {stored['load']}): "
+        f"{stored['method']}. Every level-1 unit ran; the times of the unsampled ones are "
+        "extrapolated from the sampled ones (level-1 units are all the same size). Peak RSS is "
+        "the largest unit's of each step, each step a process of its own.",
+        "",
+        "| step | units | time (s) | peak RSS (MiB) |",
+        "|---|---:|---:|---:|",
+    ]
+    for step in stored["steps"]:
+        name = step["step"]
+        seconds = step.get("extrapolated_seconds", step["seconds"])
+        peak = stored["peaks"][name]
+        note = (
+            f" (re-measured after a memory fix; first run: {step['peak_rss_mib']:.0f})"
+            if peak != step["peak_rss_mib"]
+            else ""
+        )
+        lines.append(f"| {name} | {step['units']:,} | {seconds:.1f} | {peak:.0f}{note} |")
+    return lines
 
 
 def _hours(hours: float) -> str:
