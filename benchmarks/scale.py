@@ -860,6 +860,13 @@ class Scale:
                 t_ax.plot(*zip(*firsts), marker + ":", label=f"{label}: first block")
             m_ax.plot(xs, [r["driver_mib"] for r in rows], marker + "-", label=label)
             f_ax.plot(xs, [max(r["files"], 1) for r in rows], marker + "-", label=f"{label}: run directory")
+        for k in sorted({r.get("batch", 1) for r in self.scheduler} - {1}):
+            rows = sorted(
+                (r for r in self.scheduler if r["system"] != "daisy" and r.get("batch", 1) == k),
+                key=lambda r: r["blocks"],
+            )
+            xs = [r["blocks"] for r in rows]
+            t_ax.plot(xs, [r["seconds"] for r in rows], "d-", label=f"voxblock batch={k}: run")
         for r, marker in zip(self.outputs, "^v<"):
             f_ax.plot([r["blocks"]], [r["files"]], marker, label=f"output {r['size']}^3, {r['layout']}")
         t_ax.set(xlabel="blocks", ylabel="seconds", title="no-op blocks, 2 workers")
@@ -876,6 +883,17 @@ class Scale:
                 s2.plot(
                     xs, [r["peak_rss_mib"] for r in rows], "s--", color=f"C{2 * n + 1}", label=f"{kind}: MiB"
                 )
+            stored = stored_solve()
+            if stored is not None:  # the 10^9 run of its own (3 edges per fragment)
+                s_ax.plot([stored["fragments"]], [stored["hours"] * 3600], "*", color="C2", markersize=12)
+                s2.plot([stored["fragments"]], [stored["peak_gib"] * 1024], "X", color="C3", markersize=10)
+                s_ax.annotate(
+                    f"{_rounded(stored['fragments'])}, {_rounded(stored['edges'])} edges\n(run of its own)",
+                    (stored["fragments"], stored["hours"] * 3600),
+                    textcoords="offset points",
+                    xytext=(-150, -4),
+                    fontsize=7,
+                )
             s_ax.set(xlabel="fragments", ylabel="seconds", title="segment solve (lut: one process)")
             s2.set_yscale("log")
             s2.set_ylabel("peak RSS (MiB)")
@@ -890,8 +908,10 @@ class Scale:
         fig.savefig(path, dpi=100)
         plt.close(fig)
 
-    def report(self) -> dict[str, Any]:
-        machine = self.machine()
+    def report(self, measured_on: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Tables, extrapolation, plot; `measured_on`: the machine record of the run whose rows
+        these are, when none was measured now (`--cases ''` renders the last results again)."""
+        machine = measured_on or self.machine()
         extrapolation = self.extrapolate()
         tables = self.tables(machine)
         paper = self.paper(extrapolation, machine)
@@ -1124,7 +1144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         scale.outputs = kept.get("outputs", [])
     print(f"scale took {time.perf_counter() - started:.0f} s")
-    return scale.report()
+    return scale.report(kept.get("machine") if kept and not options.cases else None)
 
 
 def child_main(argv: list[str]) -> None:
