@@ -312,6 +312,16 @@ def segment_blockwise(
         if solved is None:
             return False
         changed = changed or solved
+        last_pass: dict[str, Any] = dict(
+            task_id="relabel",
+            run_dir=seg.run_dir / "relabel",
+            fresh=changed,
+            overwrite=True,
+            chunk_shape=chunk_shape,
+            shard_shape=shard_shape,
+            **common,
+            **where,
+        )
         if method == "faces":
             # the same blocks as pass 1, so that each is labelled exactly as it was there
             relabel = BlockwiseTask(
@@ -329,14 +339,7 @@ def segment_blockwise(
                 blocking.write_roi,
                 fit=fit,
                 read_write_conflict=False,
-                task_id="relabel",
-                run_dir=seg.run_dir / "relabel",
-                fresh=changed,
-                overwrite=True,
-                chunk_shape=chunk_shape,
-                shard_shape=shard_shape,
-                **common,
-                **where,
+                **last_pass,
             )
         else:
             relabel = BlockwiseTask(
@@ -349,14 +352,7 @@ def segment_blockwise(
                 target,
                 write_roi,
                 write_roi,
-                task_id="relabel",
-                run_dir=seg.run_dir / "relabel",
-                fresh=changed,
-                overwrite=True,
-                chunk_shape=chunk_shape,
-                shard_shape=shard_shape,
-                **common,
-                **where,
+                **last_pass,
             )
         third = run_tasks([relabel], progress=progress, serial=serial_mode)
         if not third.succeeded:
