@@ -11,7 +11,8 @@ Everything a worker author needs is here (packages/core/README.md):
 `Preparation` and `Blocking` (what the driver knows when it prepares a worker),
 `Array` (the type of `source`, for annotations), `ArrayName` (a
 "CONTAINER/DATASET" name), `affinity_offsets` (an affinities array's channel
-offsets, checked), `crop_to` (a read-ROI result cropped to the write ROI),
+offsets, checked), `check_affinities` (channels first, float or uint8),
+`crop_to` (a read-ROI result cropped to the write ROI),
 `VoxblockError` (what a check raises), `open_input` and `read` (another
 array a worker reads, e.g. a mask: opened by name, read block by block with
 its halo), `load_lut` (a fragment -> segment
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from voxblock.cluster import Lsf, Slurm
     from voxblock.compute import Command, Compute, Local
     from voxblock.errors import VoxblockError
-    from voxblock.geometry import Blocking, affinity_offsets
+    from voxblock.geometry import Blocking, affinity_offsets, check_affinities
     from voxblock.metadata import open_input
     from voxblock.run import RunReport, TaskReport, run_blockwise, run_tasks
     from voxblock.segment import segment_blockwise
@@ -64,6 +65,7 @@ _WHERE = {
     "Worker": "voxblock.workers",
     "contact_edges": "voxblock.segment.edges",
     "affinity_offsets": "voxblock.geometry",
+    "check_affinities": "voxblock.geometry",
     "crop_to": "voxblock.workers",
     "evaluate_arrays": "voxblock.evaluate",
     "load_lut": "voxblock.segment.solve",
@@ -97,6 +99,7 @@ __all__ = [
     "Worker",
     "contact_edges",
     "affinity_offsets",
+    "check_affinities",
     "crop_to",
     "evaluate_arrays",
     "load_lut",

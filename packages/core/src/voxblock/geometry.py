@@ -527,6 +527,23 @@ def affinity_offsets(offsets: Any, affinities: Any, who: str, name: str) -> list
     return [[int(v) for v in o] for o in offsets]
 
 
+def check_affinities(affinities: Any, name: str, who: str = "") -> None:
+    """Affinities are channels first, one per offset, float in 0..1 or uint8 in 0..255: the one
+    check of the watershed worker, the region graph pass and agglomerate_blockwise."""
+    import numpy as np
+
+    if affinities.channel_dims != 1:
+        raise VoxblockError(
+            f"{who}affinities {name} must have one channel axis (channels first, one channel per "
+            f"offset); it has {affinities.channel_dims}"
+        )
+    dtype = np.dtype(affinities.dtype)
+    if dtype != np.uint8 and dtype.kind != "f":
+        raise VoxblockError(
+            f"{who}affinities {name} have dtype {dtype}; affinities must be float (0..1) or uint8 (0..255)"
+        )
+
+
 def context_shell(read_roi: Roi, write_roi: Roi) -> list[Roi]:
     """The read ROI less the write ROI, as disjoint boxes (two per axis at most).
 

@@ -28,6 +28,7 @@ from voxblock import (
     ArrayWorker,
     VoxblockError,
     affinity_offsets,
+    check_affinities,
     crop_to,
     open_input,
     option,
@@ -86,17 +87,7 @@ class Watershed(ArrayWorker):
         )
 
     def check_input(self, source: Array) -> None:
-        if source.channel_dims != 1:
-            raise VoxblockError(
-                f"watershed: input {self.input} must be affinities with one channel axis (channels "
-                f"first, one channel per offset); it has {source.channel_dims} channel axes"
-            )
-        dtype = np.dtype(source.dtype)
-        if dtype != np.uint8 and dtype.kind != "f":
-            raise VoxblockError(
-                f"watershed: input {self.input} has dtype {dtype}; affinities must be float (0..1) "
-                "or uint8 (0..255)"
-            )
+        check_affinities(source, self.input, "watershed: input ")
         offsets = self._offsets(source)
         self._bias(len(offsets))
         if self.strides and (

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from funlib.geometry import Coordinate, Roi
 
 from voxblock.errors import VoxblockError
-from voxblock.geometry import affinity_offsets, check_blocking_on_grid, roi_slices
+from voxblock.geometry import affinity_offsets, check_affinities, check_blocking_on_grid, roi_slices
 from voxblock.workers import Preparation, Worker, option
 
 if TYPE_CHECKING:
@@ -177,22 +177,6 @@ def check_fragments(fragments: Array, name: str, who: str = "") -> None:
         raise VoxblockError(
             f"{who}fragments {name} have dtype {np.dtype(fragments.dtype)}; fragments must be unsigned "
             "integers (0 = background)"
-        )
-
-
-def check_affinities(affinities: Array, name: str, who: str = "") -> None:
-    """Affinities are channels first, one per offset, float in 0..1 or uint8 in 0..255."""
-    import numpy as np
-
-    if affinities.channel_dims != 1:
-        raise VoxblockError(
-            f"{who}affinities {name} must have one channel axis (channels first, one channel per "
-            f"offset); it has {affinities.channel_dims}"
-        )
-    dtype = np.dtype(affinities.dtype)
-    if dtype != np.uint8 and dtype.kind != "f":
-        raise VoxblockError(
-            f"{who}affinities {name} have dtype {dtype}; affinities must be float (0..1) or uint8 (0..255)"
         )
 
 

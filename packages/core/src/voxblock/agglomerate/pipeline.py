@@ -100,8 +100,9 @@ def agglomerate_blockwise(
     fragments. Other keywords are task options (`max_retries`, `timeout`, `compute`, ...).
     Raises VoxblockError for bad inputs (before any work) and for blocks that kept failing.
     """
-    from voxblock.agglomerate.build import RagBlocks, _BlockDone, check_affinities, rag_task
+    from voxblock.agglomerate.build import RagBlocks, _BlockDone, rag_task
     from voxblock.agglomerate.graphdb import check_graph, finalize, finalized, open_graph
+    from voxblock.geometry import check_affinities
     from voxblock.run import run_tasks
     from voxblock.task import BlockwiseTask
     from voxblock.workers import worker_class
