@@ -40,12 +40,13 @@ def test_the_daisy_condition_by_geometry():
     assert not daisy_links_unread_blocks(whole, up)
 
 
-def pyramid_tasks(tmp, data, factors, blocks):
-    """Level k+1 = downsample of level k, fit shrink, each task upstream of the next."""
+def pyramid_tasks(tmp, data, factors, blocks, batches=(1, 1)):
+    """Level k+1 = downsample of level k, fit shrink, each task upstream of the next
+    (`batches`: each level's batch option)."""
     write_array(str(tmp / "v.zarr/s0"), data, chunk_shape=(2,) * data.ndim)
     tasks, reading, voxel_size = [], f"{tmp}/v.zarr/s0", Coordinate((1,) * data.ndim)
     shape = Coordinate(data.shape)
-    for k, (factor, block) in enumerate(zip(factors, blocks)):
+    for k, (factor, block, batch) in enumerate(zip(factors, blocks, batches)):
         voxel_size = voxel_size * Coordinate(factor)
         shape = shape / Coordinate(factor)
         target = f"{tmp}/v.zarr/s{k + 1}"
@@ -60,6 +61,7 @@ def pyramid_tasks(tmp, data, factors, blocks):
                 fit="shrink",
                 upstream_tasks=tasks[-1:],
                 task_id=f"s{k + 1}",
+                batch=batch,
             )
         )
         reading = target
@@ -94,6 +96,27 @@ def test_chained_shrink_tasks_write_every_voxel(tmp_path_factory, case):
         assert task.skipped == 0 and task.never_run == 0 and task.processed == task.total_blocks
         level = zarr.open(str(tmp / f"v.zarr/s{k + 1}"), mode="r")[...]
         assert level.size and (level != 0).all(), f"level {k + 1}: {(level == 0).sum()} voxels never written"
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=pyramids(), batches=st.tuples(st.integers(1, 3), st.integers(1, 3)))
+@example(case=((27, 26, 20), [(2, 2, 2)] * 2, [(4, 4, 4)] * 2), batches=(2, 3))
+def test_chained_tasks_in_batches_write_what_unbatched_ones_write(tmp_path_factory, case, batches):
+    """Batches change which daisy blocks depend on which upstream ones: every level must still
+    be the unbatched run's, voxel for voxel, with every block run once."""
+    shape, factors, blocks = case
+    data = np.random.default_rng(0).integers(1, 200, shape, dtype=np.uint8)
+    levels = []
+    for run in ((1, 1), batches):
+        tmp = tmp_path_factory.mktemp("batched")
+        tasks = pyramid_tasks(tmp, data, factors, blocks, run)
+        report = voxblock.run_tasks(tasks, progress=False, serial=True, out=io.StringIO())
+        assert report.succeeded, report.summary()
+        for task in report.tasks:
+            assert task.never_run == 0 and task.processed == task.total_blocks, report.summary()
+        levels.append([zarr.open(str(tmp / f"v.zarr/s{k + 1}"), mode="r")[...] for k in range(2)])
+    for unbatched, batched in zip(*levels):
+        np.testing.assert_array_equal(batched, unbatched)
 
 
 # s1 (13, 13, 10) in blocks of 4: the block [12, 13) lies past s2's region [0, 12) (s1 voxels) and
