@@ -350,7 +350,7 @@ AGG_CASES: dict[str, tuple[Callable[[dict[str, str]], dict[str, Any]], str]] = {
 }
 
 
-def agglomerate_arguments(p: dict[str, str], case: str) -> dict[str, Any]:
+def agglomerate_arguments(p: dict[str, str], case: str | None) -> dict[str, Any]:
     return {
         "affinities": p["affs"],
         "fragments": p["new_frags"],
@@ -358,7 +358,7 @@ def agglomerate_arguments(p: dict[str, str], case: str) -> dict[str, Any]:
         "db": p["new_db"],
         "block_shape": AGG_BLOCK,
         "offsets": AGG_OFFSETS,
-        **AGG_CASES[case][0](p),
+        **(AGG_CASES[case][0](p) if case else {}),
     }
 
 
@@ -389,6 +389,17 @@ def cli_arguments(arguments: dict[str, Any]) -> list[str]:
 
 # the CLI takes the block size in voxels: it cannot be off the voxel size
 CLI_CASES = [case for case in AGG_CASES if case != "block shape off the voxel size"]
+
+
+@pytest.mark.bad_input
+def test_agglomerate_refuses_batch_before_anything_runs(agglomerated, monkeypatch):
+    """Its passes are not batched (`voxblock agglomerate` has no --batch)."""
+    root, p = agglomerated
+    monkeypatch.chdir(root)
+    before = snapshot(root)
+    with pytest.raises(voxblock.VoxblockError, match="does not batch its passes"):
+        voxblock.agglomerate_blockwise(**agglomerate_arguments(p, None), batch=2, progress=False)
+    assert snapshot(root) == before
 
 
 @pytest.mark.bad_input

@@ -161,15 +161,16 @@ def sample(dtype: str, shape, seed: int) -> np.ndarray:
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=cases())
-def test_every_level_equals_the_whole_volume_reference(tmp_path_factory, case):
+@given(case=cases(), batch=st.integers(1, 3))
+def test_every_level_equals_the_whole_volume_reference(tmp_path_factory, case, batch):
+    """Also handed out in batches of batch^3 blocks (`batch`): the same levels."""
     dtype, mode, per_level, shape, block, seed = case
     tmp = tmp_path_factory.mktemp("pyramid")
     data = sample(dtype, shape, seed)
     source = ome_image(tmp / "img.zarr", data, (8, 4, 2), (16, 8, 6), (4, 4, 4))
     pyramid = downsample_blockwise(
         source, levels=len(per_level), factors=json.dumps(per_level), mode=mode, block_size=block,
-        progress=False, serial=True,
+        progress=False, serial=True, batch=batch,
     )  # fmt: skip
     assert pyramid.succeeded
     expected = reference_pyramid(data, per_level, mode)
@@ -197,6 +198,14 @@ def test_a_new_pyramid_from_a_plain_array_in_zarr_v3_with_two_workers_through_th
         main, [*args, "--output", f"{tmp_path}/v.zarr/raw_pyramid", "--block-size", "4,8,8", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
+    batch = ["--batch", "2", "--no-progress"]
+    batched = CliRunner().invoke(
+        main, [*args, "--output", f"{tmp_path}/v.zarr/batched", "--block-size", "4,8,8", *batch]
+    )
+    assert batched.exit_code == 0 and "batches of 2x2x2" in batched.output, batched.output
+    unbatched = read_back(tmp_path / "v.zarr/raw_pyramid")
+    for level, same in zip(unbatched, read_back(tmp_path / "v.zarr/batched"), strict=True):
+        np.testing.assert_array_equal(same["data"], level["data"])
     per_level = [(1, 2, 2), (1, 2, 2), (2, 2, 2)]
     expected = reference_pyramid(data, per_level, "mean")
     levels = read_back(tmp_path / "v.zarr/raw_pyramid")

@@ -1179,7 +1179,7 @@ def status_command(target: str | None, watch: str | None, as_json: bool) -> None
     metavar="Z,Y,X",
     help="each level's write block in its own voxels, also its chunk [default: INPUT's chunk]",
 )
-@_shared_options(exclude=("fit", "run_dir", "halo", "batch"))
+@_shared_options(exclude=("fit", "run_dir", "halo"))
 def downsample_command(
     input_: str,
     levels: int,

@@ -112,6 +112,11 @@ def agglomerate_blockwise(
     for what in ("run_dir", "fit", "read_write_conflict", "check_function", "task_id", "upstream_tasks"):
         if what in task_options:
             raise VoxblockError(f"agglomerate_blockwise sets {what} itself, per pass; leave it out")
+    if task_options.get("batch", 1) not in (1, None):
+        raise VoxblockError(
+            f"agglomerate_blockwise does not batch its passes (batch={task_options['batch']!r}): the "
+            "graph pass's blocks wait for their neighbours; leave batch out, or make the blocks larger"
+        )
     worker_class("watershed")  # the passes need voxblock-workers: say so now
     worker_class("relabel")
     source = arrays.open_input(affinities, role="affinities")
