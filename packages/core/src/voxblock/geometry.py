@@ -245,6 +245,14 @@ class Blocking:
         begin, stride = write_roi.begin - self.total_roi.begin, self.write_roi.shape
         return grid_block_id([b // s for b, s in zip(begin, stride)])
 
+    @property
+    def tracking_shift(self) -> tuple[int, ...]:
+        """Per axis, where grid block 0 lies in daisy's done-marker and failure-count arrays:
+        daisy indexes them like `block_id`, in write blocks from the total ROI's start, so block
+        i of an axis is cell i + context below // write shape."""
+        below, _ = self.context
+        return tuple(int(b) // int(w) for b, w in zip(below, self.write_roi.shape))
+
     def axis_count(self, axis: int) -> int:
         """Blocks kept along one axis (`num_blocks` is their product)."""
         t, r, s = self.total_roi.shape[axis], self.read_roi.shape[axis], self.write_roi.shape[axis]
@@ -403,17 +411,14 @@ class Batching:
     def done_blocks(self, done: Any) -> int:
         """Blocks of `blocking` in the batches that daisy's done-marker array `done` marks done.
 
-        daisy indexes that array by where a block's write ROI starts, in write blocks from the
-        total ROI's start (`Blocking.block_id`): batch i of an axis is cell i + context below //
-        the batch's write shape."""
+        Batch i of an axis is its cell i + the scheduled blocking's `tracking_shift`."""
         import numpy as np
 
-        scheduled = self.scheduled
-        below, _ = scheduled.context
+        shift = self.scheduled.tracking_shift
         count = (np.asarray(done) > 0).astype(np.int64)
         for axis in range(count.ndim):
             sizes = self.axis_sizes(axis)
-            first = below[axis] // scheduled.write_roi.shape[axis]
+            first = shift[axis]
             weights = np.zeros(count.shape[axis], np.int64)
             kept = max(0, min(len(sizes), count.shape[axis] - first))
             weights[first : first + kept] = sizes[:kept]

@@ -418,13 +418,13 @@ def _failed_in_batches(
     import numpy as np
 
     scheduled = batching.scheduled
-    below, _ = scheduled.context
+    shift = scheduled.tracking_shift
     stride, start = scheduled.write_roi.shape, scheduled.target_roi.begin
     dims = range(scheduled.total_roi.dims)
 
     def cell(offset: list[int]) -> tuple[int, ...]:
         """The tracking cell of the batch holding the block whose write ROI starts at `offset`."""
-        return tuple(below[d] // stride[d] + (offset[d] - start[d]) // stride[d] for d in dims)
+        return tuple(shift[d] + (offset[d] - start[d]) // stride[d] for d in dims)
 
     def marked(index: tuple[int, ...], array: Any) -> bool:
         try:
@@ -455,7 +455,7 @@ def _failed_in_batches(
             index = tuple(int(i) for i in found)
             if index in recorded:
                 continue
-            position = tuple(i - below[d] // stride[d] for d, i in enumerate(index))
+            position = tuple(i - shift[d] for d, i in enumerate(index))
             if min(position) < 0:
                 continue
             read_roi, write_roi = _grid_rois(position, axes)
@@ -479,12 +479,10 @@ def _failed_blocks(
     import numpy as np
 
     axes = None
-    # daisy's tracking cell of grid block i is i + (context below // write shape) per axis
-    shift: tuple[int, ...] = ()
+    shift: tuple[int, ...] = ()  # grid block i's tracking cell is i + shift (Blocking.tracking_shift)
     if blocking is not None:
         axes = [blocking._axis_blocks(d) for d in range(blocking.total_roi.dims)]
-        below, _ = blocking.context
-        shift = tuple(b // w for b, w in zip(below, blocking.write_roi.shape))
+        shift = blocking.tracking_shift
 
     def cell(index: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(i + s for i, s in zip(index, shift)) if shift else index
